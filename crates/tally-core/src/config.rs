@@ -1,0 +1,135 @@
+//! Tally's configuration, as typed structs.
+//!
+//! The binary builds one [`Config`] at start-up from, in increasing precedence: the defaults
+//! below, a TOML file (`--config`), `TALLY_*` environment variables (nested keys joined by `__`,
+//! e.g. `TALLY_LOG__SEGMENT_BYTES`), and command-line flags. Everything below receives the part
+//! it needs; nothing reads the environment later.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of one `tally serve`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the event log, catalog and store live.
+    pub data_dir: PathBuf,
+    /// The HTTP listen address.
+    pub listen: SocketAddr,
+    /// The server-wide admin key that may create projects (`POST /3.0/projects`). Without it,
+    /// projects are created only on first start and with `tally project create`.
+    pub admin_key: Option<String>,
+    /// HTTP behaviour.
+    pub http: HttpConfig,
+    /// Limits on what one event or request may be.
+    pub ingest: IngestConfig,
+    /// The embedded event log.
+    pub log: LogConfig,
+    /// Log output format for Tally's own logs: `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./tally-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_key: None,
+            http: HttpConfig::default(),
+            ingest: IngestConfig::default(),
+            log: LogConfig::default(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Format of Tally's own logs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// HTTP settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// How many reverse proxies in front of Tally to trust. 0 (the default) takes the client IP
+    /// from the socket and ignores `X-Forwarded-For`, which anyone can forge; N takes the N-th
+    /// address from the right of `X-Forwarded-For`, the one the outermost trusted proxy saw.
+    pub trusted_proxy_hops: usize,
+    /// Seconds to wait for in-flight requests on shutdown before closing them.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            trusted_proxy_hops: 0,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// Keen's limits on events and requests (reference §1.4 and §9).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// The largest request body, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// The most events in one batch request (413 above it).
+    pub max_batch_events: usize,
+    /// The largest single event, in bytes of JSON.
+    pub max_event_bytes: usize,
+    /// The deepest nesting of objects and arrays in an event.
+    pub max_depth: usize,
+    /// Strings must be shorter than this many characters.
+    pub max_string_chars: usize,
+    /// How long a `keen.uniqueness_token` is remembered, in days.
+    pub uniqueness_window_days: u32,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 10 * 1024 * 1024,
+            max_batch_events: 50_000,
+            max_event_bytes: 900_000,
+            max_depth: 100,
+            max_string_chars: 10_000,
+            uniqueness_window_days: 31,
+        }
+    }
+}
+
+/// The embedded event log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Segment files roll over at this size.
+    pub segment_bytes: u64,
+    /// Bytes accepted but not yet fsync'd, at most; past it ingest answers 503.
+    pub max_pending_bytes: u64,
+    /// Bytes durable in the log but not yet consumed by the process stage, at most; past it
+    /// ingest answers 503 until the process stage catches up.
+    pub max_unconsumed_bytes: u64,
+    /// How often the de-duplication table is snapshotted, in seconds (restart replays the log
+    /// from the last snapshot).
+    pub dedupe_snapshot_secs: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 128 * 1024 * 1024,
+            max_pending_bytes: 256 * 1024 * 1024,
+            max_unconsumed_bytes: 16 * 1024 * 1024 * 1024,
+            dedupe_snapshot_secs: 60,
+        }
+    }
+}

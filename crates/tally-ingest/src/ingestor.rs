@@ -1,0 +1,399 @@
+//! The ingest pipeline: validate, stamp, de-duplicate, append durably, answer.
+//!
+//! [`Ingestor`] is shared by every front door (the HTTP Stream API now, Kafka inbound later). A
+//! request's events are validated and stamped on the request's task (or on the blocking pool for
+//! big bodies, so a 10 MB batch does not stall the runtime), their uniqueness tokens reserved,
+//! and then all of them are appended to the log in one call, so one batch costs one share of one
+//! fsync. The answer is produced only after the append is durable.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde_json::{Map, Value};
+use tally_core::clock::Clock;
+use tally_core::config::IngestConfig;
+use tally_core::error::{ErrorCode, EventError};
+use tally_core::event::AcceptedEvent;
+use tally_core::ids::{EventIdGenerator, ProjectId};
+use tally_core::log::{EventLog, LogError};
+use tally_core::names::check_collection_name;
+use tally_core::time::format_timestamp_ms;
+
+use crate::decode::{check_utf8, parse_batch};
+use crate::dedupe::{Dedupe, TokenKey, token_key};
+use crate::validate::{IP_PLACEHOLDER, USER_AGENT_PLACEHOLDER, ValidEvent, json_error, validate_event};
+
+/// Bodies at least this big are validated on the blocking pool.
+const BLOCKING_BODY_BYTES: usize = 256 * 1024;
+
+/// Who sent a request, as far as ingest cares.
+#[derive(Debug, Clone)]
+pub struct RequestMeta {
+    /// The project written to (already authenticated).
+    pub project: ProjectId,
+    /// The client's address, for `${keen.ip}`.
+    pub client_ip: Option<IpAddr>,
+    /// The request's `User-Agent`, for `${keen.user_agent}`.
+    pub user_agent: Option<String>,
+}
+
+/// What happened to one event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventOutcome {
+    /// Stored.
+    Created,
+    /// Its uniqueness token was seen before; not stored again, reported as a success.
+    Duplicate,
+    /// Refused; nothing stored.
+    Rejected(EventError),
+}
+
+/// Why a whole request was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IngestError {
+    /// The request itself is bad (body, batch shape, limits, or the single event in it).
+    #[error(transparent)]
+    Request(#[from] EventError),
+    /// The log could not take the events; none of them was stored.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone)]
+struct IngestMetrics {
+    accepted: Counter,
+    duplicates: Counter,
+    rejected: Family<ReasonLabels, Counter>,
+}
+
+impl IngestMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            accepted: Counter::default(),
+            duplicates: Counter::default(),
+            rejected: Family::default(),
+        };
+        registry.register(
+            "tally_events_accepted",
+            "Events durably accepted into the event log",
+            metrics.accepted.clone(),
+        );
+        registry.register(
+            "tally_events_duplicate",
+            "Events not stored again because their keen.uniqueness_token was seen before",
+            metrics.duplicates.clone(),
+        );
+        registry.register(
+            "tally_events_rejected",
+            "Events (or whole ingest requests) refused, by Keen error code",
+            metrics.rejected.clone(),
+        );
+        metrics
+    }
+}
+
+/// One event on its way through a request.
+enum Slot {
+    Ready(AcceptedEvent, Option<TokenKey>),
+    Duplicate,
+    Rejected(EventError),
+}
+
+/// The ingest pipeline.
+#[derive(Debug)]
+pub struct Ingestor {
+    log: Arc<dyn EventLog>,
+    dedupe: Arc<Dedupe>,
+    clock: Arc<dyn Clock>,
+    ids: EventIdGenerator,
+    limits: IngestConfig,
+    metrics: IngestMetrics,
+}
+
+impl std::fmt::Debug for IngestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IngestMetrics")
+    }
+}
+
+impl Ingestor {
+    /// A pipeline appending to `log`, de-duplicating with `dedupe`.
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        dedupe: Arc<Dedupe>,
+        clock: Arc<dyn Clock>,
+        limits: IngestConfig,
+        registry: &mut Registry,
+    ) -> Self {
+        Self {
+            log,
+            dedupe,
+            clock,
+            ids: EventIdGenerator::new(),
+            limits,
+            metrics: IngestMetrics::register(registry),
+        }
+    }
+
+    /// The limits this pipeline enforces.
+    pub fn limits(&self) -> &IngestConfig {
+        &self.limits
+    }
+
+    /// The log events are appended to.
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.log
+    }
+
+    /// The de-duplication table.
+    pub fn dedupe(&self) -> &Arc<Dedupe> {
+        &self.dedupe
+    }
+
+    /// Counts a request refused before it reached the pipeline (for example a bad content type).
+    pub fn count_rejected(&self, code: ErrorCode) {
+        self.metrics.rejected.get_or_create(&ReasonLabels { reason: code.as_str() }).inc();
+    }
+
+    /// Ingests one event into `collection`. A bad event refuses the request.
+    pub async fn ingest_single(
+        self: &Arc<Self>,
+        meta: RequestMeta,
+        collection: String,
+        body: Bytes,
+    ) -> Result<EventOutcome, IngestError> {
+        let prepare = {
+            let this = self.clone();
+            let meta = meta.clone();
+            move || -> Result<Vec<Slot>, EventError> {
+                let now_ms = this.clock.now_ms();
+                check_collection_name(&collection)
+                    .map_err(|m| EventError::new(ErrorCode::InvalidCollectionName, m))?;
+                check_utf8(&body, ErrorCode::InvalidEvent)?;
+                let event = this.prepare(&meta, &collection, &body, now_ms)?;
+                Ok(vec![this.reserve(event, now_ms)])
+            }
+        };
+        let slots = self.run_cpu(body_len_hint(&meta), prepare).await;
+        let slots = match slots {
+            Ok(slots) => slots,
+            Err(e) => {
+                self.count_rejected(e.code);
+                return Err(IngestError::Request(e));
+            }
+        };
+        let mut outcomes = self.commit(slots).await?;
+        Ok(outcomes.pop().expect("one outcome"))
+    }
+
+    /// Ingests a batch `{"collection": [event, ...]}`. Bad events are reported in their place and
+    /// the good ones stored; a body that is not a batch refuses the request.
+    pub async fn ingest_batch(
+        self: &Arc<Self>,
+        meta: RequestMeta,
+        body: Bytes,
+    ) -> Result<Vec<(String, Vec<EventOutcome>)>, IngestError> {
+        let big = body.len() >= BLOCKING_BODY_BYTES;
+        let prepare = {
+            let this = self.clone();
+            move || -> Result<(Vec<(String, usize)>, Vec<Slot>), EventError> {
+                let now_ms = this.clock.now_ms();
+                let batch = parse_batch(&body)?;
+                let total: usize = batch.values().map(Vec::len).sum();
+                if total > this.limits.max_batch_events {
+                    return Err(EventError::new(
+                        ErrorCode::RequestTooLarge,
+                        format!(
+                            "A batch may hold at most {} events; this one has {total}.",
+                            this.limits.max_batch_events
+                        ),
+                    ));
+                }
+                let mut shape = Vec::with_capacity(batch.len());
+                let mut slots = Vec::with_capacity(total);
+                for (collection, events) in &batch {
+                    shape.push((collection.clone(), events.len()));
+                    let name_error = check_collection_name(collection)
+                        .err()
+                        .map(|m| EventError::new(ErrorCode::InvalidCollectionName, m));
+                    for raw in events {
+                        let slot = match &name_error {
+                            Some(e) => Slot::Rejected(e.clone()),
+                            None => match this.prepare(&meta, collection, raw.get().as_bytes(), now_ms) {
+                                Ok(event) => this.reserve(event, now_ms),
+                                Err(e) => Slot::Rejected(e),
+                            },
+                        };
+                        slots.push(slot);
+                    }
+                }
+                Ok((shape, slots))
+            }
+        };
+        let prepared = if big {
+            tokio::task::spawn_blocking(prepare)
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        } else {
+            prepare()
+        };
+        let (shape, slots) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                self.count_rejected(e.code);
+                return Err(IngestError::Request(e));
+            }
+        };
+        let mut outcomes = self.commit(slots).await?.into_iter();
+        Ok(shape
+            .into_iter()
+            .map(|(collection, n)| (collection, outcomes.by_ref().take(n).collect()))
+            .collect())
+    }
+
+    async fn run_cpu<T: Send + 'static>(
+        &self,
+        big: bool,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        if big {
+            tokio::task::spawn_blocking(work)
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        } else {
+            work()
+        }
+    }
+
+    /// Validates, substitutes placeholders and stamps one event.
+    fn prepare(
+        &self,
+        meta: &RequestMeta,
+        collection: &str,
+        raw: &[u8],
+        now_ms: i64,
+    ) -> Result<AcceptedEvent, EventError> {
+        let valid = validate_event(raw, &self.limits)?;
+        let (valid, body) = if valid.has_placeholders {
+            let mut value: Value = serde_json::from_slice(raw).map_err(|e| json_error(&e))?;
+            substitute_placeholders(&mut value, meta);
+            let body = serde_json::to_vec(&value).map_err(|e| json_error(&e))?;
+            (validate_event(&body, &self.limits)?, body)
+        } else {
+            (valid, raw.to_vec())
+        };
+        Ok(self.stamp(meta.project, collection, valid, body, now_ms))
+    }
+
+    fn stamp(
+        &self,
+        project: ProjectId,
+        collection: &str,
+        valid: ValidEvent,
+        body: Vec<u8>,
+        now_ms: i64,
+    ) -> AcceptedEvent {
+        let created_at = format_timestamp_ms(now_ms);
+        let timestamp = valid
+            .timestamp_ms
+            .map(format_timestamp_ms)
+            .unwrap_or_else(|| created_at.clone());
+        let mut keen = Map::new();
+        keen.insert("timestamp".into(), Value::String(timestamp));
+        keen.insert("created_at".into(), Value::String(created_at));
+        keen.insert("id".into(), Value::String(self.ids.next_id(now_ms)));
+        for (key, value) in valid.keen.into_iter().flatten() {
+            if !matches!(key.as_str(), "timestamp" | "created_at" | "id") {
+                keen.insert(key, value);
+            }
+        }
+        AcceptedEvent {
+            project,
+            collection: collection.to_string(),
+            uniqueness_token: valid.uniqueness_token,
+            created_at_ms: now_ms,
+            keen_json: Value::Object(keen).to_string(),
+            body_json: body,
+        }
+    }
+
+    fn reserve(&self, event: AcceptedEvent, now_ms: i64) -> Slot {
+        let Some(token) = &event.uniqueness_token else {
+            return Slot::Ready(event, None);
+        };
+        let key = token_key(&event.project, &event.collection, token);
+        if self.dedupe.reserve(key, now_ms, self.log.status().durable_end) {
+            Slot::Ready(event, Some(key))
+        } else {
+            Slot::Duplicate
+        }
+    }
+
+    /// Appends the ready events in one go and turns the slots into outcomes.
+    async fn commit(&self, slots: Vec<Slot>) -> Result<Vec<EventOutcome>, LogError> {
+        let mut events = Vec::new();
+        let mut keys = Vec::new();
+        let mut outcomes = Vec::with_capacity(slots.len());
+        for slot in slots {
+            outcomes.push(match slot {
+                Slot::Ready(event, key) => {
+                    events.push(event);
+                    keys.extend(key);
+                    EventOutcome::Created
+                }
+                Slot::Duplicate => EventOutcome::Duplicate,
+                Slot::Rejected(e) => EventOutcome::Rejected(e),
+            });
+        }
+        if !events.is_empty() {
+            if let Err(e) = self.log.append(&events).await {
+                self.dedupe.release(&keys);
+                return Err(e);
+            }
+            self.dedupe.confirm(&keys);
+        }
+        for outcome in &outcomes {
+            match outcome {
+                EventOutcome::Created => {
+                    self.metrics.accepted.inc();
+                },
+                EventOutcome::Duplicate => {
+                    self.metrics.duplicates.inc();
+                },
+                EventOutcome::Rejected(e) => self.count_rejected(e.code),
+            }
+        }
+        Ok(outcomes)
+    }
+}
+
+fn body_len_hint(_meta: &RequestMeta) -> bool {
+    // Single events are at most 900 kB; validating one costs well under a millisecond, so they
+    // stay on the request's task.
+    false
+}
+
+/// Replaces string values that are exactly `${keen.ip}` or `${keen.user_agent}`, at any depth.
+fn substitute_placeholders(value: &mut Value, meta: &RequestMeta) {
+    match value {
+        Value::String(s) if s == IP_PLACEHOLDER => {
+            *value = meta.client_ip.map_or(Value::Null, |ip| Value::String(ip.to_string()));
+        }
+        Value::String(s) if s == USER_AGENT_PLACEHOLDER => {
+            *value = meta.user_agent.clone().map_or(Value::Null, Value::String);
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| substitute_placeholders(v, meta)),
+        Value::Object(map) => map.values_mut().for_each(|v| substitute_placeholders(v, meta)),
+        _ => {}
+    }
+}

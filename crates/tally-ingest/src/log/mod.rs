@@ -1,0 +1,444 @@
+//! The embedded event log: append-only segment files with group-commit fsync.
+//!
+//! Layout under the log directory:
+//!
+//! ```text
+//! segments/00000000000000000000.log   records from position 0
+//! segments/00000000000134217800.log   the next segment, named by its first position
+//! consumed                            the position the process stage has committed
+//! ```
+//!
+//! A position is a byte offset in the whole log (segment base + offset in the file), so a reader
+//! seeks straight to it. Records are framed with a checksum ([`frame`]).
+//!
+//! **Durability.** One writer thread owns the active segment. [`EmbeddedEventLog::append`]
+//! encodes the records on the caller's thread and queues them; the writer takes everything
+//! queued, writes it, calls `fdatasync` once, and only then resolves every append in the group.
+//! Concurrent requests therefore share one fsync (group commit), and no append is acknowledged
+//! before its bytes are on disk. If a write or sync fails, the log stops accepting appends: after
+//! a failed fsync the state of the page cache is unknown, and continuing could acknowledge lost
+//! data. A restart recovers.
+//!
+//! **Recovery.** On open, the last segment is scanned and cut at the first frame that is
+//! incomplete or fails its checksum: that can only be a write that was never acknowledged.
+//!
+//! **Bounds.** Appends are refused with [`LogError::Overloaded`] when the bytes queued but not yet
+//! durable exceed `max_pending_bytes`, or when the process stage is more than
+//! `max_unconsumed_bytes` behind; the server answers 503 with `Retry-After` instead of growing
+//! without limit.
+
+pub mod frame;
+mod reader;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tally_core::config::LogConfig;
+use tally_core::event::AcceptedEvent;
+use tally_core::log::{BoxFuture, EventLog, LogError, LogStatus};
+use tokio::sync::oneshot;
+
+pub use reader::{LogEntry, LogReader};
+
+/// The most bytes one group commit writes before syncing; bounds the latency of the first
+/// append in a large group.
+const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
+
+/// What recovery found when the log was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The end of the valid log.
+    pub durable_end: u64,
+    /// Bytes cut from a torn tail.
+    pub cut_bytes: u64,
+}
+
+/// Metrics of the log writer.
+#[derive(Debug, Clone)]
+struct LogMetrics {
+    fsync_seconds: Histogram,
+    group_records: Histogram,
+    bytes_written: Counter,
+}
+
+impl LogMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            group_records: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            bytes_written: Counter::default(),
+        };
+        registry.register(
+            "tally_log_fsync_seconds",
+            "Time of each group-commit fdatasync of the embedded event log",
+            metrics.fsync_seconds.clone(),
+        );
+        registry.register(
+            "tally_log_group_commit_records",
+            "Records made durable by one fsync",
+            metrics.group_records.clone(),
+        );
+        registry.register(
+            "tally_log_written_bytes",
+            "Bytes written to the embedded event log",
+            metrics.bytes_written.clone(),
+        );
+        metrics
+    }
+}
+
+/// State shared by the appenders, the writer thread and readers.
+#[derive(Debug)]
+struct Shared {
+    /// End of the durable log: readers may read up to here, and it is what appends resolve with.
+    durable_end: Arc<AtomicU64>,
+    /// Position of the first byte still on disk.
+    first_retained: AtomicU64,
+    /// What the process stage has committed.
+    consumed: AtomicU64,
+    /// Bytes queued for the writer and not yet durable.
+    pending_bytes: AtomicU64,
+    /// Set when a write or sync failed; every later append is refused.
+    failed: AtomicBool,
+}
+
+/// A queued append.
+struct AppendRequest {
+    frames: Vec<u8>,
+    records: usize,
+    reply: oneshot::Sender<Result<u64, LogError>>,
+}
+
+/// The embedded, file-based [`EventLog`].
+#[derive(Debug)]
+pub struct EmbeddedEventLog {
+    dir: PathBuf,
+    config: LogConfig,
+    shared: Arc<Shared>,
+    sender: Mutex<Option<mpsc::Sender<AppendRequest>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    recovery: RecoveryReport,
+}
+
+fn segments_dir(dir: &Path) -> PathBuf {
+    dir.join("segments")
+}
+
+fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    segments_dir(dir).join(format!("{base:020}.log"))
+}
+
+/// The bases of the segment files in `dir`, ascending.
+pub(crate) fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(segments_dir(dir))? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(base) = name.strip_suffix(".log").and_then(|b| b.parse::<u64>().ok()) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+pub(crate) use tally_core::fsutil::{sync_dir, write_atomically};
+
+impl EmbeddedEventLog {
+    /// Opens (creating if needed) the log in `dir`, recovers it, and starts the writer thread.
+    pub fn open(dir: &Path, config: LogConfig, registry: &mut Registry) -> io::Result<Self> {
+        fs::create_dir_all(segments_dir(dir))?;
+        let mut bases = list_segments(dir)?;
+        if bases.is_empty() {
+            File::create(segment_path(dir, 0))?.sync_all()?;
+            sync_dir(&segments_dir(dir))?;
+            bases.push(0);
+        }
+        let last_base = *bases.last().expect("at least one segment");
+        let last_path = segment_path(dir, last_base);
+        let contents = fs::read(&last_path)?;
+        let valid = frame::valid_prefix_len(&contents);
+        let cut_bytes = (contents.len() - valid) as u64;
+        let active = OpenOptions::new().append(true).open(&last_path)?;
+        if cut_bytes > 0 {
+            tracing::warn!(
+                segment = %last_path.display(),
+                cut_bytes,
+                "event log: cutting a torn tail left by a crash (never acknowledged)"
+            );
+            active.set_len(valid as u64)?;
+            active.sync_all()?;
+        }
+        let durable_end = last_base + valid as u64;
+        let consumed = match fs::read_to_string(dir.join("consumed")) {
+            Ok(text) => text.trim().parse::<u64>().map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("bad consumed position: {e}"))
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => bases[0],
+            Err(e) => return Err(e),
+        }
+        .clamp(bases[0], durable_end);
+
+        let shared = Arc::new(Shared {
+            durable_end: Arc::new(AtomicU64::new(durable_end)),
+            first_retained: AtomicU64::new(bases[0]),
+            consumed: AtomicU64::new(consumed),
+            pending_bytes: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+        });
+        let metrics = LogMetrics::register(registry);
+        let (sender, receiver) = mpsc::channel();
+        let writer = Writer {
+            dir: dir.to_path_buf(),
+            segment_bytes: config.segment_bytes,
+            active,
+            active_base: last_base,
+            active_len: valid as u64,
+            shared: shared.clone(),
+            metrics,
+        };
+        let handle = std::thread::Builder::new()
+            .name("tally-log-writer".into())
+            .spawn(move || writer.run(receiver))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            shared,
+            sender: Mutex::new(Some(sender)),
+            writer: Mutex::new(Some(handle)),
+            recovery: RecoveryReport {
+                durable_end,
+                cut_bytes,
+            },
+        })
+    }
+
+    /// What recovery found on open.
+    pub fn recovery(&self) -> RecoveryReport {
+        self.recovery
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A reader starting at `from` that sees only durable records.
+    pub fn reader(&self, from: u64) -> LogReader {
+        LogReader::new(&self.dir, from, Some(self.shared.durable_end.clone()))
+    }
+
+    /// Records that the process stage has consumed everything before `position`, durably.
+    pub fn commit_consumed(&self, position: u64) -> io::Result<()> {
+        let position = position.min(self.shared.durable_end.load(Ordering::Acquire));
+        write_atomically(&self.dir.join("consumed"), position.to_string().as_bytes())?;
+        self.shared.consumed.store(position, Ordering::Release);
+        Ok(())
+    }
+
+    /// Deletes whole segments that lie entirely before `position`; the active segment is never
+    /// deleted. Callers pass the oldest position anything still needs (the consumed position,
+    /// and where de-duplication would replay from).
+    pub fn retain_from(&self, position: u64) -> io::Result<u64> {
+        let bases = list_segments(&self.dir)?;
+        let mut removed = 0;
+        for pair in bases.windows(2) {
+            let (base, next_base) = (pair[0], pair[1]);
+            if next_base <= position {
+                fs::remove_file(segment_path(&self.dir, base))?;
+                removed += next_base - base;
+                self.shared.first_retained.store(next_base, Ordering::Release);
+            }
+        }
+        if removed > 0 {
+            sync_dir(&segments_dir(&self.dir))?;
+        }
+        Ok(removed)
+    }
+
+    /// Stops accepting appends, lets the writer finish what is queued, and waits for it.
+    pub fn close(&self) {
+        self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+
+    fn check_bounds(&self, new_bytes: u64) -> Result<(), LogError> {
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(LogError::Io(
+                "the event log failed to write earlier and accepts nothing until restarted".into(),
+            ));
+        }
+        let pending = self.shared.pending_bytes.load(Ordering::Acquire);
+        if pending > 0 && pending + new_bytes > self.config.max_pending_bytes {
+            return Err(LogError::Overloaded {
+                reason: "too many writes waiting for disk",
+                retry_after_secs: 1,
+            });
+        }
+        let status = self.status();
+        if status.lag_bytes() > self.config.max_unconsumed_bytes {
+            return Err(LogError::Overloaded {
+                reason: "the process stage is too far behind",
+                retry_after_secs: 5,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedEventLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl EventLog for EmbeddedEventLog {
+    fn append(&self, events: &[AcceptedEvent]) -> BoxFuture<'static, Result<u64, LogError>> {
+        let mut frames = Vec::with_capacity(
+            events
+                .iter()
+                .map(|e| 64 + e.collection.len() + e.keen_json.len() + e.body_json.len())
+                .sum(),
+        );
+        for event in events {
+            frame::write_frame_with(&mut frames, |out| event.encode_into(out));
+        }
+        let len = frames.len() as u64;
+        if let Err(e) = self.check_bounds(len) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            frames,
+            records: events.len(),
+            reply,
+        };
+        self.shared.pending_bytes.fetch_add(len, Ordering::AcqRel);
+        let sent = match self.sender.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(sender) => sender.send(request).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.shared.pending_bytes.fetch_sub(len, Ordering::AcqRel);
+            return Box::pin(std::future::ready(Err(LogError::Closed)));
+        }
+        Box::pin(async move { answer.await.unwrap_or(Err(LogError::Closed)) })
+    }
+
+    fn status(&self) -> LogStatus {
+        let durable_end = self.shared.durable_end.load(Ordering::Acquire);
+        LogStatus {
+            durable_end,
+            consumed: self.shared.consumed.load(Ordering::Acquire),
+            retained_bytes: durable_end - self.shared.first_retained.load(Ordering::Acquire),
+            pending_bytes: self.shared.pending_bytes.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// The writer thread: the only code that writes segment files.
+struct Writer {
+    dir: PathBuf,
+    segment_bytes: u64,
+    active: File,
+    active_base: u64,
+    active_len: u64,
+    shared: Arc<Shared>,
+    metrics: LogMetrics,
+}
+
+impl Writer {
+    fn run(mut self, receiver: mpsc::Receiver<AppendRequest>) {
+        let mut group: Vec<AppendRequest> = Vec::new();
+        // recv() fails once every sender is gone and the queue is drained: a clean shutdown.
+        while let Ok(first) = receiver.recv() {
+            let mut group_bytes = first.frames.len();
+            group.push(first);
+            while group_bytes < MAX_GROUP_BYTES {
+                match receiver.try_recv() {
+                    Ok(next) => {
+                        group_bytes += next.frames.len();
+                        group.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut group, group_bytes as u64);
+        }
+    }
+
+    fn commit(&mut self, group: &mut Vec<AppendRequest>, group_bytes: u64) {
+        let start = self.shared.durable_end.load(Ordering::Acquire);
+        let outcome = if self.shared.failed.load(Ordering::Acquire) {
+            Err(LogError::Io("the event log failed earlier".into()))
+        } else {
+            self.write_group(group, group_bytes).map_err(|e| {
+                tracing::error!(error = %e, "event log write failed; refusing further appends until restart");
+                self.shared.failed.store(true, Ordering::Release);
+                LogError::Io(e.to_string())
+            })
+        };
+        self.shared.pending_bytes.fetch_sub(group_bytes, Ordering::AcqRel);
+        let mut end = start;
+        for request in group.drain(..) {
+            end += request.frames.len() as u64;
+            let _ = request.reply.send(outcome.clone().map(|()| end));
+        }
+    }
+
+    fn write_group(&mut self, group: &[AppendRequest], group_bytes: u64) -> io::Result<()> {
+        if self.active_len > 0 && self.active_len + group_bytes > self.segment_bytes {
+            self.roll()?;
+        }
+        let before = self.active_len;
+        let written = (|| {
+            for request in group {
+                self.active.write_all(&request.frames)?;
+            }
+            let started = Instant::now();
+            self.active.sync_data()?;
+            self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+            Ok(())
+        })();
+        if let Err(e) = written {
+            // Take back what may have been written so that nothing unacknowledged sits before
+            // what a restart would append.
+            let _ = self.active.set_len(before);
+            return Err(e);
+        }
+        let records: usize = group.iter().map(|r| r.records).sum();
+        self.metrics.group_records.observe(records as f64);
+        self.metrics.bytes_written.inc_by(group_bytes);
+        self.active_len += group_bytes;
+        self.shared
+            .durable_end
+            .store(self.active_base + self.active_len, Ordering::Release);
+        Ok(())
+    }
+
+    fn roll(&mut self) -> io::Result<()> {
+        let base = self.active_base + self.active_len;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(segment_path(&self.dir, base))?;
+        sync_dir(&segments_dir(&self.dir))?;
+        self.active = file;
+        self.active_base = base;
+        self.active_len = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

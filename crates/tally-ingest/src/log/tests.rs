@@ -1,0 +1,143 @@
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use tally_core::ProjectId;
+use tally_core::config::LogConfig;
+use tally_core::event::{AcceptedEvent, LoggedEvent};
+use tally_core::log::{EventLog, LogError};
+
+use super::*;
+
+fn event(n: usize) -> AcceptedEvent {
+    AcceptedEvent {
+        project: ProjectId::from_bytes([7; 12]),
+        collection: "c".into(),
+        uniqueness_token: None,
+        created_at_ms: n as i64,
+        keen_json: format!("{{\"id\":\"{n}\"}}"),
+        body_json: format!("{{\"n\":{n}}}").into_bytes(),
+    }
+}
+
+fn open(dir: &Path, config: LogConfig) -> EmbeddedEventLog {
+    EmbeddedEventLog::open(dir, config, &mut Registry::default()).unwrap()
+}
+
+fn read_all(dir: &Path) -> Vec<i64> {
+    let mut reader = LogReader::offline(dir, 0);
+    let mut out = Vec::new();
+    loop {
+        let batch = reader.read_batch(1 << 20).unwrap();
+        if batch.is_empty() {
+            return out;
+        }
+        for entry in batch {
+            out.push(LoggedEvent::decode(&entry.payload).unwrap().created_at_ms);
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_appends_share_fsyncs_and_all_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(open(dir.path(), LogConfig { segment_bytes: 4096, ..LogConfig::default() }));
+    let mut tasks = Vec::new();
+    for n in 0..200 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move { log.append(&[event(n)]).await }));
+    }
+    let mut ends = Vec::new();
+    for task in tasks {
+        ends.push(task.await.unwrap().unwrap());
+    }
+    for n in 200..210 {
+        ends.push(log.append(&[event(n)]).await.unwrap());
+    }
+    ends.sort_unstable();
+    ends.dedup();
+    assert_eq!(ends.len(), 210, "every append gets its own end position");
+    log.close();
+    assert!(list_segments(dir.path()).unwrap().len() > 1, "segments rolled");
+
+    let mut seen = read_all(dir.path());
+    seen.sort_unstable();
+    assert_eq!(seen, (0..210).collect::<Vec<_>>());
+    let reopened = open(dir.path(), LogConfig::default());
+    assert_eq!(reopened.recovery().cut_bytes, 0);
+    assert_eq!(reopened.status().durable_end, *ends.last().unwrap());
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_cut_and_appends_continue_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), LogConfig::default());
+    let end = log.append(&[event(1), event(2)]).await.unwrap();
+    log.close();
+    drop(log);
+    let path = segment_path(dir.path(), 0);
+    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+    file.write_all(&[42, 0, 0, 0, 1, 2, 3]).unwrap();
+    drop(file);
+
+    let log = open(dir.path(), LogConfig::default());
+    assert_eq!(log.recovery(), RecoveryReport { durable_end: end, cut_bytes: 7 });
+    log.append(&[event(3)]).await.unwrap();
+    log.close();
+    assert_eq!(read_all(dir.path()), vec![1, 2, 3]);
+}
+
+#[tokio::test]
+async fn readers_see_only_durable_records_and_resume_from_a_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), LogConfig { segment_bytes: 200, ..LogConfig::default() });
+    for n in 0..20 {
+        log.append(&[event(n)]).await.unwrap();
+    }
+    let mut reader = log.reader(0);
+    let first = reader.read_batch(100).unwrap();
+    assert!(!first.is_empty() && first.len() < 20);
+    let resume_at = first.last().unwrap().next;
+    let mut rest = log.reader(resume_at);
+    let mut ns: Vec<i64> = first.iter().map(|e| LoggedEvent::decode(&e.payload).unwrap().created_at_ms).collect();
+    loop {
+        let batch = rest.read_batch(1000).unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        ns.extend(batch.iter().map(|e| LoggedEvent::decode(&e.payload).unwrap().created_at_ms));
+    }
+    assert_eq!(ns, (0..20).collect::<Vec<_>>());
+    assert_eq!(rest.position(), log.status().durable_end);
+}
+
+#[tokio::test]
+async fn retention_and_the_unconsumed_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 100, max_unconsumed_bytes: 300, ..LogConfig::default() };
+    let log = open(dir.path(), config.clone());
+    let mut end = 0;
+    let mut refused = None;
+    for n in 0..50 {
+        match log.append(&[event(n)]).await {
+            Ok(e) => end = e,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(matches!(refused, Some(LogError::Overloaded { .. })), "{refused:?}");
+    log.commit_consumed(end).unwrap();
+    log.append(&[event(99)]).await.expect("accepted again once consumed");
+    let removed = log.retain_from(end).unwrap();
+    assert!(removed > 0);
+    assert_eq!(log.status().consumed, end);
+    log.close();
+    drop(log);
+    let reopened = open(dir.path(), config);
+    assert_eq!(reopened.status().consumed, end);
+    let mut reader = reopened.reader(end);
+    let rest = reader.read_batch(1 << 20).unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(LoggedEvent::decode(&rest[0].payload).unwrap().created_at_ms, 99);
+}
