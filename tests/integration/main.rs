@@ -1,1 +1,9 @@
+//! Tally's one integration-test binary: every module here talks to real servers over real
+//! sockets (an in-process `Tally` on port 0, or the `tally` binary as a child process).
 
+mod support;
+
+mod cli;
+mod crash;
+mod ingest_http;
+mod python_client;

@@ -97,12 +97,14 @@ fn check_addon(spec: &Value) -> Result<(), String> {
             None => return Err(format!("{name} needs input '{key}'.")),
         }
     }
-    if kind == AddonKind::IpToGeo {
-        if let Some(remove) = input.get("remove_ip_property") {
-            if !remove.is_boolean() {
-                return Err(format!("{name} input 'remove_ip_property' must be true or false."));
-            }
-        }
+    if kind == AddonKind::IpToGeo
+        && input
+            .get("remove_ip_property")
+            .is_some_and(|remove| !remove.is_boolean())
+    {
+        return Err(format!(
+            "{name} input 'remove_ip_property' must be true or false."
+        ));
     }
     let output = spec
         .get("output")

@@ -57,6 +57,8 @@ pub enum ErrorCode {
     QueryTimeout,
     /// Anything else (500); details are logged, never sent.
     InternalServer,
+    /// The path exists but not with this method (405).
+    MethodNotAllowed,
 }
 
 impl ErrorCode {
@@ -86,6 +88,7 @@ impl ErrorCode {
             ErrorCode::ServiceUnavailable => "ServiceUnavailableError",
             ErrorCode::QueryTimeout => "QueryTimeoutError",
             ErrorCode::InternalServer => "InternalServerError",
+            ErrorCode::MethodNotAllowed => "MethodNotAllowedError",
         }
     }
 }

@@ -18,6 +18,7 @@
 //! ..        the event body as JSON (to the end of the record)
 //! ```
 
+use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::ids::ProjectId;
@@ -42,14 +43,24 @@ pub struct AcceptedEvent {
     pub keen_json: String,
     /// The event as the client sent it (after placeholder substitution), serialised. Its own
     /// `keen` member, if any, is superseded by `keen_json`.
-    pub body_json: Vec<u8>,
+    pub body_json: Bytes,
 }
 
 impl AcceptedEvent {
     /// Appends the record encoding of this event to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         let token = self.uniqueness_token.as_deref().unwrap_or("");
-        out.reserve(1 + 12 + 2 + self.collection.len() + 1 + token.len() + 8 + 4 + self.keen_json.len() + self.body_json.len());
+        out.reserve(
+            1 + 12
+                + 2
+                + self.collection.len()
+                + 1
+                + token.len()
+                + 8
+                + 4
+                + self.keen_json.len()
+                + self.body_json.len(),
+        );
         out.push(RECORD_VERSION);
         out.extend_from_slice(self.project.as_bytes());
         out.extend_from_slice(&(self.collection.len() as u16).to_le_bytes());
@@ -163,7 +174,7 @@ mod tests {
             uniqueness_token: Some("tok-1".into()),
             created_at_ms: 1_700_000_000_123,
             keen_json: r#"{"timestamp":"2023-11-14T22:13:20.123Z","id":"abc"}"#.into(),
-            body_json: br#"{"price":5,"keen":{"timestamp":"2023-11-14T22:13:20.123"}}"#.to_vec(),
+            body_json: Bytes::from_static(br#"{"price":5,"keen":{"timestamp":"2023-11-14T22:13:20.123"}}"#),
         };
         let bytes = event.encode();
         let logged = LoggedEvent::decode(&bytes).unwrap();

@@ -110,6 +110,11 @@ impl EventIdGenerator {
 
     /// The next id, for an event received at `now_ms`.
     pub fn next_id(&self, now_ms: i64) -> String {
+        String::from_utf8(self.next_id_ascii(now_ms).to_vec()).expect("hex is ASCII")
+    }
+
+    /// The next id as 24 ASCII hex digits, without allocating.
+    pub fn next_id_ascii(&self, now_ms: i64) -> [u8; 24] {
         let (ms, counter) = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let (last_ms, last_counter) = *state;
@@ -125,7 +130,9 @@ impl EventIdGenerator {
         bytes[..6].copy_from_slice(&(ms as u64).to_be_bytes()[2..]);
         bytes[6..8].copy_from_slice(&self.process_tag.to_be_bytes());
         bytes[8..].copy_from_slice(&counter.to_be_bytes());
-        hex::encode(bytes)
+        let mut ascii = [0u8; 24];
+        hex::encode_to_slice(bytes, &mut ascii).expect("24 = 2 * 12");
+        ascii
     }
 }
 
@@ -180,7 +187,10 @@ mod tests {
         let id = ProjectId::random();
         let text = id.to_string();
         assert_eq!(text.len(), 24);
-        assert!(text.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(
+            text.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
         assert_eq!(text.parse::<ProjectId>().unwrap(), id);
         assert!("xyz".parse::<ProjectId>().is_err());
         assert!("0123456789abcdef0123456g".parse::<ProjectId>().is_err());

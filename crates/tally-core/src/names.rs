@@ -47,7 +47,10 @@ pub fn check_property_name(name: &str) -> Result<(), String> {
         ));
     }
     if name.contains('.') {
-        return Err("Property name is invalid. Must be <= 256 characters, cannot contain the '.' symbol anywhere.".into());
+        return Err(
+            "Property name is invalid. Must be <= 256 characters, cannot contain the '.' symbol anywhere."
+                .into(),
+        );
     }
     if name.starts_with('$') {
         return Err("Property name is invalid. Must not start with the '$' symbol.".into());
@@ -72,10 +75,25 @@ mod tests {
 
     #[test]
     fn collection_names_follow_keens_rules() {
-        for ok in ["purchases", "User posts.new", "infinite possibilities", "a", &"x".repeat(64)] {
+        for ok in [
+            "purchases",
+            "User posts.new",
+            "infinite possibilities",
+            "a",
+            &"x".repeat(64),
+        ] {
             assert!(check_collection_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "_private", ".start", "end.", "dollar$", "é", "tab\there", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "_private",
+            ".start",
+            "end.",
+            "dollar$",
+            "é",
+            "tab\there",
+            &"x".repeat(65),
+        ] {
             assert!(check_collection_name(bad).is_err(), "{bad}");
         }
     }

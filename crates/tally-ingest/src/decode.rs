@@ -93,14 +93,12 @@ pub fn decode_beacon_data(data: &str) -> Result<Vec<u8>, EventError> {
             other => other,
         })
         .collect();
-    LENIENT
-        .decode(normalized.trim_end_matches('='))
-        .map_err(|e| {
-            EventError::new(
-                ErrorCode::InvalidEvent,
-                format!("The 'data' parameter is not valid base64 ({e})."),
-            )
-        })
+    LENIENT.decode(normalized.trim_end_matches('=')).map_err(|e| {
+        EventError::new(
+            ErrorCode::InvalidEvent,
+            format!("The 'data' parameter is not valid base64 ({e})."),
+        )
+    })
 }
 
 /// Encodes bytes as standard base64; for tests and the bench tool.
@@ -125,7 +123,11 @@ mod tests {
         ] {
             assert!(check_content_type(ok).is_ok(), "{ok:?}");
         }
-        for bad in ["multipart/form-data; boundary=x", "image/png", "application/json; charset=utf-16"] {
+        for bad in [
+            "multipart/form-data; boundary=x",
+            "image/png",
+            "application/json; charset=utf-16",
+        ] {
             assert_eq!(
                 check_content_type(Some(bad)).unwrap_err().code,
                 ErrorCode::UnsupportedContentType
@@ -159,6 +161,9 @@ mod tests {
 
     #[test]
     fn bad_base64_is_an_invalid_event() {
-        assert_eq!(decode_beacon_data("!!!").unwrap_err().code, ErrorCode::InvalidEvent);
+        assert_eq!(
+            decode_beacon_data("!!!").unwrap_err().code,
+            ErrorCode::InvalidEvent
+        );
     }
 }

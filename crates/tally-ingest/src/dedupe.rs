@@ -107,10 +107,7 @@ impl DedupeSnapshot {
                 (key, i64::from_le_bytes(c[16..].try_into().expect("8 bytes")))
             })
             .collect();
-        Some(Self {
-            replay_from,
-            entries,
-        })
+        Some(Self { replay_from, entries })
     }
 }
 
@@ -209,10 +206,7 @@ impl Dedupe {
                 }
             }
         }
-        DedupeSnapshot {
-            replay_from,
-            entries,
-        }
+        DedupeSnapshot { replay_from, entries }
     }
 }
 
@@ -290,7 +284,10 @@ mod tests {
         let p = ProjectId::from_bytes([1; 12]);
         let a = token_key(&p, "a", "t");
         assert!(dedupe.reserve(a, 0, 0));
-        assert!(!dedupe.reserve(a, 1, 0), "pending reservations block a second one");
+        assert!(
+            !dedupe.reserve(a, 1, 0),
+            "pending reservations block a second one"
+        );
         dedupe.confirm(&[a]);
         assert!(!dedupe.reserve(a, 30 * DAY, 0));
         assert!(dedupe.reserve(token_key(&p, "b", "t"), 0, 0), "other collection");
@@ -310,7 +307,11 @@ mod tests {
     fn snapshots_leave_out_pending_tokens_and_replay_from_before_them() {
         let dedupe = Dedupe::new(31);
         let p = ProjectId::from_bytes([1; 12]);
-        let (done, pending, old) = (token_key(&p, "c", "1"), token_key(&p, "c", "2"), token_key(&p, "c", "3"));
+        let (done, pending, old) = (
+            token_key(&p, "c", "1"),
+            token_key(&p, "c", "2"),
+            token_key(&p, "c", "3"),
+        );
         dedupe.reserve(old, 0, 10);
         dedupe.confirm(&[old]);
         dedupe.reserve(done, 40 * DAY, 50);
@@ -318,7 +319,11 @@ mod tests {
         dedupe.reserve(pending, 40 * DAY, 70);
         let snapshot = dedupe.snapshot(100, 40 * DAY);
         assert_eq!(snapshot.replay_from, 70);
-        assert_eq!(snapshot.entries, vec![(done, 40 * DAY)], "old token expired, pending left out");
+        assert_eq!(
+            snapshot.entries,
+            vec![(done, 40 * DAY)],
+            "old token expired, pending left out"
+        );
         assert_eq!(DedupeSnapshot::decode(&snapshot.encode()), Some(snapshot.clone()));
         let mut damaged = snapshot.encode();
         damaged[10] ^= 1;

@@ -14,7 +14,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tally_core::clock::Clock;
 use tally_core::config::IngestConfig;
 use tally_core::error::{ErrorCode, EventError};
@@ -22,7 +22,7 @@ use tally_core::event::AcceptedEvent;
 use tally_core::ids::{EventIdGenerator, ProjectId};
 use tally_core::log::{EventLog, LogError};
 use tally_core::names::check_collection_name;
-use tally_core::time::format_timestamp_ms;
+use tally_core::time::{format_timestamp_ms, write_timestamp_ms};
 
 use crate::decode::{check_utf8, parse_batch};
 use crate::dedupe::{Dedupe, TokenKey, token_key};
@@ -102,6 +102,25 @@ impl IngestMetrics {
     }
 }
 
+/// A batch ready to commit: each collection with its number of events, and the events' slots
+/// in order.
+type PreparedBatch = (Vec<(String, usize)>, Vec<Slot>);
+
+/// The receive time of a request, formatted once for all its events.
+struct Stamp {
+    now_ms: i64,
+    created_at: String,
+}
+
+impl Stamp {
+    fn new(now_ms: i64) -> Self {
+        Self {
+            now_ms,
+            created_at: format_timestamp_ms(now_ms),
+        }
+    }
+}
+
 /// One event on its way through a request.
 enum Slot {
     Ready(AcceptedEvent, Option<TokenKey>),
@@ -162,7 +181,12 @@ impl Ingestor {
 
     /// Counts a request refused before it reached the pipeline (for example a bad content type).
     pub fn count_rejected(&self, code: ErrorCode) {
-        self.metrics.rejected.get_or_create(&ReasonLabels { reason: code.as_str() }).inc();
+        self.metrics
+            .rejected
+            .get_or_create(&ReasonLabels {
+                reason: code.as_str(),
+            })
+            .inc();
     }
 
     /// Ingests one event into `collection`. A bad event refuses the request.
@@ -172,21 +196,15 @@ impl Ingestor {
         collection: String,
         body: Bytes,
     ) -> Result<EventOutcome, IngestError> {
-        let prepare = {
-            let this = self.clone();
-            let meta = meta.clone();
-            move || -> Result<Vec<Slot>, EventError> {
-                let now_ms = this.clock.now_ms();
-                check_collection_name(&collection)
-                    .map_err(|m| EventError::new(ErrorCode::InvalidCollectionName, m))?;
-                check_utf8(&body, ErrorCode::InvalidEvent)?;
-                let event = this.prepare(&meta, &collection, &body, now_ms)?;
-                Ok(vec![this.reserve(event, now_ms)])
-            }
-        };
-        let slots = self.run_cpu(body_len_hint(&meta), prepare).await;
-        let slots = match slots {
-            Ok(slots) => slots,
+        // A single event is at most 900 kB (larger bodies are refused before parsing), so it is
+        // validated on the request's task.
+        let now_ms = self.clock.now_ms();
+        let prepared = check_collection_name(&collection)
+            .map_err(|m| EventError::new(ErrorCode::InvalidCollectionName, m))
+            .and_then(|()| check_utf8(&body, ErrorCode::InvalidEvent))
+            .and_then(|()| self.prepare(&meta, &collection, &body, &body, &Stamp::new(now_ms)));
+        let slots = match prepared {
+            Ok(event) => vec![self.reserve(event, now_ms)],
             Err(e) => {
                 self.count_rejected(e.code);
                 return Err(IngestError::Request(e));
@@ -206,7 +224,7 @@ impl Ingestor {
         let big = body.len() >= BLOCKING_BODY_BYTES;
         let prepare = {
             let this = self.clone();
-            move || -> Result<(Vec<(String, usize)>, Vec<Slot>), EventError> {
+            move || -> Result<PreparedBatch, EventError> {
                 let now_ms = this.clock.now_ms();
                 let batch = parse_batch(&body)?;
                 let total: usize = batch.values().map(Vec::len).sum();
@@ -219,6 +237,7 @@ impl Ingestor {
                         ),
                     ));
                 }
+                let stamp = Stamp::new(now_ms);
                 let mut shape = Vec::with_capacity(batch.len());
                 let mut slots = Vec::with_capacity(total);
                 for (collection, events) in &batch {
@@ -229,10 +248,12 @@ impl Ingestor {
                     for raw in events {
                         let slot = match &name_error {
                             Some(e) => Slot::Rejected(e.clone()),
-                            None => match this.prepare(&meta, collection, raw.get().as_bytes(), now_ms) {
-                                Ok(event) => this.reserve(event, now_ms),
-                                Err(e) => Slot::Rejected(e),
-                            },
+                            None => {
+                                match this.prepare(&meta, collection, &body, raw.get().as_bytes(), &stamp) {
+                                    Ok(event) => this.reserve(event, now_ms),
+                                    Err(e) => Slot::Rejected(e),
+                                }
+                            }
                         };
                         slots.push(slot);
                     }
@@ -261,70 +282,62 @@ impl Ingestor {
             .collect())
     }
 
-    async fn run_cpu<T: Send + 'static>(
-        &self,
-        big: bool,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> T {
-        if big {
-            tokio::task::spawn_blocking(work)
-                .await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-        } else {
-            work()
-        }
-    }
-
-    /// Validates, substitutes placeholders and stamps one event.
+    /// Validates, substitutes placeholders and stamps one event. `raw` lies inside `body`, so
+    /// the stored event shares the request's buffer instead of copying it.
     fn prepare(
         &self,
         meta: &RequestMeta,
         collection: &str,
+        body: &Bytes,
         raw: &[u8],
-        now_ms: i64,
+        stamp: &Stamp,
     ) -> Result<AcceptedEvent, EventError> {
         let valid = validate_event(raw, &self.limits)?;
         let (valid, body) = if valid.has_placeholders {
             let mut value: Value = serde_json::from_slice(raw).map_err(|e| json_error(&e))?;
             substitute_placeholders(&mut value, meta);
-            let body = serde_json::to_vec(&value).map_err(|e| json_error(&e))?;
-            (validate_event(&body, &self.limits)?, body)
+            let substituted = serde_json::to_vec(&value).map_err(|e| json_error(&e))?;
+            (
+                validate_event(&substituted, &self.limits)?,
+                Bytes::from(substituted),
+            )
         } else {
-            (valid, raw.to_vec())
+            (valid, body.slice_ref(raw))
         };
-        Ok(self.stamp(meta.project, collection, valid, body, now_ms))
+        Ok(AcceptedEvent {
+            project: meta.project,
+            collection: collection.to_string(),
+            keen_json: self.keen_json(&valid, stamp),
+            uniqueness_token: valid.uniqueness_token,
+            created_at_ms: stamp.now_ms,
+            body_json: body,
+        })
     }
 
-    fn stamp(
-        &self,
-        project: ProjectId,
-        collection: &str,
-        valid: ValidEvent,
-        body: Vec<u8>,
-        now_ms: i64,
-    ) -> AcceptedEvent {
-        let created_at = format_timestamp_ms(now_ms);
-        let timestamp = valid
-            .timestamp_ms
-            .map(format_timestamp_ms)
-            .unwrap_or_else(|| created_at.clone());
-        let mut keen = Map::new();
-        keen.insert("timestamp".into(), Value::String(timestamp));
-        keen.insert("created_at".into(), Value::String(created_at));
-        keen.insert("id".into(), Value::String(self.ids.next_id(now_ms)));
-        for (key, value) in valid.keen.into_iter().flatten() {
+    /// The stamped `keen` object: `timestamp`, `created_at`, `id`, then what the client set
+    /// (`location`, `addons`, `uniqueness_token`), written straight into one buffer.
+    fn keen_json(&self, valid: &ValidEvent, stamp: &Stamp) -> String {
+        let mut keen = String::with_capacity(96);
+        keen.push_str("{\"timestamp\":\"");
+        match valid.timestamp_ms {
+            Some(ms) => write_timestamp_ms(&mut keen, ms),
+            None => keen.push_str(&stamp.created_at),
+        }
+        keen.push_str("\",\"created_at\":\"");
+        keen.push_str(&stamp.created_at);
+        keen.push_str("\",\"id\":\"");
+        keen.push_str(std::str::from_utf8(&self.ids.next_id_ascii(stamp.now_ms)).expect("hex"));
+        keen.push('"');
+        for (key, value) in valid.keen.iter().flatten() {
             if !matches!(key.as_str(), "timestamp" | "created_at" | "id") {
-                keen.insert(key, value);
+                keen.push(',');
+                keen.push_str(&Value::String(key.clone()).to_string());
+                keen.push(':');
+                keen.push_str(&value.to_string());
             }
         }
-        AcceptedEvent {
-            project,
-            collection: collection.to_string(),
-            uniqueness_token: valid.uniqueness_token,
-            created_at_ms: now_ms,
-            keen_json: Value::Object(keen).to_string(),
-            body_json: body,
-        }
+        keen.push('}');
+        keen
     }
 
     fn reserve(&self, event: AcceptedEvent, now_ms: i64) -> Slot {
@@ -366,10 +379,10 @@ impl Ingestor {
             match outcome {
                 EventOutcome::Created => {
                     self.metrics.accepted.inc();
-                },
+                }
                 EventOutcome::Duplicate => {
                     self.metrics.duplicates.inc();
-                },
+                }
                 EventOutcome::Rejected(e) => self.count_rejected(e.code),
             }
         }
@@ -377,17 +390,13 @@ impl Ingestor {
     }
 }
 
-fn body_len_hint(_meta: &RequestMeta) -> bool {
-    // Single events are at most 900 kB; validating one costs well under a millisecond, so they
-    // stay on the request's task.
-    false
-}
-
 /// Replaces string values that are exactly `${keen.ip}` or `${keen.user_agent}`, at any depth.
 fn substitute_placeholders(value: &mut Value, meta: &RequestMeta) {
     match value {
         Value::String(s) if s == IP_PLACEHOLDER => {
-            *value = meta.client_ip.map_or(Value::Null, |ip| Value::String(ip.to_string()));
+            *value = meta
+                .client_ip
+                .map_or(Value::Null, |ip| Value::String(ip.to_string()));
         }
         Value::String(s) if s == USER_AGENT_PLACEHOLDER => {
             *value = meta.user_agent.clone().map_or(Value::Null, Value::String);

@@ -76,7 +76,10 @@ pub fn json_error(e: &serde_json::Error) -> EventError {
     if text.contains("recursion limit") {
         EventError::new(ErrorCode::InvalidEvent, "Event is nested too deeply.")
     } else {
-        EventError::new(ErrorCode::InvalidEvent, format!("Event is not valid JSON: {text}."))
+        EventError::new(
+            ErrorCode::InvalidEvent,
+            format!("Event is not valid JSON: {text}."),
+        )
     }
 }
 
@@ -134,9 +137,8 @@ impl State<'_> {
     }
 
     fn check_name<E: de::Error>(&self, name: &str) -> Result<(), E> {
-        check_property_name(name).map_err(|message| {
-            self.fail(ErrorCode::InvalidPropertyName, format!("'{name}': {message}"))
-        })
+        check_property_name(name)
+            .map_err(|message| self.fail(ErrorCode::InvalidPropertyName, format!("'{name}': {message}")))
     }
 }
 
@@ -273,7 +275,10 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_> {
         let depth = self.depth + 1;
         self.state.check_depth(depth)?;
         while seq
-            .next_element_seed(ValueSeed { state: self.state, depth })?
+            .next_element_seed(ValueSeed {
+                state: self.state,
+                depth,
+            })?
             .is_some()
         {}
         Ok(())
@@ -283,7 +288,10 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_> {
         let depth = self.depth + 1;
         self.state.check_depth(depth)?;
         while map.next_key_seed(NameSeed { state: self.state })?.is_some() {
-            map.next_value_seed(ValueSeed { state: self.state, depth })?;
+            map.next_value_seed(ValueSeed {
+                state: self.state,
+                depth,
+            })?;
         }
         Ok(())
     }
@@ -313,7 +321,14 @@ impl<'de> Visitor<'de> for NameSeed<'_, '_> {
 
 /// The keys clients may put under `keen` (`created_at` and `id` are accepted and overwritten,
 /// so that an extracted event can be posted again).
-const CLIENT_KEEN_KEYS: [&str; 6] = ["timestamp", "location", "addons", "uniqueness_token", "created_at", "id"];
+const CLIENT_KEEN_KEYS: [&str; 6] = [
+    "timestamp",
+    "location",
+    "addons",
+    "uniqueness_token",
+    "created_at",
+    "id",
+];
 
 /// The longest `keen.uniqueness_token`.
 pub const MAX_UNIQUENESS_TOKEN_CHARS: usize = 64;
@@ -462,15 +477,30 @@ mod tests {
         assert_eq!(code(&json!({"": 1})), InvalidPropertyName);
         assert_eq!(code(&json!({"p".repeat(257): 1})), InvalidPropertyName);
         assert_eq!(code(&json!({"s": "x".repeat(10_000)})), InvalidPropertyValue);
-        assert_eq!(code(&json!({"n": 9_223_372_036_854_775_808u64})), InvalidPropertyValue);
+        assert_eq!(
+            code(&json!({"n": 9_223_372_036_854_775_808u64})),
+            InvalidPropertyValue
+        );
         assert_eq!(code(&json!({"n": 1e300})), InvalidPropertyValue);
         assert_eq!(code(&json!({"keen": 5})), NamespaceType);
         assert_eq!(code(&json!({"keen": {"other": 1}})), InvalidKeenNamespaceProperty);
-        assert_eq!(code(&json!({"keen": {"timestamp": "soon"}})), InvalidPropertyValue);
+        assert_eq!(
+            code(&json!({"keen": {"timestamp": "soon"}})),
+            InvalidPropertyValue
+        );
         assert_eq!(code(&json!({"keen": {"timestamp": 5}})), InvalidPropertyValue);
-        assert_eq!(code(&json!({"keen": {"uniqueness_token": "t".repeat(65)}})), InvalidPropertyValue);
-        assert_eq!(code(&json!({"keen": {"uniqueness_token": 5}})), InvalidPropertyValue);
-        assert_eq!(code(&json!({"keen": {"location": {"coordinates": [200, 0]}}})), InvalidPropertyValue);
+        assert_eq!(
+            code(&json!({"keen": {"uniqueness_token": "t".repeat(65)}})),
+            InvalidPropertyValue
+        );
+        assert_eq!(
+            code(&json!({"keen": {"uniqueness_token": 5}})),
+            InvalidPropertyValue
+        );
+        assert_eq!(
+            code(&json!({"keen": {"location": {"coordinates": [200, 0]}}})),
+            InvalidPropertyValue
+        );
         assert_eq!(
             code(&json!({"keen": {"addons": [{"name": "keen:bogus", "input": {}, "output": "x"}]}})),
             InvalidPropertyValue
@@ -481,21 +511,43 @@ mod tests {
     #[test]
     fn refuses_malformed_json_and_oversized_or_deep_events() {
         let l = limits();
-        assert_eq!(validate_event(b"{\"a\":", &l).unwrap_err().code, ErrorCode::InvalidEvent);
-        assert_eq!(validate_event(b"{} {}", &l).unwrap_err().code, ErrorCode::InvalidEvent);
-        assert_eq!(validate_event(b"{\"a\":\"\xff\"}", &l).unwrap_err().code, ErrorCode::InvalidEvent);
+        assert_eq!(
+            validate_event(b"{\"a\":", &l).unwrap_err().code,
+            ErrorCode::InvalidEvent
+        );
+        assert_eq!(
+            validate_event(b"{} {}", &l).unwrap_err().code,
+            ErrorCode::InvalidEvent
+        );
+        assert_eq!(
+            validate_event(b"{\"a\":\"\xff\"}", &l).unwrap_err().code,
+            ErrorCode::InvalidEvent
+        );
         let big = format!("{{\"a\":\"{}\"}}", "x".repeat(900_000));
-        assert_eq!(validate_event(big.as_bytes(), &l).unwrap_err().code, ErrorCode::InvalidEvent);
+        assert_eq!(
+            validate_event(big.as_bytes(), &l).unwrap_err().code,
+            ErrorCode::InvalidEvent
+        );
         let deep = |n: usize| format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
         assert!(validate_event(deep(100).as_bytes(), &l).is_ok());
-        assert_eq!(validate_event(deep(101).as_bytes(), &l).unwrap_err().code, ErrorCode::InvalidEvent);
-        assert_eq!(validate_event(deep(5000).as_bytes(), &l).unwrap_err().code, ErrorCode::InvalidEvent);
+        assert_eq!(
+            validate_event(deep(101).as_bytes(), &l).unwrap_err().code,
+            ErrorCode::InvalidEvent
+        );
+        assert_eq!(
+            validate_event(deep(5000).as_bytes(), &l).unwrap_err().code,
+            ErrorCode::InvalidEvent
+        );
     }
 
     #[test]
     fn notices_placeholders() {
         assert!(check(&json!({"ip": "${keen.ip}"})).unwrap().has_placeholders);
-        assert!(check(&json!({"a": ["${keen.user_agent}"]})).unwrap().has_placeholders);
+        assert!(
+            check(&json!({"a": ["${keen.user_agent}"]}))
+                .unwrap()
+                .has_placeholders
+        );
         assert!(!check(&json!({"ip": "${keen.ip} "})).unwrap().has_placeholders);
     }
 
@@ -506,7 +558,9 @@ mod tests {
             Just(Value::Null),
             any::<bool>().prop_map(Value::from),
             any::<i64>().prop_map(Value::from),
-            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
             ".{0,20}".prop_map(Value::from),
         ];
         leaf.prop_recursive(4, 32, 6, move |inner| {

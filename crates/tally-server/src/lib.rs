@@ -1,1 +1,19 @@
-//! placeholder
+//! Tally's HTTP server.
+//!
+//! * [`app`]: the shared state and the router (the whole API, testable with `oneshot`);
+//! * [`routes`]: the handlers;
+//! * [`auth`]: keys, projects and permissions;
+//! * [`request`]: query parameters, client address, body limits;
+//! * [`error`]: the single mapping from errors to HTTP status and Keen's error body;
+//! * [`metrics`]: Prometheus metrics;
+//! * [`server`]: start-up, serving and ordered shutdown of a [`Tally`].
+
+pub mod app;
+pub mod auth;
+pub mod error;
+pub mod metrics;
+pub mod request;
+pub mod routes;
+pub mod server;
+
+pub use server::{DataDir, StartError, Tally};

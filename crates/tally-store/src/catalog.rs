@@ -177,10 +177,12 @@ impl EmbeddedCatalog {
     /// Opens the catalog file at `path`, or starts an empty catalog if it does not exist.
     pub fn open(path: &Path) -> Result<Self, CatalogError> {
         let file = match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice::<CatalogFile>(&bytes).map_err(|e| CatalogError::Corrupt {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?,
+            Ok(bytes) => {
+                serde_json::from_slice::<CatalogFile>(&bytes).map_err(|e| CatalogError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => CatalogFile {
                 version: 1,
                 projects: Vec::new(),
@@ -312,10 +314,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.json");
         let catalog = EmbeddedCatalog::open(&path).unwrap();
-        let created = catalog.create_project("default", "2026-01-01T00:00:00.000Z").unwrap();
+        let created = catalog
+            .create_project("default", "2026-01-01T00:00:00.000Z")
+            .unwrap();
         assert_eq!(
             catalog.authenticate(&created.write_key),
-            Some(KeyGrant { project: created.id, kind: KeyKind::Write })
+            Some(KeyGrant {
+                project: created.id,
+                kind: KeyKind::Write
+            })
         );
         assert_eq!(catalog.authenticate("nope"), None);
 
@@ -326,10 +333,24 @@ mod tests {
 
         let reopened = EmbeddedCatalog::open(&path).unwrap();
         assert_eq!(reopened.projects().len(), 1);
-        assert_eq!(reopened.authenticate(&created.read_key).unwrap().kind, KeyKind::Read);
-        reopened.set_key_active(&created.id, &created.read_key, false).unwrap();
-        assert_eq!(reopened.authenticate(&created.read_key), None, "revocation is immediate");
-        assert_eq!(EmbeddedCatalog::open(&path).unwrap().authenticate(&created.read_key), None);
+        assert_eq!(
+            reopened.authenticate(&created.read_key).unwrap().kind,
+            KeyKind::Read
+        );
+        reopened
+            .set_key_active(&created.id, &created.read_key, false)
+            .unwrap();
+        assert_eq!(
+            reopened.authenticate(&created.read_key),
+            None,
+            "revocation is immediate"
+        );
+        assert_eq!(
+            EmbeddedCatalog::open(&path)
+                .unwrap()
+                .authenticate(&created.read_key),
+            None
+        );
     }
 
     #[test]
@@ -337,9 +358,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.json");
         let catalog = EmbeddedCatalog::open(&path).unwrap();
-        assert!(matches!(catalog.create_project(" ", "t"), Err(CatalogError::InvalidName(_))));
-        assert!(matches!(catalog.create_project("a\nb", "t"), Err(CatalogError::InvalidName(_))));
+        assert!(matches!(
+            catalog.create_project(" ", "t"),
+            Err(CatalogError::InvalidName(_))
+        ));
+        assert!(matches!(
+            catalog.create_project("a\nb", "t"),
+            Err(CatalogError::InvalidName(_))
+        ));
         std::fs::write(&path, b"{not json").unwrap();
-        assert!(matches!(EmbeddedCatalog::open(&path), Err(CatalogError::Corrupt { .. })));
+        assert!(matches!(
+            EmbeddedCatalog::open(&path),
+            Err(CatalogError::Corrupt { .. })
+        ));
     }
 }

@@ -14,11 +14,18 @@ pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
 
 /// Appends one framed record to `out`.
 pub fn write_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    let len = (payload.len() as u32).to_le_bytes();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), payload);
-    out.extend_from_slice(&len);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(payload);
+    write_frame_with(out, |out| out.extend_from_slice(payload));
+}
+/// Appends one framed record whose payload `encode` writes straight into `out`, so the payload
+/// is not copied.
+pub fn write_frame_with(out: &mut Vec<u8>, encode: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    encode(out);
+    let len = ((out.len() - start - FRAME_HEADER_BYTES) as u32).to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &out[start + FRAME_HEADER_BYTES..]);
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Reads the frame at the start of `buf`. `Some((payload, frame_len))` for a complete, intact
@@ -82,16 +89,4 @@ mod tests {
             prop_assert_eq!(valid_prefix_len(&damaged), frame_start);
         }
     }
-}
-
-/// Appends one framed record whose payload `encode` writes straight into `out`, so the payload
-/// is not copied.
-pub fn write_frame_with(out: &mut Vec<u8>, encode: impl FnOnce(&mut Vec<u8>)) {
-    let start = out.len();
-    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
-    encode(out);
-    let len = ((out.len() - start - FRAME_HEADER_BYTES) as u32).to_le_bytes();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &out[start + FRAME_HEADER_BYTES..]);
-    out[start..start + 4].copy_from_slice(&len);
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }

@@ -407,7 +407,9 @@ impl Writer {
             }
             let started = Instant::now();
             self.active.sync_data()?;
-            self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .fsync_seconds
+                .observe(started.elapsed().as_secs_f64());
             Ok(())
         })();
         if let Err(e) = written {

@@ -15,7 +15,7 @@ fn event(n: usize) -> AcceptedEvent {
         uniqueness_token: None,
         created_at_ms: n as i64,
         keen_json: format!("{{\"id\":\"{n}\"}}"),
-        body_json: format!("{{\"n\":{n}}}").into_bytes(),
+        body_json: format!("{{\"n\":{n}}}").into_bytes().into(),
     }
 }
 
@@ -40,7 +40,13 @@ fn read_all(dir: &Path) -> Vec<i64> {
 #[tokio::test]
 async fn concurrent_appends_share_fsyncs_and_all_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(open(dir.path(), LogConfig { segment_bytes: 4096, ..LogConfig::default() }));
+    let log = Arc::new(open(
+        dir.path(),
+        LogConfig {
+            segment_bytes: 4096,
+            ..LogConfig::default()
+        },
+    ));
     let mut tasks = Vec::new();
     for n in 0..200 {
         let log = log.clone();
@@ -80,7 +86,13 @@ async fn a_torn_tail_is_cut_and_appends_continue_after_it() {
     drop(file);
 
     let log = open(dir.path(), LogConfig::default());
-    assert_eq!(log.recovery(), RecoveryReport { durable_end: end, cut_bytes: 7 });
+    assert_eq!(
+        log.recovery(),
+        RecoveryReport {
+            durable_end: end,
+            cut_bytes: 7
+        }
+    );
     log.append(&[event(3)]).await.unwrap();
     log.close();
     assert_eq!(read_all(dir.path()), vec![1, 2, 3]);
@@ -89,7 +101,13 @@ async fn a_torn_tail_is_cut_and_appends_continue_after_it() {
 #[tokio::test]
 async fn readers_see_only_durable_records_and_resume_from_a_position() {
     let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), LogConfig { segment_bytes: 200, ..LogConfig::default() });
+    let log = open(
+        dir.path(),
+        LogConfig {
+            segment_bytes: 200,
+            ..LogConfig::default()
+        },
+    );
     for n in 0..20 {
         log.append(&[event(n)]).await.unwrap();
     }
@@ -98,13 +116,20 @@ async fn readers_see_only_durable_records_and_resume_from_a_position() {
     assert!(!first.is_empty() && first.len() < 20);
     let resume_at = first.last().unwrap().next;
     let mut rest = log.reader(resume_at);
-    let mut ns: Vec<i64> = first.iter().map(|e| LoggedEvent::decode(&e.payload).unwrap().created_at_ms).collect();
+    let mut ns: Vec<i64> = first
+        .iter()
+        .map(|e| LoggedEvent::decode(&e.payload).unwrap().created_at_ms)
+        .collect();
     loop {
         let batch = rest.read_batch(1000).unwrap();
         if batch.is_empty() {
             break;
         }
-        ns.extend(batch.iter().map(|e| LoggedEvent::decode(&e.payload).unwrap().created_at_ms));
+        ns.extend(
+            batch
+                .iter()
+                .map(|e| LoggedEvent::decode(&e.payload).unwrap().created_at_ms),
+        );
     }
     assert_eq!(ns, (0..20).collect::<Vec<_>>());
     assert_eq!(rest.position(), log.status().durable_end);
@@ -113,7 +138,11 @@ async fn readers_see_only_durable_records_and_resume_from_a_position() {
 #[tokio::test]
 async fn retention_and_the_unconsumed_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { segment_bytes: 100, max_unconsumed_bytes: 300, ..LogConfig::default() };
+    let config = LogConfig {
+        segment_bytes: 100,
+        max_unconsumed_bytes: 300,
+        ..LogConfig::default()
+    };
     let log = open(dir.path(), config.clone());
     let mut end = 0;
     let mut refused = None;
@@ -126,9 +155,14 @@ async fn retention_and_the_unconsumed_bound() {
             }
         }
     }
-    assert!(matches!(refused, Some(LogError::Overloaded { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Some(LogError::Overloaded { .. })),
+        "{refused:?}"
+    );
     log.commit_consumed(end).unwrap();
-    log.append(&[event(99)]).await.expect("accepted again once consumed");
+    log.append(&[event(99)])
+        .await
+        .expect("accepted again once consumed");
     let removed = log.retain_from(end).unwrap();
     assert!(removed > 0);
     assert_eq!(log.status().consumed, end);

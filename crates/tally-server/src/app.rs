@@ -1,0 +1,103 @@
+//! The application: shared state and the router.
+//!
+//! [`router`] builds the whole HTTP surface from an [`AppState`], so tests can drive it with
+//! `tower::ServiceExt::oneshot` without a socket, and [`crate::server`] serves the same router on
+//! a listener.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{Method, header};
+use axum::middleware;
+use axum::routing::{any, get, post};
+use tally_core::clock::Clock;
+use tally_core::config::HttpConfig;
+use tally_core::error::ErrorCode;
+use tally_core::ids::KeyHash;
+use tally_ingest::Ingestor;
+use tally_store::Catalog;
+use tower_http::cors::{AllowHeaders, Any, CorsLayer};
+
+use crate::error::ApiError;
+use crate::metrics::{ServerMetrics, count_requests};
+use crate::routes;
+
+/// Everything a handler may need. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState(Arc<AppInner>);
+
+/// The parts of [`AppState`].
+#[derive(Debug)]
+pub struct AppInner {
+    /// Projects and keys.
+    pub catalog: Arc<dyn Catalog>,
+    /// The ingest pipeline.
+    pub ingestor: Arc<Ingestor>,
+    /// Metrics, encoded by `/metrics`.
+    pub metrics: Arc<ServerMetrics>,
+    /// The hash of the server-wide admin key, if one is configured.
+    pub admin_key: Option<KeyHash>,
+    /// HTTP settings (trusted proxies).
+    pub http: HttpConfig,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl AppState {
+    /// Wraps the parts.
+    pub fn new(inner: AppInner) -> Self {
+        Self(Arc::new(inner))
+    }
+}
+
+impl Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+/// The whole HTTP API.
+pub fn router(state: AppState) -> Router {
+    // Keen's browser clients send Authorization, Content-Type and keen-sdk from any origin;
+    // mirroring the requested headers covers Authorization, which a `*` would not.
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(Duration::from_secs(86_400));
+
+    Router::new()
+        .route("/healthz", get(routes::ops::healthz))
+        .route("/metrics", get(routes::ops::metrics))
+        .route("/ping", any(routes::ops::ping))
+        .route("/3.0", get(routes::ops::api_root))
+        .route("/3.0/projects", post(routes::projects::create_project))
+        .route(
+            "/3.0/projects/{project}/events",
+            post(routes::events::record_batch),
+        )
+        .route(
+            "/3.0/projects/{project}/events/{collection}",
+            post(routes::events::record_event).get(routes::events::record_event_by_get),
+        )
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                "This endpoint does not support that method.",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(cors)
+        .with_state(state)
+}

@@ -1,0 +1,114 @@
+//! Prometheus metrics: the registry every component registers into at start-up, the HTTP
+//! request counter, and gauges read from the event log when `/metrics` is scraped.
+
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tally_core::log::LogStatus;
+
+use crate::app::AppState;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: String,
+    method: String,
+    status: u16,
+}
+
+/// The server's own metrics, and the finished registry they are encoded from.
+#[derive(Debug)]
+pub struct ServerMetrics {
+    registry: Registry,
+    http_requests: Family<HttpLabels, Counter>,
+    log_durable_end: Gauge,
+    log_retained_bytes: Gauge,
+    log_pending_bytes: Gauge,
+    log_lag_bytes: Gauge,
+}
+
+impl ServerMetrics {
+    /// Adds the server's metrics to `registry` (which the other components have already
+    /// registered into) and takes ownership of it.
+    pub fn new(mut registry: Registry) -> Self {
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "tally_http_requests",
+            "HTTP requests by route, method and status",
+            http_requests.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        Self {
+            log_durable_end: gauge(
+                &mut registry,
+                "tally_log_durable_end_bytes",
+                "Position of the end of the durable event log",
+            ),
+            log_retained_bytes: gauge(
+                &mut registry,
+                "tally_log_size_bytes",
+                "Bytes of event log kept on disk",
+            ),
+            log_pending_bytes: gauge(
+                &mut registry,
+                "tally_log_pending_bytes",
+                "Bytes accepted by the log and not yet fsync'd",
+            ),
+            log_lag_bytes: gauge(
+                &mut registry,
+                "tally_log_consumer_lag_bytes",
+                "How far the process stage is behind the durable end of the event log",
+            ),
+            registry,
+            http_requests,
+        }
+    }
+
+    /// The text exposition, with the log gauges refreshed from `log`.
+    pub fn encode(&self, log: LogStatus) -> String {
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.log_durable_end.set(as_i64(log.durable_end));
+        self.log_retained_bytes.set(as_i64(log.retained_bytes));
+        self.log_pending_bytes.set(as_i64(log.pending_bytes));
+        self.log_lag_bytes.set(as_i64(log.lag_bytes()));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Middleware counting every request by matched route, method and status.
+pub async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method().as_str().to_string();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route,
+            method,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+/// Shared handle type.
+pub type SharedMetrics = Arc<ServerMetrics>;

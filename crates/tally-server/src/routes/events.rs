@@ -1,0 +1,223 @@
+//! The HTTP Stream API: single events, batches and the image beacon (reference §1).
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::json;
+use tally_core::error::ErrorCode;
+use tally_ingest::decode::{check_content_type, decode_beacon_data};
+use tally_ingest::{EventOutcome, RequestMeta};
+
+use crate::app::AppState;
+use crate::auth::{Access, authorize, presented_key};
+use crate::error::ApiError;
+use crate::request::{ClientInfo, KeenPath, Params, read_body};
+
+/// The 43-byte transparent 1×1 GIF answered to image beacons.
+pub const PIXEL_GIF: [u8; 43] = [
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff,
+    0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00,
+    0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+
+fn meta(grant_project: tally_core::ProjectId, client: ClientInfo) -> RequestMeta {
+    RequestMeta {
+        project: grant_project,
+        client_ip: client.ip,
+        user_agent: client.user_agent,
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+}
+
+fn check_body_type(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    check_content_type(content_type(headers)).map_err(|e| {
+        state.ingestor.count_rejected(e.code);
+        ApiError::from(e)
+    })
+}
+
+fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut response = (status, body.into()).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn created_response(outcome: EventOutcome) -> Result<Response, ApiError> {
+    match outcome {
+        EventOutcome::Created => Ok(json_response(StatusCode::CREATED, r#"{"created":true}"#)),
+        EventOutcome::Duplicate => Ok(json_response(
+            StatusCode::CREATED,
+            r#"{"created":true,"duplicate":true}"#,
+        )),
+        EventOutcome::Rejected(e) => Err(e.into()),
+    }
+}
+
+/// `POST /3.0/projects/{project}/events/{collection}`: one event.
+pub async fn record_event(
+    State(state): State<AppState>,
+    KeenPath((project, collection)): KeenPath<(String, String)>,
+    params: Params,
+    client: ClientInfo,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = presented_key(&headers, params.get("api_key"));
+    let grant = authorize(state.catalog.as_ref(), &project, key.as_deref(), Access::Writes)?;
+    check_body_type(&state, &headers)?;
+    let body = read_body(&headers, body, state.ingestor.limits().max_body_bytes)
+        .await
+        .inspect_err(|e| state.ingestor.count_rejected(e.code))?;
+    let outcome = state
+        .ingestor
+        .ingest_single(meta(grant.project, client), collection, body)
+        .await?;
+    created_response(outcome)
+}
+
+/// `GET /3.0/projects/{project}/events/{collection}?data=BASE64[&redirect=URL]`: the image
+/// beacon. Answers a 1×1 GIF, or a 302 to `redirect`.
+pub async fn record_event_by_get(
+    State(state): State<AppState>,
+    KeenPath((project, collection)): KeenPath<(String, String)>,
+    params: Params,
+    client: ClientInfo,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = presented_key(&headers, params.get("api_key"));
+    let grant = authorize(state.catalog.as_ref(), &project, key.as_deref(), Access::Writes)?;
+    let Some(data) = params.get("data") else {
+        return Err(ApiError::new(
+            ErrorCode::MissingRequiredProperty,
+            "GET on an event collection records the event in the base64 'data' parameter, which is missing.",
+        ));
+    };
+    let redirect = params.get("redirect").map(check_redirect).transpose()?;
+    let body = decode_beacon_data(data).inspect_err(|e| state.ingestor.count_rejected(e.code))?;
+    let outcome = state
+        .ingestor
+        .ingest_single(meta(grant.project, client), collection, Bytes::from(body))
+        .await?;
+    if let EventOutcome::Rejected(e) = outcome {
+        return Err(e.into());
+    }
+    let mut response = match redirect {
+        Some(location) => {
+            let mut response = StatusCode::FOUND.into_response();
+            response.headers_mut().insert(header::LOCATION, location);
+            response
+        }
+        None => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static("image/gif"))],
+            PIXEL_GIF.as_slice(),
+        )
+            .into_response(),
+    };
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// Only absolute `http` and `https` URLs may be redirected to.
+fn check_redirect(url: &str) -> Result<HeaderValue, ApiError> {
+    let bad = || {
+        ApiError::new(
+            ErrorCode::InvalidParameter,
+            "'redirect' must be an absolute http or https URL.",
+        )
+    };
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"))
+        .ok_or_else(bad)?;
+    if rest.is_empty() || rest.starts_with('/') || url.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(bad());
+    }
+    HeaderValue::from_str(url).map_err(|_| bad())
+}
+
+/// `POST /3.0/projects/{project}/events`: a batch `{"collection": [event, ...], ...}`. Answers
+/// 200 with one entry per event, in order, even when some fail.
+pub async fn record_batch(
+    State(state): State<AppState>,
+    KeenPath(project): KeenPath<String>,
+    params: Params,
+    client: ClientInfo,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = presented_key(&headers, params.get("api_key"));
+    let grant = authorize(state.catalog.as_ref(), &project, key.as_deref(), Access::Writes)?;
+    check_body_type(&state, &headers)?;
+    let body = read_body(&headers, body, state.ingestor.limits().max_body_bytes)
+        .await
+        .inspect_err(|e| state.ingestor.count_rejected(e.code))?;
+    let results = state
+        .ingestor
+        .ingest_batch(meta(grant.project, client), body)
+        .await?;
+    // Written directly: a 50,000-event batch answers 50,000 entries.
+    let mut answer = Vec::with_capacity(64 + results.iter().map(|(_, o)| o.len() * 20).sum::<usize>());
+    answer.push(b'{');
+    for (i, (collection, outcomes)) in results.iter().enumerate() {
+        if i > 0 {
+            answer.push(b',');
+        }
+        serde_json::to_writer(&mut answer, collection).map_err(ApiError::internal)?;
+        answer.extend_from_slice(b":[");
+        for (j, outcome) in outcomes.iter().enumerate() {
+            if j > 0 {
+                answer.push(b',');
+            }
+            match outcome {
+                EventOutcome::Created => answer.extend_from_slice(br#"{"success":true}"#),
+                EventOutcome::Duplicate => answer.extend_from_slice(br#"{"success":true,"duplicate":true}"#),
+                EventOutcome::Rejected(e) => serde_json::to_writer(
+                    &mut answer,
+                    &json!({"success": false, "error": {"name": e.code.as_str(), "description": e.message}}),
+                )
+                .map_err(ApiError::internal)?,
+            }
+        }
+        answer.push(b']');
+    }
+    answer.push(b'}');
+    Ok(json_response(StatusCode::OK, answer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pixel_is_a_43_byte_gif() {
+        assert_eq!(PIXEL_GIF.len(), 43);
+        assert_eq!(&PIXEL_GIF[..6], b"GIF89a");
+        assert_eq!(PIXEL_GIF[42], 0x3b);
+    }
+
+    #[test]
+    fn only_http_and_https_redirects_are_followed() {
+        assert!(check_redirect("https://example.com/thanks?x=1").is_ok());
+        assert!(check_redirect("HTTP://example.com").is_ok());
+        for bad in [
+            "javascript:alert(1)",
+            "//evil.com",
+            "https:///x",
+            "ftp://x",
+            "https://a b",
+            "/local",
+        ] {
+            assert!(check_redirect(bad).is_err(), "{bad}");
+        }
+    }
+}

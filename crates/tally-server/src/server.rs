@@ -1,0 +1,332 @@
+//! A running Tally: opening the data directory, wiring the components, serving, and shutting
+//! down in order.
+//!
+//! Data directory layout:
+//!
+//! ```text
+//! LOCK               held (flock) by the one process using the directory
+//! catalog.json       projects and hashed keys
+//! log/               the embedded event log
+//! dedupe.snapshot    the uniqueness-token table as of a log position
+//! ```
+//!
+//! Shutdown (SIGTERM/SIGINT in the binary, [`Tally::shutdown`] in tests): stop accepting
+//! connections, let in-flight requests finish (up to a grace period), stop the log writer after
+//! it has synced what it holds, snapshot the de-duplication table, release the lock.
+
+use std::fs::{self, File, TryLockError};
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tally_core::clock::Clock;
+use tally_core::config::Config;
+use tally_core::ids::KeyHash;
+use tally_core::log::EventLog;
+use tally_core::time::format_timestamp_ms;
+use tally_ingest::dedupe::{self, Dedupe};
+use tally_ingest::{EmbeddedEventLog, Ingestor};
+use tally_store::{Catalog, CatalogError, EmbeddedCatalog, NewProject};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::app::{AppInner, AppState, router};
+use crate::metrics::ServerMetrics;
+
+/// Why Tally could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another process holds the data directory.
+    #[error("data directory {0} is in use by another Tally process")]
+    DataDirLocked(PathBuf),
+    /// The data directory could not be prepared.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The path.
+        path: PathBuf,
+        /// The failure.
+        source: io::Error,
+    },
+    /// The catalog could not be opened.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The event log could not be opened or recovered.
+    #[error("event log: {0}")]
+    Log(io::Error),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        source: io::Error,
+    },
+}
+
+/// An exclusively locked data directory.
+#[derive(Debug)]
+pub struct DataDir {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl DataDir {
+    /// Creates `path` if needed and takes its lock.
+    pub fn lock(path: &Path) -> Result<Self, StartError> {
+        let io_err = |source| StartError::DataDir {
+            path: path.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(path).map_err(io_err)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join("LOCK"))
+            .map_err(io_err)?;
+        match lock.try_lock() {
+            Ok(()) => Ok(Self {
+                path: path.to_path_buf(),
+                _lock: lock,
+            }),
+            Err(TryLockError::WouldBlock) => Err(StartError::DataDirLocked(path.to_path_buf())),
+            Err(TryLockError::Error(e)) => Err(io_err(e)),
+        }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The catalog file.
+    pub fn catalog_path(&self) -> PathBuf {
+        self.path.join("catalog.json")
+    }
+
+    /// The event log directory.
+    pub fn log_dir(&self) -> PathBuf {
+        self.path.join("log")
+    }
+
+    /// The de-duplication snapshot.
+    pub fn dedupe_snapshot_path(&self) -> PathBuf {
+        self.path.join("dedupe.snapshot")
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Tally {
+    local_addr: SocketAddr,
+    bootstrap: Option<NewProject>,
+    catalog: Arc<EmbeddedCatalog>,
+    log: Arc<EmbeddedEventLog>,
+    ingestor: Arc<Ingestor>,
+    clock: Arc<dyn Clock>,
+    shutdown_grace: Duration,
+    stop: watch::Sender<bool>,
+    serve: JoinHandle<io::Result<()>>,
+    background: Vec<JoinHandle<()>>,
+    data_dir: DataDir,
+}
+
+impl Tally {
+    /// Opens the data directory, recovers the log and the de-duplication table, creates the
+    /// `default` project on first start, and starts serving on `config.listen`.
+    pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
+        let data_dir = DataDir::lock(&config.data_dir)?;
+        let catalog = Arc::new(EmbeddedCatalog::open(&data_dir.catalog_path())?);
+        let bootstrap = if catalog.projects().is_empty() {
+            Some(catalog.create_project("default", &format_timestamp_ms(clock.now_ms()))?)
+        } else {
+            None
+        };
+
+        let mut registry = Registry::default();
+        let log_dir = data_dir.log_dir();
+        let log_config = config.log.clone();
+        let (log, registry) = tokio::task::spawn_blocking(move || {
+            let log = EmbeddedEventLog::open(&log_dir, log_config, &mut registry);
+            (log, registry)
+        })
+        .await
+        .expect("log open task");
+        let mut registry = registry;
+        let log = Arc::new(log.map_err(StartError::Log)?);
+        if log.recovery().cut_bytes > 0 {
+            tracing::warn!(
+                cut_bytes = log.recovery().cut_bytes,
+                "recovered the event log after a crash"
+            );
+        }
+
+        let dedupe = Arc::new(Dedupe::new(config.ingest.uniqueness_window_days));
+        {
+            let (dedupe, log, path, now) = (
+                dedupe.clone(),
+                log.clone(),
+                data_dir.dedupe_snapshot_path(),
+                clock.now_ms(),
+            );
+            let recovered = tokio::task::spawn_blocking(move || dedupe::recover(&dedupe, &path, &log, now))
+                .await
+                .expect("dedupe recovery task")
+                .map_err(StartError::Log)?;
+            tracing::info!(
+                tokens = recovered.from_snapshot,
+                replayed_records = recovered.replayed_records,
+                "uniqueness tokens recovered"
+            );
+        }
+
+        let ingestor = Arc::new(Ingestor::new(
+            log.clone() as Arc<dyn EventLog>,
+            dedupe,
+            clock.clone(),
+            config.ingest.clone(),
+            &mut registry,
+        ));
+        let state = AppState::new(AppInner {
+            catalog: catalog.clone() as Arc<dyn Catalog>,
+            ingestor: ingestor.clone(),
+            metrics: Arc::new(ServerMetrics::new(registry)),
+            admin_key: config.admin_key.as_deref().map(KeyHash::of),
+            http: config.http.clone(),
+            clock: clock.clone(),
+        });
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (stop, stopped) = watch::channel(false);
+        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let mut serve_stopped = stopped.clone();
+        let serve = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = serve_stopped.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+
+        let snapshots = tokio::spawn(snapshot_periodically(
+            log.clone(),
+            ingestor.clone(),
+            clock.clone(),
+            data_dir.dedupe_snapshot_path(),
+            Duration::from_secs(config.log.dedupe_snapshot_secs.max(1)),
+            stopped,
+        ));
+
+        tracing::info!(%local_addr, data_dir = %data_dir.path().display(), "tally is serving");
+        Ok(Self {
+            local_addr,
+            bootstrap,
+            catalog,
+            log,
+            ingestor,
+            clock,
+            shutdown_grace: Duration::from_secs(config.http.shutdown_grace_secs),
+            stop,
+            serve,
+            background: vec![snapshots],
+            data_dir,
+        })
+    }
+
+    /// The address actually listened on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The project created on first start, with its keys; `None` on later starts.
+    pub fn bootstrap(&self) -> Option<&NewProject> {
+        self.bootstrap.as_ref()
+    }
+
+    /// The catalog (tests revoke keys through it).
+    pub fn catalog(&self) -> &Arc<EmbeddedCatalog> {
+        &self.catalog
+    }
+
+    /// The event log.
+    pub fn log(&self) -> &Arc<EmbeddedEventLog> {
+        &self.log
+    }
+
+    /// Stops serving and shuts down in order.
+    pub async fn shutdown(self) -> io::Result<()> {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(self.shutdown_grace, self.serve).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
+            Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
+        }
+        for task in self.background {
+            let _ = task.await;
+        }
+        let (log, ingestor, clock, path) = (
+            self.log,
+            self.ingestor,
+            self.clock,
+            self.data_dir.dedupe_snapshot_path(),
+        );
+        tokio::task::spawn_blocking(move || {
+            log.close();
+            snapshot_once(&log, &ingestor, clock.now_ms(), &path)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        tracing::info!("tally stopped");
+        drop(self.data_dir);
+        Ok(())
+    }
+}
+
+/// Saves the de-duplication table and lets the log drop what neither a replay nor the process
+/// stage still needs.
+fn snapshot_once(log: &EmbeddedEventLog, ingestor: &Ingestor, now_ms: i64, path: &Path) -> io::Result<()> {
+    let status = log.status();
+    let snapshot = ingestor.dedupe().snapshot(status.durable_end, now_ms);
+    dedupe::save_snapshot(path, &snapshot)?;
+    log.retain_from(status.consumed.min(snapshot.replay_from))?;
+    Ok(())
+}
+
+async fn snapshot_periodically(
+    log: Arc<EmbeddedEventLog>,
+    ingestor: Arc<Ingestor>,
+    clock: Arc<dyn Clock>,
+    path: PathBuf,
+    every: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        let (log, ingestor, clock, path) = (log.clone(), ingestor.clone(), clock.clone(), path.clone());
+        let result =
+            tokio::task::spawn_blocking(move || snapshot_once(&log, &ingestor, clock.now_ms(), &path)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "de-duplication snapshot failed"),
+            Err(e) => tracing::error!(error = %e, "de-duplication snapshot task failed"),
+        }
+    }
+}

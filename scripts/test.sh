@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: formatting, lints, unit and property tests, and the
+# integration tests (real servers on real sockets, the real binary killed with -9, and Keen's own
+# Python client from PyPI). It installs what it needs; caches live outside the clone under
+# ${TALLY_CACHE_DIR:-~/.cache/tally}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+
+cache=${TALLY_CACHE_DIR:-$HOME/.cache/tally}
+mkdir -p "$cache"
+
+# Keen's Python client, for the wire-compatibility tests.
+venv=$cache/python-venv
+if ! "$venv/bin/python" -c 'import keen' 2>/dev/null; then
+  echo "==> installing Keen's Python client into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'keen==0.7.0'
+fi
+export TALLY_TEST_PYTHON=$venv/bin/python
+export TALLY_REQUIRE_ALL_TESTS=1
+
+echo "==> cargo fmt --check"
+cargo fmt --all --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "==> cargo test"
+cargo test --workspace

@@ -1,0 +1,118 @@
+//! The `tally` command line: project creation, the data-directory lock, log dump, configuration.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::{TestServer, tally_bin};
+
+#[test]
+fn project_create_prints_the_project_and_its_keys_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(tally_bin())
+        .args(["project", "create", "shop", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let created: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let keys: Vec<&str> = created.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["id", "name", "master_key", "write_key", "read_key"]);
+    assert_eq!(created["name"], "shop");
+    let catalog = std::fs::read_to_string(dir.path().join("catalog.json")).unwrap();
+    assert!(
+        !catalog.contains(created["write_key"].as_str().unwrap()),
+        "keys are stored hashed"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_refuses_a_data_dir_a_server_holds_and_dumps_its_log() {
+    let server = TestServer::start().await;
+    server
+        .post("/events/c", &serde_json::json!({"hello": "world"}))
+        .await;
+    let output = Command::new(tally_bin())
+        .args(["project", "create", "x", "--data-dir"])
+        .arg(&server.data_dir)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("in use"),
+        "{output:?}"
+    );
+
+    let output = Command::new(tally_bin())
+        .args(["log", "dump", "--data-dir"])
+        .arg(&server.data_dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let lines: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["collection"], "c");
+    assert_eq!(lines[0]["project_id"], server.project.id.to_string());
+    assert_eq!(lines[0]["event"]["hello"], "world");
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tally.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nno_such_setting = 1\n").unwrap();
+    let output = output_or_kill(
+        Command::new(tally_bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path().join("data")),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no_such_setting"), "{stderr}");
+
+    let output = output_or_kill(
+        Command::new(tally_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .env("TALLY_LOG__SEGMENT_BYTES", "not a number"),
+    );
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .to_lowercase()
+            .contains("segment_bytes"),
+        "{output:?}"
+    );
+}
+
+/// Runs a command that is expected to exit by itself; if it is still running after a generous
+/// while (a server that started when it should have refused to), kills it so the test fails
+/// instead of hanging.
+fn output_or_kill(command: &mut Command) -> std::process::Output {
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let guard = std::thread::spawn(move || {
+        if wait.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    });
+    let output = child.wait_with_output().unwrap();
+    let _ = done.send(());
+    guard.join().unwrap();
+    output
+}

@@ -1,0 +1,761 @@
+//! The HTTP Stream API over a real socket: every endpoint and error path of the ingest issue.
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde_json::{Value, json};
+
+use tally_store::Catalog;
+
+use crate::support::{ADMIN_KEY, TestServer, assert_error, status_json};
+
+fn is_event_id(v: &Value) -> bool {
+    v.as_str().is_some_and(|s| {
+        s.len() == 24
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+#[tokio::test]
+async fn a_single_event_is_stamped_logged_and_answered_201() {
+    let server = TestServer::start().await;
+    let response = server
+        .post("/events/purchases", &json!({"price": 5, "item": {"name": "hat"}}))
+        .await;
+    assert_eq!(status_json(response).await, (201, json!({"created": true})));
+
+    let backfilled = json!({"price": 6, "keen": {"timestamp": "2024-02-03T04:05:06.789+01:00"}});
+    assert_eq!(
+        status_json(server.post("/events/purchases", &backfilled).await)
+            .await
+            .0,
+        201
+    );
+
+    let logged = server.logged();
+    assert_eq!(logged.len(), 2);
+    let (collection, first) = &logged[0];
+    assert_eq!(collection, "purchases");
+    assert_eq!(first["price"], 5);
+    assert_eq!(first["item"]["name"], "hat");
+    assert!(is_event_id(&first["keen"]["id"]), "{first}");
+    assert_eq!(first["keen"]["timestamp"], first["keen"]["created_at"]);
+    assert!(first["keen"]["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(logged[1].1["keen"]["timestamp"], "2024-02-03T03:05:06.789Z");
+    assert_ne!(logged[1].1["keen"]["id"], first["keen"]["id"]);
+}
+
+#[tokio::test]
+async fn a_batch_answers_per_event_in_order_and_stores_the_valid_ones() {
+    let server = TestServer::start().await;
+    let batch = json!({
+        "purchases": [{"price": 5}, {"price": 6}],
+        "sign_ups": [{"username": "a"}, {"username": "b", "an.invalid.name": 1}],
+        "_bad collection": [{"x": 1}]
+    });
+    let (status, body) = status_json(server.post("/events", &batch).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["purchases"], json!([{"success": true}, {"success": true}]));
+    assert_eq!(body["sign_ups"][0], json!({"success": true}));
+    assert_eq!(body["sign_ups"][1]["success"], false);
+    assert_eq!(body["sign_ups"][1]["error"]["name"], "InvalidPropertyNameError");
+    assert_eq!(
+        body["_bad collection"][0]["error"]["name"],
+        "InvalidCollectionNameError"
+    );
+    let stored: Vec<_> = server
+        .logged()
+        .into_iter()
+        .map(|(c, e)| (c, e.get("price").or(e.get("username")).cloned()))
+        .collect();
+    assert_eq!(
+        stored,
+        vec![
+            ("purchases".into(), Some(json!(5))),
+            ("purchases".into(), Some(json!(6))),
+            ("sign_ups".into(), Some(json!("a")))
+        ]
+    );
+
+    for not_a_batch in [json!([{"a": 1}]), json!({"purchases": {"price": 5}}), json!("x")] {
+        assert_error(
+            server.post("/events", &not_a_batch).await,
+            400,
+            "InvalidBatchError",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn the_image_beacon_accepts_every_client_encoding() {
+    let server = TestServer::start().await;
+    let key = &server.project.write_key;
+    // Bytes chosen so that standard base64 contains '+' and '/'.
+    let event = json!({"path": "/a?b=c>>>", "n": "~~~??>"});
+    let raw = event.to_string();
+    let standard = STANDARD.encode(&raw);
+    assert!(standard.contains('+') || standard.contains('/'), "{standard}");
+    let encodings = [
+        // keen-tracking: standard base64, then encodeURIComponent.
+        form_escape(&standard),
+        // Python: standard base64, not escaped ('+' arrives as a space).
+        standard.clone(),
+        // Ruby: URL-safe, here without padding.
+        URL_SAFE_NO_PAD.encode(&raw),
+    ];
+    for data in &encodings {
+        let url = format!(
+            "{}?api_key={key}&data={data}&modified=1&c=clv1",
+            server.project_url("/events/pageviews")
+        );
+        let response = server.http.get(url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "image/gif");
+        assert_eq!(response.headers()["cache-control"], "no-store");
+        let gif = response.bytes().await.unwrap();
+        assert_eq!(gif.len(), 43);
+        assert_eq!(&gif[..6], b"GIF89a");
+    }
+    let logged = server.logged();
+    assert_eq!(logged.len(), 3);
+    for (_, e) in &logged {
+        assert_eq!((&e["path"], &e["n"]), (&event["path"], &event["n"]));
+    }
+
+    let redirect = format!(
+        "{}?api_key={key}&data={}&redirect={}",
+        server.project_url("/events/clicks"),
+        form_escape(&standard),
+        form_escape("https://example.com/landing?x=1")
+    );
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let response = no_follow.get(redirect).send().await.unwrap();
+    assert_eq!(response.status(), 302);
+    assert_eq!(response.headers()["location"], "https://example.com/landing?x=1");
+
+    let get = |query: String| {
+        server
+            .http
+            .get(format!(
+                "{}?api_key={key}&{query}",
+                server.project_url("/events/clicks")
+            ))
+            .send()
+    };
+    assert_error(
+        get(format!("data={standard}&redirect=javascript:alert(1)"))
+            .await
+            .unwrap(),
+        400,
+        "InvalidParameterError",
+    )
+    .await;
+    assert_error(get("data=%%%%".into()).await.unwrap(), 400, "InvalidEventError").await;
+    assert_error(
+        get(format!("data={}", STANDARD.encode("not json")))
+            .await
+            .unwrap(),
+        400,
+        "InvalidEventError",
+    )
+    .await;
+    assert_error(
+        get(String::new()).await.unwrap(),
+        400,
+        "MissingRequiredPropertyError",
+    )
+    .await;
+    assert_eq!(server.logged().len(), 4, "only the redirect event was added");
+}
+
+fn form_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn beacons_sent_as_text_plain_and_cors_preflights_work() {
+    let server = TestServer::start().await;
+    let url = format!(
+        "{}?api_key={}",
+        server.project_url("/events/beacons"),
+        server.project.write_key
+    );
+    let response = server
+        .http
+        .post(url)
+        .header("Content-Type", "text/plain;charset=UTF-8")
+        .body(r#"{"via": "sendBeacon"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status_json(response).await, (201, json!({"created": true})));
+
+    let preflight = server
+        .http
+        .request(reqwest::Method::OPTIONS, server.project_url("/events/beacons"))
+        .header("Origin", "https://shop.example.com")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,content-type,keen-sdk",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success());
+    let headers = preflight.headers();
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    let allowed = headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for h in ["authorization", "content-type", "keen-sdk"] {
+        assert!(allowed.contains(h), "{allowed}");
+    }
+    assert!(
+        headers["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+}
+
+#[tokio::test]
+async fn keys_and_projects_are_checked_on_every_write() {
+    let server = TestServer::start().await;
+    let other = {
+        let response = server
+            .http
+            .post(format!("{}/3.0/projects", server.base))
+            .header("Authorization", ADMIN_KEY)
+            .json(&json!({"name": "other"}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = status_json(response).await;
+        assert_eq!(status, 201, "{body}");
+        body
+    };
+    let url = server.project_url("/events/c");
+    let send = |key: Option<&str>, param: Option<&str>| {
+        let url = match param {
+            Some(p) => format!("{url}?api_key={p}"),
+            None => url.clone(),
+        };
+        let mut request = server.http.post(url).json(&json!({"a": 1}));
+        if let Some(key) = key {
+            request = request.header("Authorization", key);
+        }
+        request.send()
+    };
+    let p = &server.project;
+    assert_eq!(send(Some(&p.master_key), None).await.unwrap().status(), 201);
+    assert_eq!(send(None, Some(&p.write_key)).await.unwrap().status(), 201);
+    assert_error(send(None, None).await.unwrap(), 401, "InvalidApiKeyError").await;
+    assert_error(
+        send(Some("0123ABCD"), None).await.unwrap(),
+        401,
+        "InvalidApiKeyError",
+    )
+    .await;
+    assert_error(
+        send(Some(&p.read_key), None).await.unwrap(),
+        401,
+        "InsufficientPermissionsError",
+    )
+    .await;
+    assert_error(
+        send(Some(other["write_key"].as_str().unwrap()), None)
+            .await
+            .unwrap(),
+        401,
+        "InvalidApiKeyError",
+    )
+    .await;
+    // The header wins over the parameter.
+    assert_error(
+        send(Some(&p.read_key), Some(&p.write_key)).await.unwrap(),
+        401,
+        "InsufficientPermissionsError",
+    )
+    .await;
+
+    server
+        .tally
+        .catalog()
+        .set_key_active(&p.id, &p.write_key, false)
+        .unwrap();
+    assert_error(
+        send(Some(&p.write_key), None).await.unwrap(),
+        401,
+        "InvalidApiKeyError",
+    )
+    .await;
+    server
+        .tally
+        .catalog()
+        .set_key_active(&p.id, &p.write_key, true)
+        .unwrap();
+    assert_eq!(send(Some(&p.write_key), None).await.unwrap().status(), 201);
+
+    for project in ["000000000000000000000000", "not-a-project"] {
+        let response = server
+            .http
+            .post(format!("{}/3.0/projects/{project}/events/c", server.base))
+            .header("Authorization", &p.write_key)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_error(response, 404, "ResourceNotFoundError").await;
+    }
+    // The other project's own key writes to it.
+    let response = server
+        .http
+        .post(format!(
+            "{}/3.0/projects/{}/events/c",
+            server.base,
+            other["id"].as_str().unwrap()
+        ))
+        .header("Authorization", other["write_key"].as_str().unwrap())
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(server.logged().len(), 4);
+}
+
+#[tokio::test]
+async fn bad_input_gets_keens_errors_and_loses_nothing_accepted_before() {
+    let server = TestServer::start_with(|c| c.ingest.max_body_bytes = 2 * 1024 * 1024).await;
+    let url = server.project_url("/events/c");
+    let key = server.project.write_key.clone();
+    let raw = |body: Vec<u8>, content_type: &'static str| {
+        server
+            .http
+            .post(url.clone())
+            .header("Authorization", key.clone())
+            .header("Content-Type", content_type)
+            .body(body)
+            .send()
+    };
+    let mut accepted = 0;
+    for n in 0..5 {
+        assert_eq!(server.post("/events/c", &json!({"n": n})).await.status(), 201);
+        accepted += 1;
+    }
+    let json_type = "application/json";
+    assert_error(
+        raw(b"{\"a\":".to_vec(), json_type).await.unwrap(),
+        400,
+        "InvalidEventError",
+    )
+    .await;
+    assert_error(
+        raw(b"[1,2]".to_vec(), json_type).await.unwrap(),
+        400,
+        "InvalidEventError",
+    )
+    .await;
+    assert_error(
+        raw(b"42".to_vec(), json_type).await.unwrap(),
+        400,
+        "InvalidEventError",
+    )
+    .await;
+    assert_error(
+        raw(b"{\"a\":\"\xff\xfe\"}".to_vec(), json_type).await.unwrap(),
+        400,
+        "InvalidEventError",
+    )
+    .await;
+    let deep = format!("{}1{}", "{\"a\":".repeat(101), "}".repeat(101));
+    assert_error(
+        raw(deep.into_bytes(), json_type).await.unwrap(),
+        400,
+        "InvalidEventError",
+    )
+    .await;
+    let very_deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert_error(
+        raw(very_deep.into_bytes(), json_type).await.unwrap(),
+        400,
+        "InvalidEventError",
+    )
+    .await;
+    let big_event = json!({"a": "x".repeat(9_000), "b": vec!["y".repeat(9_000); 100]});
+    assert_error(
+        server.post("/events/c", &big_event).await,
+        400,
+        "InvalidEventError",
+    )
+    .await;
+    assert_error(
+        raw(vec![b' '; 3 * 1024 * 1024], json_type).await.unwrap(),
+        413,
+        "RequestTooLargeError",
+    )
+    .await;
+    assert_error(
+        raw(b"{}".to_vec(), "multipart/form-data; boundary=x")
+            .await
+            .unwrap(),
+        415,
+        "UnsupportedContentTypeError",
+    )
+    .await;
+    assert_error(
+        raw(b"{}".to_vec(), "application/json; charset=latin-1")
+            .await
+            .unwrap(),
+        415,
+        "UnsupportedContentTypeError",
+    )
+    .await;
+    assert_error(
+        server.post("/events/_hidden", &json!({})).await,
+        400,
+        "InvalidCollectionNameError",
+    )
+    .await;
+    assert_error(
+        server.post("/events/a$b", &json!({})).await,
+        400,
+        "InvalidCollectionNameError",
+    )
+    .await;
+    assert_error(
+        server
+            .post(&format!("/events/{}", "c".repeat(65)), &json!({}))
+            .await,
+        400,
+        "InvalidCollectionNameError",
+    )
+    .await;
+    assert_error(
+        server.post("/events/c", &json!({"a.b": 1})).await,
+        400,
+        "InvalidPropertyNameError",
+    )
+    .await;
+    assert_error(
+        server.post("/events/c", &json!({"s": "x".repeat(10_000)})).await,
+        400,
+        "InvalidPropertyValueError",
+    )
+    .await;
+    assert_error(
+        server.post("/events/c", &json!({"keen": "x"})).await,
+        400,
+        "NamespaceTypeError",
+    )
+    .await;
+    assert_error(
+        server.post("/events/c", &json!({"keen": {"secret": 1}})).await,
+        400,
+        "InvalidKeenNamespaceProperty",
+    )
+    .await;
+    assert_error(
+        server
+            .post("/events/c", &json!({"keen": {"timestamp": "noon"}}))
+            .await,
+        400,
+        "InvalidPropertyValueError",
+    )
+    .await;
+    let bad_addon = json!({"keen": {"addons": [{"name": "keen:ip_to_geo", "input": {}, "output": "geo"}]}});
+    assert_error(
+        server.post("/events/c", &bad_addon).await,
+        400,
+        "InvalidPropertyValueError",
+    )
+    .await;
+    let under_keen = json!({"keen": {"addons": [{"name": "keen:ua_parser", "input": {"ua_string": "ua"}, "output": "keen.ua"}]}});
+    assert_error(
+        server.post("/events/c", &under_keen).await,
+        400,
+        "InvalidPropertyValueError",
+    )
+    .await;
+    let too_many: Vec<Value> = (0..50_001).map(|_| json!({})).collect();
+    assert_error(
+        server.post("/events", &json!({"c": too_many})).await,
+        413,
+        "RequestTooLargeError",
+    )
+    .await;
+
+    let good_addons = json!({"ip": "1.2.3.4", "keen": {"addons": [
+        {"name": "keen:ip_to_geo", "input": {"ip": "ip", "remove_ip_property": true}, "output": "geo"}]}});
+    assert_eq!(server.post("/events/c", &good_addons).await.status(), 201);
+    accepted += 1;
+
+    let logged = server.logged();
+    assert_eq!(logged.len(), accepted);
+    assert_eq!(
+        logged.last().unwrap().1["keen"]["addons"][0]["name"],
+        "keen:ip_to_geo",
+        "add-ons are carried with the event"
+    );
+    let metrics = server
+        .http
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tally_events_rejected_total{reason=\"InvalidEventError\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tally_events_accepted_total 6"), "{metrics}");
+}
+
+#[tokio::test]
+async fn placeholders_use_the_socket_address_unless_a_proxy_is_trusted() {
+    let event = json!({"ip": "${keen.ip}", "nested": {"ua": "${keen.user_agent}"}, "keep": "${keen.ip} "});
+    let send = |server: &TestServer| {
+        server
+            .http
+            .post(server.project_url("/events/visits"))
+            .header("Authorization", &server.project.write_key)
+            .header("User-Agent", "Mozilla/5.0 (test)")
+            .header("X-Forwarded-For", "198.51.100.7, 203.0.113.9")
+            .json(&event)
+            .send()
+    };
+    let direct = TestServer::start().await;
+    assert_eq!(send(&direct).await.unwrap().status(), 201);
+    let stored = &direct.logged()[0].1;
+    assert_eq!(
+        stored["ip"], "127.0.0.1",
+        "X-Forwarded-For is not trusted by default"
+    );
+    assert_eq!(stored["nested"]["ua"], "Mozilla/5.0 (test)");
+    assert_eq!(stored["keep"], "${keen.ip} ");
+
+    let proxied = TestServer::start_with(|c| c.http.trusted_proxy_hops = 1).await;
+    assert_eq!(send(&proxied).await.unwrap().status(), 201);
+    assert_eq!(proxied.logged()[0].1["ip"], "203.0.113.9");
+}
+
+#[tokio::test]
+async fn uniqueness_tokens_deduplicate_per_collection_and_survive_restarts() {
+    let server = TestServer::start().await;
+    let event = |token: &str| json!({"order": 1, "keen": {"uniqueness_token": token}});
+    assert_eq!(
+        status_json(server.post("/events/orders", &event("t-1")).await).await,
+        (201, json!({"created": true}))
+    );
+    assert_eq!(
+        status_json(server.post("/events/orders", &event("t-1")).await).await,
+        (201, json!({"created": true, "duplicate": true}))
+    );
+    assert_eq!(
+        server.post("/events/refunds", &event("t-1")).await.status(),
+        201,
+        "another collection"
+    );
+    let (_, body) = status_json(
+        server
+            .post(
+                "/events",
+                &json!({"orders": [event("t-1"), event("t-2"), event("t-2")]}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(
+        body["orders"],
+        json!([{"success": true, "duplicate": true}, {"success": true}, {"success": true, "duplicate": true}])
+    );
+    assert_eq!(server.logged().len(), 3);
+
+    let server = server.restart().await;
+    assert_eq!(
+        status_json(server.post("/events/orders", &event("t-2")).await)
+            .await
+            .1["duplicate"],
+        true
+    );
+    assert_eq!(
+        status_json(server.post("/events/orders", &event("t-3")).await)
+            .await
+            .1,
+        json!({"created": true})
+    );
+    assert_eq!(server.logged().len(), 4);
+}
+
+#[tokio::test]
+async fn projects_are_created_over_http_with_the_admin_key_only() {
+    let server = TestServer::start().await;
+    let create = |key: Option<&str>, body: Value| {
+        let mut request = server
+            .http
+            .post(format!("{}/3.0/projects", server.base))
+            .json(&body);
+        if let Some(key) = key {
+            request = request.header("Authorization", key);
+        }
+        request.send()
+    };
+    let (status, created) =
+        status_json(create(Some(ADMIN_KEY), json!({"name": "shop"})).await.unwrap()).await;
+    assert_eq!(status, 201);
+    assert_eq!(created["name"], "shop");
+    assert!(is_event_id(&created["id"]), "24 lowercase hex digits: {created}");
+    for key in ["master_key", "write_key", "read_key"] {
+        assert!(
+            created[key].as_str().unwrap().len() >= 32,
+            "at least 128 bits: {created}"
+        );
+    }
+    let response = server
+        .http
+        .post(format!(
+            "{}/3.0/projects/{}/events/c",
+            server.base,
+            created["id"].as_str().unwrap()
+        ))
+        .header("Authorization", created["write_key"].as_str().unwrap())
+        .json(&json!({"x": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    assert_error(
+        create(None, json!({"name": "x"})).await.unwrap(),
+        401,
+        "InvalidApiKeyError",
+    )
+    .await;
+    let master = server.project.master_key.clone();
+    assert_error(
+        create(Some(&master), json!({"name": "x"})).await.unwrap(),
+        401,
+        "AdminOnlyEndpointError",
+    )
+    .await;
+    assert_error(
+        create(Some(ADMIN_KEY), json!({})).await.unwrap(),
+        400,
+        "MissingRequiredPropertyError",
+    )
+    .await;
+    assert_error(
+        create(Some(ADMIN_KEY), json!({"name": ""})).await.unwrap(),
+        400,
+        "InvalidParameterError",
+    )
+    .await;
+
+    let no_admin = TestServer::start_with(|c| c.admin_key = None).await;
+    let response = no_admin
+        .http
+        .post(format!("{}/3.0/projects", no_admin.base))
+        .header("Authorization", ADMIN_KEY)
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 401, "AdminOnlyEndpointError").await;
+}
+
+#[tokio::test]
+async fn operational_endpoints_answer() {
+    let server = TestServer::start().await;
+    server.post("/events/c", &json!({"a": 1})).await;
+    let health = server
+        .http
+        .get(format!("{}/healthz", server.base))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_json(health).await;
+    assert_eq!((status, &body["status"]), (200, &json!("ok")));
+    assert!(body["log"]["durable_end"].as_u64().unwrap() > 0);
+    let ping = server
+        .http
+        .post(format!("{}/ping", server.base))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ping.status(), 204);
+    let metrics = server
+        .http
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "tally_http_requests_total",
+        "tally_events_accepted_total",
+        "tally_log_fsync_seconds_bucket",
+        "tally_log_size_bytes",
+        "tally_log_consumer_lag_bytes",
+        "tally_log_group_commit_records",
+    ] {
+        assert!(metrics.contains(name), "missing {name}:\n{metrics}");
+    }
+    assert_error(
+        server
+            .http
+            .get(format!("{}/nowhere", server.base))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "ResourceNotFoundError",
+    )
+    .await;
+    let wrong_method = server
+        .http
+        .delete(server.project_url("/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(wrong_method, 405, "MethodNotAllowedError").await;
+}
+
+#[tokio::test]
+async fn over_the_log_bound_ingest_answers_503_and_keeps_what_it_accepted() {
+    let server = TestServer::start_with(|c| c.log.max_unconsumed_bytes = 2_000).await;
+    let mut accepted = 0;
+    let mut refused = None;
+    for n in 0..100 {
+        let response = server
+            .post("/events/c", &json!({"n": n, "pad": "x".repeat(100)}))
+            .await;
+        if response.status() == 201 {
+            accepted += 1;
+        } else {
+            refused = Some(response);
+            break;
+        }
+    }
+    let response = refused.expect("the bound is reached");
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().get("retry-after").is_some());
+    assert_error(response, 503, "ServiceUnavailableError").await;
+    assert!(accepted > 0);
+    assert_eq!(server.logged().len(), accepted);
+}

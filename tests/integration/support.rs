@@ -1,0 +1,146 @@
+//! Test harness: start Tally on port 0 in a temporary data directory, talk to it, read its log.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use tally_core::clock::SystemClock;
+use tally_core::config::Config;
+use tally_core::event::LoggedEvent;
+use tally_ingest::log::LogReader;
+use tally_server::Tally;
+use tally_store::NewProject;
+
+/// The admin key test servers start with.
+pub const ADMIN_KEY: &str = "test-admin-key";
+
+/// A running in-process server and what a client needs to talk to it.
+pub struct TestServer {
+    pub tally: Tally,
+    pub base: String,
+    pub project: NewProject,
+    pub data_dir: PathBuf,
+    pub http: reqwest::Client,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn test_config(data_dir: &Path) -> Config {
+    Config {
+        data_dir: data_dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_key: Some(ADMIN_KEY.to_string()),
+        ..Config::default()
+    }
+}
+
+impl TestServer {
+    /// A fresh server with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A fresh server, with `adjust` applied to its configuration.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        adjust(&mut config);
+        let tally = Tally::start(config, Arc::new(SystemClock)).await.unwrap();
+        let project = tally.bootstrap().expect("first start creates a project").clone();
+        Self::wrap(tally, project, dir.path().to_path_buf(), Some(dir))
+    }
+
+    fn wrap(tally: Tally, project: NewProject, data_dir: PathBuf, dir: Option<tempfile::TempDir>) -> Self {
+        Self {
+            base: format!("http://{}", tally.local_addr()),
+            tally,
+            project,
+            data_dir,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    /// Shuts down gracefully and starts again on the same data directory.
+    pub async fn restart(self) -> Self {
+        let TestServer {
+            tally,
+            project,
+            data_dir,
+            _dir,
+            ..
+        } = self;
+        tally.shutdown().await.unwrap();
+        let tally = Tally::start(test_config(&data_dir), Arc::new(SystemClock))
+            .await
+            .unwrap();
+        assert!(
+            tally.bootstrap().is_none(),
+            "a restart does not create another project"
+        );
+        Self::wrap(tally, project, data_dir, _dir)
+    }
+
+    /// `/3.0/projects/{id}` + `rest`.
+    pub fn project_url(&self, rest: &str) -> String {
+        format!("{}/3.0/projects/{}{rest}", self.base, self.project.id)
+    }
+
+    /// POSTs a JSON body with the write key.
+    pub async fn post(&self, rest: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.project_url(rest))
+            .header("Authorization", &self.project.write_key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Every event in the log, as `(collection, event)`.
+    pub fn logged(&self) -> Vec<(String, Value)> {
+        read_log(&self.data_dir)
+    }
+}
+
+/// Every event in the log under `data_dir`.
+pub fn read_log(data_dir: &Path) -> Vec<(String, Value)> {
+    let mut reader = LogReader::offline(&data_dir.join("log"), 0);
+    let mut out = Vec::new();
+    loop {
+        let batch = reader.read_batch(8 << 20).unwrap();
+        if batch.is_empty() {
+            return out;
+        }
+        for entry in batch {
+            let event = LoggedEvent::decode(&entry.payload).expect("every logged record decodes");
+            out.push((
+                event.collection.to_string(),
+                event.to_json().expect("every logged event is JSON"),
+            ));
+        }
+    }
+}
+
+/// The status and JSON body of a response.
+pub async fn status_json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
+}
+
+/// Asserts a Keen error answer.
+pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) {
+    let (got_status, body) = status_json(response).await;
+    assert_eq!(
+        (got_status, body["error_code"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+/// The path to the `tally` binary built for these tests.
+pub fn tally_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tally")
+}
