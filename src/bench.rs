@@ -55,6 +55,9 @@ pub struct IngestArgs {
     /// Threads for the load generator (the rest of the machine serves).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Run only the closed-loop single-event phase (for profiling).
+    #[arg(long)]
+    only_single: bool,
 }
 
 /// One request to send: path and body; `events` is how many events it carries.
@@ -163,6 +166,23 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         batches.len()
     );
     let mut results = Vec::new();
+    if args.only_single {
+        let single = phase(
+            &args,
+            "single event POST",
+            &singles,
+            args.connections,
+            duration,
+            None,
+        )
+        .await?;
+        println!(
+            "single: {:.0} req/s, p99 {:.2} ms",
+            single.requests_per_sec(),
+            single.percentile_ms(99.0)
+        );
+        return Ok(());
+    }
     let ping = phase(
         &args,
         "ping (204, no log)",
@@ -254,7 +274,7 @@ async fn phase(
         // the request was due.
         let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r.max(1.0)));
         tasks.push(tokio::spawn(async move {
-            connection_loop(c, &addr, &key, &jobs, deadline, interval).await
+            connection_loop(c, connections, &addr, &key, &jobs, deadline, interval).await
         }));
     }
     let mut result = PhaseResult {
@@ -280,6 +300,7 @@ async fn phase(
 
 async fn connection_loop(
     index: usize,
+    connections: usize,
     addr: &str,
     key: &str,
     jobs: &[Job],
@@ -301,8 +322,9 @@ async fn connection_loop(
         latencies_us: Vec::new(),
         first_error: None,
     };
+    // Spread the connections' first sends evenly over one interval.
     let mut next_due =
-        Instant::now() + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / 64.0 % 1.0));
+        Instant::now() + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / connections as f64));
     let mut n = index * 7919;
     loop {
         if interval.is_some() {

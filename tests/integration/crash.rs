@@ -21,6 +21,8 @@ fn start(data_dir: &Path) -> Running {
     let mut child = Command::new(tally_bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        // Small segments, so that the test crosses several rolls.
+        .env("TALLY_LOG__SEGMENT_BYTES", "262144")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

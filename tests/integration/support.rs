@@ -29,6 +29,11 @@ fn test_config(data_dir: &Path) -> Config {
         data_dir: data_dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_key: Some(ADMIN_KEY.to_string()),
+        // Small segments: each one is zero-filled in advance.
+        log: tally_core::config::LogConfig {
+            segment_bytes: 1 << 20,
+            ..Default::default()
+        },
         ..Config::default()
     }
 }

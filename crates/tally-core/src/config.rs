@@ -111,7 +111,7 @@ impl Default for IngestConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    /// Segment files roll over at this size.
+    /// Segment files roll over at this size; each is zero-filled to it in advance.
     pub segment_bytes: u64,
     /// Bytes accepted but not yet fsync'd, at most; past it ingest answers 503.
     pub max_pending_bytes: u64,
@@ -126,7 +126,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            segment_bytes: 128 * 1024 * 1024,
+            segment_bytes: 64 * 1024 * 1024,
             max_pending_bytes: 256 * 1024 * 1024,
             max_unconsumed_bytes: 16 * 1024 * 1024 * 1024,
             dedupe_snapshot_secs: 60,

@@ -24,7 +24,7 @@ use tally_core::log::{EventLog, LogError};
 use tally_core::names::check_collection_name;
 use tally_core::time::{format_timestamp_ms, write_timestamp_ms};
 
-use crate::decode::{check_utf8, parse_batch};
+use crate::decode::parse_batch;
 use crate::dedupe::{Dedupe, TokenKey, token_key};
 use crate::validate::{IP_PLACEHOLDER, USER_AGENT_PLACEHOLDER, ValidEvent, json_error, validate_event};
 
@@ -201,7 +201,7 @@ impl Ingestor {
         let now_ms = self.clock.now_ms();
         let prepared = check_collection_name(&collection)
             .map_err(|m| EventError::new(ErrorCode::InvalidCollectionName, m))
-            .and_then(|()| check_utf8(&body, ErrorCode::InvalidEvent))
+            // serde_json checks UTF-8 as it parses; no separate pass.
             .and_then(|()| self.prepare(&meta, &collection, &body, &body, &Stamp::new(now_ms)));
         let slots = match prepared {
             Ok(event) => vec![self.reserve(event, now_ms)],

@@ -47,7 +47,7 @@ pub fn authorize(
     access: Access,
 ) -> Result<KeyGrant, ApiError> {
     let project: ProjectId = project.parse().map_err(|_| ApiError::not_found())?;
-    if catalog.project(&project).is_none() {
+    if !catalog.has_project(&project) {
         return Err(ApiError::not_found());
     }
     let Some(key) = key else {

@@ -96,6 +96,10 @@ pub trait Catalog: Send + Sync + std::fmt::Debug {
     fn create_project(&self, name: &str, created_at: &str) -> Result<NewProject, CatalogError>;
     /// The project with this id.
     fn project(&self, id: &ProjectId) -> Option<ProjectInfo>;
+    /// Whether a project with this id exists (cheaper than [`Catalog::project`]).
+    fn has_project(&self, id: &ProjectId) -> bool {
+        self.project(id).is_some()
+    }
     /// Every project.
     fn projects(&self) -> Vec<ProjectInfo>;
     /// What the presented key may do; `None` for an unknown or revoked key.
@@ -271,6 +275,10 @@ impl Catalog for EmbeddedCatalog {
             .iter()
             .find(|p| p.info.id == *id)
             .map(|p| p.info.clone())
+    }
+
+    fn has_project(&self, id: &ProjectId) -> bool {
+        self.read().file.projects.iter().any(|p| p.info.id == *id)
     }
 
     fn projects(&self) -> Vec<ProjectInfo> {

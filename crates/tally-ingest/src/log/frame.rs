@@ -47,6 +47,42 @@ pub fn read_frame(buf: &[u8]) -> Option<(&[u8], usize)> {
     Some((payload, FRAME_HEADER_BYTES + len))
 }
 
+/// The length of the longest prefix of `file` made of intact frames, read in chunks.
+pub fn scan_valid_len(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut chunk_start = 0u64;
+    loop {
+        let n = (len - chunk_start).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], chunk_start)?;
+        let valid = valid_prefix_len(&buf[..n]);
+        if valid == n && chunk_start + (n as u64) < len {
+            chunk_start += n as u64;
+            continue;
+        }
+        if valid == 0 && n == buf.len() {
+            // A frame larger than the buffer: grow it and look again.
+            if let Some(frame_len) = frame_len(&buf[..n]).filter(|l| *l > buf.len()) {
+                buf.resize(frame_len, 0);
+                continue;
+            }
+        }
+        if valid > 0 && valid < n && n == buf.len() {
+            // The chunk ended inside a frame: continue from the last whole frame.
+            chunk_start += valid as u64;
+            continue;
+        }
+        return Ok(chunk_start + valid as u64);
+    }
+}
+
+/// The whole length of the frame starting `buf`, from its header, if the header is plausible.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+    (len > 0 && len <= MAX_RECORD_BYTES).then_some(FRAME_HEADER_BYTES + len)
+}
+
 /// The length of the longest prefix of `buf` made of intact frames.
 pub fn valid_prefix_len(buf: &[u8]) -> usize {
     let mut at = 0;

@@ -6,6 +6,8 @@ use tally_core::config::LogConfig;
 use tally_core::event::{AcceptedEvent, LoggedEvent};
 use tally_core::log::{EventLog, LogError};
 
+use std::os::unix::fs::FileExt;
+
 use super::*;
 
 fn event(n: usize) -> AcceptedEvent {
@@ -80,9 +82,12 @@ async fn a_torn_tail_is_cut_and_appends_continue_after_it() {
     let end = log.append(&[event(1), event(2)]).await.unwrap();
     log.close();
     drop(log);
-    let path = segment_path(dir.path(), 0);
-    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-    file.write_all(&[42, 0, 0, 0, 1, 2, 3]).unwrap();
+    // A crash in the middle of the next group: a frame header promising more than was written.
+    let file = OpenOptions::new()
+        .write(true)
+        .open(segment_path(dir.path(), 0))
+        .unwrap();
+    file.write_all_at(&[42, 0, 0, 0, 1, 2, 3], end).unwrap();
     drop(file);
 
     let log = open(dir.path(), LogConfig::default());
@@ -96,6 +101,38 @@ async fn a_torn_tail_is_cut_and_appends_continue_after_it() {
     log.append(&[event(3)]).await.unwrap();
     log.close();
     assert_eq!(read_all(dir.path()), vec![1, 2, 3]);
+}
+
+#[tokio::test]
+async fn a_stale_frame_behind_a_torn_one_is_never_resurrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), LogConfig::default());
+    let end = log.append(&[event(1)]).await.unwrap();
+    log.close();
+    drop(log);
+    // The crashed group: its first frame torn, a later frame fully on disk (pages reach the disk
+    // in any order). Recovery must zero the later one, or it could line up behind new records.
+    let mut torn = Vec::new();
+    frame::write_frame_with(&mut torn, |out| event(100).encode_into(out));
+    let torn_len = torn.len() as u64;
+    let mut stale = Vec::new();
+    frame::write_frame_with(&mut stale, |out| event(666).encode_into(out));
+    let file = OpenOptions::new()
+        .write(true)
+        .open(segment_path(dir.path(), 0))
+        .unwrap();
+    file.write_all_at(&torn[..torn.len() / 2], end).unwrap();
+    file.write_all_at(&stale, end + torn_len).unwrap();
+    drop(file);
+
+    let log = open(dir.path(), LogConfig::default());
+    assert_eq!(log.recovery().durable_end, end);
+    // event(101) has the same size as event(100), so without the zeroing the stale frame would
+    // start exactly where the new record ends.
+    log.append(&[event(101)]).await.unwrap();
+    assert_eq!(log.status().durable_end, end + torn_len);
+    log.close();
+    assert_eq!(read_all(dir.path()), vec![1, 101]);
 }
 
 #[tokio::test]
