@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 gen=${GEN_EVENTS:-$root/../shared/bench/gen_events.py}
 seconds=${SECONDS_PER_PHASE:-10}
-connections=${CONNECTIONS:-64}
+connections=${CONNECTIONS:-128}
 port=${PORT:-18181}
 
 cargo build --release --bin tally

@@ -47,7 +47,7 @@ pub struct IngestArgs {
     #[arg(long)]
     batches: PathBuf,
     /// Concurrent keep-alive connections.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     connections: usize,
     /// Seconds per phase.
     #[arg(long, default_value_t = 10.0)]

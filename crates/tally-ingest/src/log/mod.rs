@@ -170,17 +170,80 @@ fn prepared_path(dir: &Path) -> PathBuf {
 static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
 /// Creates the next segment file, filled with `bytes` zeros and synced.
+///
+/// The zeros are written with `O_DIRECT` from one aligned buffer: no copy through the page cache
+/// and no dirty pages whose flushing would queue in front of the active segment's group-commit
+/// syncs (measured: ack p99 spikes when the preparer went through the cache). Where the file
+/// system refuses `O_DIRECT` (tmpfs), ordinary writes are used.
 fn prepare_segment(dir: &Path, bytes: u64) -> io::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = prepared_path(dir);
-    let mut file = File::create(&path)?;
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(ZEROS.len() as u64) as usize;
-        file.write_all(&ZEROS[..n])?;
-        left -= n as u64;
+    let direct = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path);
+    let (mut file, aligned) = match direct {
+        Ok(file) => (file, true),
+        Err(_) => (File::create(&path)?, false),
+    };
+    let zeros = AlignedZeros::new();
+    let mut written = 0u64;
+    // O_DIRECT writes whole aligned blocks; the file is sized exactly afterwards.
+    let target = if aligned {
+        bytes.div_ceil(4096) * 4096
+    } else {
+        bytes
+    };
+    while written < target {
+        let n = (target - written).min(zeros.len() as u64) as usize;
+        match file.write(&zeros.as_slice()[..n]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "zero-filling a segment")),
+            Ok(k) => written += k as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
+    file.set_len(bytes)?;
     file.sync_all()?;
     Ok(path)
+}
+
+/// 1 MiB of zeros aligned to 4 KiB, as `O_DIRECT` requires.
+struct AlignedZeros {
+    ptr: std::ptr::NonNull<u8>,
+}
+
+impl AlignedZeros {
+    const LEN: usize = 1 << 20;
+    const LAYOUT: std::alloc::Layout = match std::alloc::Layout::from_size_align(Self::LEN, 4096) {
+        Ok(layout) => layout,
+        Err(_) => panic!("valid layout"),
+    };
+
+    fn new() -> Self {
+        // SAFETY: LAYOUT has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) };
+        let ptr = std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::LAYOUT));
+        Self { ptr }
+    }
+
+    fn len(&self) -> usize {
+        Self::LEN
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr points to LEN initialised (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), Self::LEN) }
+    }
+}
+
+impl Drop for AlignedZeros {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::LAYOUT) }
+    }
 }
 
 fn spawn_prepare(dir: PathBuf, bytes: u64) -> JoinHandle<io::Result<PathBuf>> {
@@ -533,7 +596,9 @@ impl Writer {
         }
         sync_dir(&segments_dir(&self.dir))?;
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
-        self.spare = Some(spawn_prepare(self.dir.clone(), self.segment_bytes));
+        if self.spare.is_none() {
+            self.spare = Some(spawn_prepare(self.dir.clone(), self.segment_bytes));
+        }
         self.active = file;
         self.active_base = base;
         self.active_len = 0;
