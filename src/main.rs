@@ -67,6 +67,10 @@ enum Command {
         /// Admin key that may create projects over HTTP [env: TALLY_ADMIN_KEY]
         #[arg(long)]
         admin_key: Option<String>,
+        /// GeoIP database for keen:ip_to_geo (GeoLite2/GeoIP2 City or DB-IP Lite City .mmdb);
+        /// repeat for DB-IP's separate IPv4 and IPv6 files [config: enrich.geoip_db]
+        #[arg(long)]
+        geoip_db: Vec<PathBuf>,
     },
     /// Manage projects.
     Project {
@@ -159,7 +163,15 @@ fn main() -> ExitCode {
             common,
             listen,
             admin_key,
-        } => load_config(&common, &[("listen", listen), ("admin_key", admin_key)]).and_then(serve),
+            geoip_db,
+        } => load_config(&common, &[("listen", listen), ("admin_key", admin_key)])
+            .map(|mut config| {
+                if !geoip_db.is_empty() {
+                    config.enrich.geoip_db = geoip_db;
+                }
+                config
+            })
+            .and_then(serve),
         Command::Project {
             command: ProjectCommand::Create { name, common },
         } => load_config(&common, &[]).and_then(|config| create_project(&config, &name)),
@@ -187,20 +199,27 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let tally = Tally::start(config, clock).await?;
         print_banner(&tally);
-        wait_for_signal().await;
+        wait_for_shutdown(&tally).await;
         tracing::info!("shutting down: finishing in-flight requests");
         tally.shutdown().await.context("shutting down")?;
         Ok(())
     })
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
+/// Waits for SIGTERM or SIGINT; SIGHUP meanwhile reloads the GeoIP database.
+async fn wait_for_shutdown(tally: &Tally) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut hangup = signal(SignalKind::hangup()).expect("installing the SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hangup.recv() => match tally.reload_geoip().await {
+                Ok(_) => tracing::info!("SIGHUP: GeoIP database reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: the GeoIP database was not replaced"),
+            },
+        }
     }
 }
 

@@ -5,5 +5,6 @@ mod support;
 
 mod cli;
 mod crash;
+mod enrich;
 mod ingest_http;
 mod python_client;

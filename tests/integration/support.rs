@@ -17,6 +17,7 @@ pub const ADMIN_KEY: &str = "test-admin-key";
 /// A running in-process server and what a client needs to talk to it.
 pub struct TestServer {
     pub tally: Tally,
+    pub config: Config,
     pub base: String,
     pub project: NewProject,
     pub data_dir: PathBuf,
@@ -49,15 +50,22 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(dir.path());
         adjust(&mut config);
-        let tally = Tally::start(config, Arc::new(SystemClock)).await.unwrap();
+        let tally = Tally::start(config.clone(), Arc::new(SystemClock)).await.unwrap();
         let project = tally.bootstrap().expect("first start creates a project").clone();
-        Self::wrap(tally, project, dir.path().to_path_buf(), Some(dir))
+        Self::wrap(tally, config, project, dir.path().to_path_buf(), Some(dir))
     }
 
-    fn wrap(tally: Tally, project: NewProject, data_dir: PathBuf, dir: Option<tempfile::TempDir>) -> Self {
+    fn wrap(
+        tally: Tally,
+        config: Config,
+        project: NewProject,
+        data_dir: PathBuf,
+        dir: Option<tempfile::TempDir>,
+    ) -> Self {
         Self {
             base: format!("http://{}", tally.local_addr()),
             tally,
+            config,
             project,
             data_dir,
             http: reqwest::Client::new(),
@@ -69,20 +77,19 @@ impl TestServer {
     pub async fn restart(self) -> Self {
         let TestServer {
             tally,
+            config,
             project,
             data_dir,
             _dir,
             ..
         } = self;
         tally.shutdown().await.unwrap();
-        let tally = Tally::start(test_config(&data_dir), Arc::new(SystemClock))
-            .await
-            .unwrap();
+        let tally = Tally::start(config.clone(), Arc::new(SystemClock)).await.unwrap();
         assert!(
             tally.bootstrap().is_none(),
             "a restart does not create another project"
         );
-        Self::wrap(tally, project, data_dir, _dir)
+        Self::wrap(tally, config, project, data_dir, _dir)
     }
 
     /// `/3.0/projects/{id}` + `rest`.
@@ -99,6 +106,26 @@ impl TestServer {
             .send()
             .await
             .unwrap()
+    }
+
+    /// The enriched events the process stage has committed: `{"project_id","collection","event"}`.
+    pub fn enriched(&self) -> Vec<Value> {
+        tally_process::sink::read_committed(&self.tally.enriched_path())
+            .unwrap()
+            .0
+    }
+
+    /// Waits until the process stage has committed at least `n` enriched events, and returns them.
+    pub async fn wait_enriched(&self, n: usize) -> Vec<Value> {
+        // A hang guard, not a timing assertion.
+        for _ in 0..3000 {
+            let enriched = self.enriched();
+            if enriched.len() >= n {
+                return enriched;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the process stage did not enrich {n} events");
     }
 
     /// Every event in the log, as `(collection, event)`.
@@ -143,6 +170,13 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
         "{body}"
     );
     assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+/// A file of the shared GeoIP test data.
+pub fn geoip_testdata(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/testdata/geoip")
+        .join(name)
 }
 
 /// The path to the `tally` binary built for these tests.

@@ -27,6 +27,10 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// The embedded event log.
     pub log: LogConfig,
+    /// Enrichment add-ons.
+    pub enrich: EnrichConfig,
+    /// The process stage.
+    pub process: ProcessConfig,
     /// Log output format for Tally's own logs: `text` or `json`.
     pub log_format: LogFormat,
 }
@@ -40,6 +44,8 @@ impl Default for Config {
             http: HttpConfig::default(),
             ingest: IngestConfig::default(),
             log: LogConfig::default(),
+            enrich: EnrichConfig::default(),
+            process: ProcessConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -130,6 +136,45 @@ impl Default for LogConfig {
             max_pending_bytes: 256 * 1024 * 1024,
             max_unconsumed_bytes: 16 * 1024 * 1024 * 1024,
             dedupe_snapshot_secs: 60,
+        }
+    }
+}
+
+/// Enrichment add-ons.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// MaxMind-format databases for `keen:ip_to_geo` (GeoIP2/GeoLite2 City, or DB-IP Lite City,
+    /// which ships IPv4 and IPv6 as two files). Empty: the add-on is skipped and counted.
+    pub geoip_db: Vec<PathBuf>,
+    /// How often to check the database files for a replacement, in seconds (0: only on SIGHUP).
+    pub geoip_reload_secs: u64,
+}
+
+impl Default for EnrichConfig {
+    fn default() -> Self {
+        Self {
+            geoip_db: Vec::new(),
+            geoip_reload_secs: 30,
+        }
+    }
+}
+
+/// The process stage (log → enrichment → store).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Bytes of log read per batch.
+    pub max_batch_bytes: usize,
+    /// Threads that enrich a batch (0: one per core).
+    pub threads: usize,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_bytes: 4 * 1024 * 1024,
+            threads: 0,
         }
     }
 }

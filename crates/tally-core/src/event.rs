@@ -191,3 +191,31 @@ mod tests {
         }
     }
 }
+
+/// An event after the process stage: enriched, `keen.addons` removed, ready to be stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnrichedEvent {
+    /// The project.
+    pub project: ProjectId,
+    /// The collection.
+    pub collection: String,
+    /// The event as it will be stored and queried, `keen` included.
+    pub event: Map<String, Value>,
+}
+
+/// A store failure seen by the process stage; it retries the same batch.
+#[derive(Debug, thiserror::Error)]
+#[error("event sink: {0}")]
+pub struct SinkError(pub String);
+
+/// Where the process stage hands enriched events: the event store (and, before it exists, a
+/// JSON-lines file). Exactly-once delivery rests on [`EventSink::write`] recording the log
+/// position in the same atomic step as the events, and on the stage resuming from
+/// [`EventSink::committed_position`].
+pub trait EventSink: Send + Sync + std::fmt::Debug {
+    /// Stores `events` durably together with `log_position`, the position after the last of them.
+    fn write(&self, events: &[EnrichedEvent], log_position: u64) -> Result<(), SinkError>;
+
+    /// The log position stored with the last successful write, if any.
+    fn committed_position(&self) -> Result<Option<u64>, SinkError>;
+}

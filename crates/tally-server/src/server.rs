@@ -8,6 +8,7 @@
 //! catalog.json       projects and hashed keys
 //! log/               the embedded event log
 //! dedupe.snapshot    the uniqueness-token table as of a log position
+//! enriched/          enriched events (JSON lines) until the event store exists
 //! ```
 //!
 //! Shutdown (SIGTERM/SIGINT in the binary, [`Tally::shutdown`] in tests): stop accepting
@@ -29,6 +30,8 @@ use tally_core::log::EventLog;
 use tally_core::time::format_timestamp_ms;
 use tally_ingest::dedupe::{self, Dedupe};
 use tally_ingest::{EmbeddedEventLog, Ingestor};
+use tally_process::sink::JsonLinesSink;
+use tally_process::{Enrichers, GeoIp, ProcessStage, StageConfig};
 use tally_store::{Catalog, CatalogError, EmbeddedCatalog, NewProject};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -57,6 +60,12 @@ pub enum StartError {
     /// The event log could not be opened or recovered.
     #[error("event log: {0}")]
     Log(io::Error),
+    /// A configured GeoIP database is missing or damaged.
+    #[error(transparent)]
+    GeoIp(#[from] tally_process::geo::GeoError),
+    /// The process stage or its store could not start.
+    #[error("process stage: {0}")]
+    Process(io::Error),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -117,6 +126,11 @@ impl DataDir {
     pub fn dedupe_snapshot_path(&self) -> PathBuf {
         self.path.join("dedupe.snapshot")
     }
+
+    /// Where enriched events go until the event store exists.
+    pub fn enriched_path(&self) -> PathBuf {
+        self.path.join("enriched").join("events.jsonl")
+    }
 }
 
 /// A running server.
@@ -132,6 +146,8 @@ pub struct Tally {
     stop: watch::Sender<bool>,
     serve: JoinHandle<io::Result<()>>,
     background: Vec<JoinHandle<()>>,
+    process: Option<ProcessStage>,
+    enrichers: Arc<Enrichers>,
     data_dir: DataDir,
 }
 
@@ -164,6 +180,25 @@ impl Tally {
                 "recovered the event log after a crash"
             );
         }
+
+        // The GeoIP files are read and verified before anything is served: a damaged one is a
+        // start-up error naming it.
+        let geo_paths = config.enrich.geoip_db.clone();
+        let geo = tokio::task::spawn_blocking(move || GeoIp::open(geo_paths))
+            .await
+            .expect("GeoIP open task")?;
+        let enrichers = Arc::new(Enrichers::new(geo, &mut registry));
+        let sink = Arc::new(JsonLinesSink::open(&data_dir.enriched_path()).map_err(StartError::Process)?);
+        let stage_config = StageConfig {
+            max_batch_bytes: config.process.max_batch_bytes,
+            threads: match config.process.threads {
+                0 => StageConfig::default().threads,
+                n => n,
+            },
+            ..StageConfig::default()
+        };
+        let process = ProcessStage::start(log.clone(), sink, enrichers.clone(), stage_config, &mut registry)
+            .map_err(StartError::Process)?;
 
         let dedupe = Arc::new(Dedupe::new(config.ingest.uniqueness_window_days));
         {
@@ -230,6 +265,15 @@ impl Tally {
             stopped,
         ));
 
+        let mut background = vec![snapshots];
+        if config.enrich.geoip_reload_secs > 0 && enrichers.geo().is_configured() {
+            background.push(tokio::spawn(reload_geoip_periodically(
+                enrichers.clone(),
+                Duration::from_secs(config.enrich.geoip_reload_secs),
+                stop.subscribe(),
+            )));
+        }
+
         tracing::info!(%local_addr, data_dir = %data_dir.path().display(), "tally is serving");
         Ok(Self {
             local_addr,
@@ -241,7 +285,9 @@ impl Tally {
             shutdown_grace: Duration::from_secs(config.http.shutdown_grace_secs),
             stop,
             serve,
-            background: vec![snapshots],
+            background,
+            process: Some(process),
+            enrichers,
             data_dir,
         })
     }
@@ -266,8 +312,22 @@ impl Tally {
         &self.log
     }
 
+    /// Where enriched events are written (until the event store exists).
+    pub fn enriched_path(&self) -> PathBuf {
+        self.data_dir.enriched_path()
+    }
+
+    /// Re-reads the GeoIP database files now (SIGHUP). A replacement that does not verify is
+    /// refused and the database in use stays.
+    pub async fn reload_geoip(&self) -> Result<bool, tally_process::geo::GeoError> {
+        let enrichers = self.enrichers.clone();
+        tokio::task::spawn_blocking(move || enrichers.geo().reload(true))
+            .await
+            .expect("GeoIP reload task")
+    }
+
     /// Stops serving and shuts down in order.
-    pub async fn shutdown(self) -> io::Result<()> {
+    pub async fn shutdown(mut self) -> io::Result<()> {
         let _ = self.stop.send(true);
         match tokio::time::timeout(self.shutdown_grace, self.serve).await {
             Ok(Ok(result)) => result?,
@@ -276,6 +336,11 @@ impl Tally {
         }
         for task in self.background {
             let _ = task.await;
+        }
+        if let Some(process) = self.process.take() {
+            tokio::task::spawn_blocking(move || process.stop())
+                .await
+                .map_err(io::Error::other)?;
         }
         let (log, ingestor, clock, path) = (
             self.log,
@@ -292,6 +357,29 @@ impl Tally {
         tracing::info!("tally stopped");
         drop(self.data_dir);
         Ok(())
+    }
+}
+
+async fn reload_geoip_periodically(
+    enrichers: Arc<Enrichers>,
+    every: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        let enrichers = enrichers.clone();
+        match tokio::task::spawn_blocking(move || enrichers.geo().reload(false)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "GeoIP database changed but the new file is refused; keeping the old one")
+            }
+            Err(e) => tracing::error!(error = %e, "GeoIP reload task failed"),
+        }
     }
 }
 

@@ -1,0 +1,218 @@
+//! Applying an event's `keen.addons`, in order, and removing them from the stored event.
+//!
+//! An add-on whose input property is missing or cannot be parsed leaves its output out; the event
+//! is stored anyway and the skip is counted by add-on and reason
+//! (`tally_enrich_skipped_total{addon, reason}`). Without a GeoIP database `ip_to_geo` is skipped
+//! with reason `no_database`, and one warning says so.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde_json::{Map, Value};
+use tally_core::addons::AddonKind;
+
+use crate::datetime::parse_date_time;
+use crate::geo::{GeoDatabase, GeoIp, GeoLookup};
+use crate::path;
+use crate::referrer::ReferrerParser;
+use crate::urlparse::parse_url;
+use crate::useragent::UaParser;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AddonLabels {
+    addon: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SkipLabels {
+    addon: &'static str,
+    reason: &'static str,
+}
+
+/// Why an add-on produced no output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The input property is not in the event.
+    MissingInput,
+    /// The input is there but is not what the add-on reads (not an IP, not a URL, ...).
+    Unparseable,
+    /// The IP address is in no GeoIP database.
+    NotFound,
+    /// No GeoIP database is configured.
+    NoDatabase,
+    /// Something in the event is in the way of the output path.
+    OutputConflict,
+    /// The add-on spec in the log is not one ingest would accept.
+    InvalidSpec,
+}
+
+impl SkipReason {
+    fn label(self) -> &'static str {
+        match self {
+            SkipReason::MissingInput => "missing_input",
+            SkipReason::Unparseable => "unparseable",
+            SkipReason::NotFound => "not_found",
+            SkipReason::NoDatabase => "no_database",
+            SkipReason::OutputConflict => "output_conflict",
+            SkipReason::InvalidSpec => "invalid_spec",
+        }
+    }
+}
+
+/// The five add-ons and their shared state.
+#[derive(Debug)]
+pub struct Enrichers {
+    geo: GeoIp,
+    ua: UaParser,
+    referrer: ReferrerParser,
+    applied: Family<AddonLabels, Counter>,
+    skipped: Family<SkipLabels, Counter>,
+    warned_no_geo: AtomicBool,
+}
+
+impl Enrichers {
+    /// The add-ons, with `geo` as the GeoIP database, registering their metrics.
+    pub fn new(geo: GeoIp, registry: &mut Registry) -> Self {
+        let enrichers = Self {
+            geo,
+            ua: UaParser::new(),
+            referrer: ReferrerParser::new(),
+            applied: Family::default(),
+            skipped: Family::default(),
+            warned_no_geo: AtomicBool::new(false),
+        };
+        registry.register(
+            "tally_enrich_applied",
+            "Add-on outputs written, by add-on",
+            enrichers.applied.clone(),
+        );
+        registry.register(
+            "tally_enrich_skipped",
+            "Add-ons that produced no output, by add-on and reason",
+            enrichers.skipped.clone(),
+        );
+        enrichers
+    }
+
+    /// The GeoIP database holder (for reloads).
+    pub fn geo(&self) -> &GeoIp {
+        &self.geo
+    }
+
+    /// The user-agent parser.
+    pub fn user_agents(&self) -> &UaParser {
+        &self.ua
+    }
+
+    /// Applies the event's `keen.addons` in order and removes them. `geo` is the database for
+    /// this batch (from [`GeoIp::current`]).
+    pub fn enrich(&self, event: &mut Map<String, Value>, geo: Option<&GeoDatabase>) {
+        let Some(Value::Object(keen)) = event.get_mut("keen") else {
+            return;
+        };
+        let Some(addons) = keen.remove("addons") else {
+            return;
+        };
+        let Value::Array(addons) = addons else {
+            self.skip("unknown", SkipReason::InvalidSpec);
+            return;
+        };
+        for spec in &addons {
+            self.apply(event, spec, geo);
+        }
+    }
+
+    fn skip(&self, addon: &'static str, reason: SkipReason) {
+        self.skipped
+            .get_or_create(&SkipLabels {
+                addon,
+                reason: reason.label(),
+            })
+            .inc();
+    }
+
+    fn apply(&self, event: &mut Map<String, Value>, spec: &Value, geo: Option<&GeoDatabase>) {
+        let kind = spec
+            .get("name")
+            .and_then(Value::as_str)
+            .and_then(AddonKind::from_name);
+        let input = spec.get("input").and_then(Value::as_object);
+        let output = spec.get("output").and_then(Value::as_str);
+        let (Some(kind), Some(input), Some(output)) = (kind, input, output) else {
+            self.skip("unknown", SkipReason::InvalidSpec);
+            return;
+        };
+        let name = kind.name();
+        let outcome = match kind {
+            AddonKind::IpToGeo => self.ip_to_geo(event, input, geo),
+            AddonKind::UaParser => read_str(event, input, "ua_string")
+                .and_then(|ua| self.ua.parse(ua).map_err(|_| SkipReason::Unparseable)),
+            AddonKind::UrlParser => {
+                read_str(event, input, "url").and_then(|url| parse_url(url).ok_or(SkipReason::Unparseable))
+            }
+            AddonKind::ReferrerParser => read_str(event, input, "referrer_url").and_then(|referrer| {
+                let page = read_str(event, input, "page_url")?;
+                self.referrer.parse(referrer, page).ok_or(SkipReason::Unparseable)
+            }),
+            AddonKind::DateTimeParser => read_str(event, input, "date_time")
+                .and_then(|text| parse_date_time(text).ok_or(SkipReason::Unparseable)),
+        };
+        let result =
+            outcome.and_then(|value| path::set(event, output, value).map_err(|_| SkipReason::OutputConflict));
+        match result {
+            Ok(()) => self.applied.get_or_create(&AddonLabels { addon: name }).inc(),
+            Err(reason) => {
+                self.skip(name, reason);
+                0
+            }
+        };
+        let remove_ip =
+            kind == AddonKind::IpToGeo && input.get("remove_ip_property") == Some(&Value::Bool(true));
+        if let (true, Some(Value::String(ip_path))) = (remove_ip, input.get("ip")) {
+            path::remove(event, ip_path);
+        }
+    }
+
+    fn ip_to_geo(
+        &self,
+        event: &Map<String, Value>,
+        input: &Map<String, Value>,
+        geo: Option<&GeoDatabase>,
+    ) -> Result<Value, SkipReason> {
+        let text = read_str(event, input, "ip")?;
+        let ip: IpAddr = text.trim().parse().map_err(|_| SkipReason::Unparseable)?;
+        let Some(geo) = geo else {
+            if !self.warned_no_geo.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "events ask for keen:ip_to_geo but no GeoIP database is configured (--geoip-db); they are stored without it"
+                );
+            }
+            return Err(SkipReason::NoDatabase);
+        };
+        match geo.lookup(ip) {
+            GeoLookup::Found(found) => Ok(Value::Object(found)),
+            GeoLookup::NotFound => Err(SkipReason::NotFound),
+        }
+    }
+}
+
+/// The string property an add-on input names.
+fn read_str<'a>(
+    event: &'a Map<String, Value>,
+    input: &Map<String, Value>,
+    key: &str,
+) -> Result<&'a str, SkipReason> {
+    let path = input
+        .get(key)
+        .and_then(Value::as_str)
+        .ok_or(SkipReason::InvalidSpec)?;
+    match path::get(event, path) {
+        None | Some(Value::Null) => Err(SkipReason::MissingInput),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(SkipReason::Unparseable),
+    }
+}

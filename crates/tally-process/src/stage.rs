@@ -1,0 +1,405 @@
+//! The process stage: read the event log, enrich, hand on to the sink, commit.
+//!
+//! One thread owns the loop. It starts from the position the sink stored with its last write
+//! (the sink records it atomically with the events, so a crash neither loses nor repeats an
+//! event), or the log's consumed position if the sink has none. For each batch it decodes and
+//! enriches the events, on several threads when the batch is large, writes them to the sink with
+//! the position after the batch, and then tells the log that position is consumed (so the log can
+//! drop old segments and ingest's back-pressure sees the stage keeping up). A sink failure is
+//! retried with the same batch; nothing moves on until it succeeds.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use tally_core::event::{EnrichedEvent, EventSink, LoggedEvent};
+use tally_ingest::EmbeddedEventLog;
+use tally_ingest::log::LogEntry;
+
+use crate::enrich::Enrichers;
+use crate::geo::GeoDatabase;
+
+/// Settings of the process stage.
+#[derive(Debug, Clone)]
+pub struct StageConfig {
+    /// Read up to this many bytes of log per batch.
+    pub max_batch_bytes: usize,
+    /// Threads that enrich a large batch in parallel.
+    pub threads: usize,
+    /// How long to wait when the log has nothing new.
+    pub idle_wait: Duration,
+}
+
+impl Default for StageConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_bytes: 4 << 20,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            idle_wait: Duration::from_millis(5),
+        }
+    }
+}
+
+/// The stage's counters.
+#[derive(Debug, Clone, Default)]
+pub struct StageMetrics {
+    /// Events handed to the sink.
+    pub events: Counter,
+    /// Log records that could not be decoded.
+    pub bad_records: Counter,
+    /// Failed sink writes (each retried).
+    pub sink_errors: Counter,
+}
+
+impl StageMetrics {
+    /// Counters registered in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "tally_process_events",
+            "Events enriched and handed to the store by the process stage",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "tally_process_bad_records",
+            "Log records the process stage could not decode (logged with their position)",
+            metrics.bad_records.clone(),
+        );
+        registry.register(
+            "tally_process_sink_errors",
+            "Failed writes to the store (retried)",
+            metrics.sink_errors.clone(),
+        );
+        metrics
+    }
+}
+
+/// The running stage.
+#[derive(Debug)]
+pub struct ProcessStage {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ProcessStage {
+    /// Starts the stage thread.
+    pub fn start(
+        log: Arc<EmbeddedEventLog>,
+        sink: Arc<dyn EventSink>,
+        enrichers: Arc<Enrichers>,
+        config: StageConfig,
+        registry: &mut Registry,
+    ) -> std::io::Result<Self> {
+        let metrics = StageMetrics::register(registry);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("tally-process".into())
+                .spawn(move || run(&log, sink.as_ref(), &enrichers, &config, &metrics, &stop))?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks the stage to stop after the batch in hand, and waits for it.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ProcessStage {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn run(
+    log: &EmbeddedEventLog,
+    sink: &dyn EventSink,
+    enrichers: &Enrichers,
+    config: &StageConfig,
+    metrics: &StageMetrics,
+    stop: &AtomicBool,
+) {
+    let stopped = || stop.load(Ordering::Acquire);
+    let backoff = Duration::from_millis(500);
+    let mut position = loop {
+        match sink.committed_position() {
+            Ok(Some(position)) => break position,
+            Ok(None) => break tally_core::log::EventLog::status(log).consumed,
+            Err(e) => {
+                tracing::error!(error = %e, "process stage: cannot read the store's position; retrying");
+                if stopped() {
+                    return;
+                }
+                std::thread::sleep(backoff);
+            }
+        }
+    };
+    tracing::info!(position, "process stage started");
+    let mut reader = log.reader(position);
+    while !stopped() {
+        let batch = match reader.read_batch(config.max_batch_bytes) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, position, "process stage: reading the log failed; retrying");
+                std::thread::sleep(backoff);
+                reader = log.reader(position);
+                continue;
+            }
+        };
+        let Some(next) = batch.last().map(|entry| entry.next) else {
+            std::thread::sleep(config.idle_wait);
+            continue;
+        };
+        let events = process_batch(&batch, enrichers, config.threads, metrics);
+        while let Err(e) = sink.write(&events, next) {
+            metrics.sink_errors.inc();
+            tracing::error!(error = %e, position, "process stage: the store refused a batch; retrying it");
+            if stopped() {
+                return;
+            }
+            std::thread::sleep(backoff);
+        }
+        if let Err(e) = log.commit_consumed(next) {
+            tracing::warn!(error = %e, "process stage: recording the consumed log position failed");
+        }
+        metrics.events.inc_by(events.len() as u64);
+        position = next;
+    }
+}
+
+/// Decodes and enriches a batch, in parallel chunks when it is large. Order is kept.
+pub fn process_batch(
+    batch: &[LogEntry],
+    enrichers: &Enrichers,
+    threads: usize,
+    metrics: &StageMetrics,
+) -> Vec<EnrichedEvent> {
+    let geo = enrichers.geo().current();
+    let geo = geo.as_deref();
+    let threads = threads.max(1);
+    if threads == 1 || batch.len() < 256 {
+        return batch
+            .iter()
+            .filter_map(|e| process_one(e, enrichers, geo, metrics))
+            .collect();
+    }
+    let chunk = batch.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = batch
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .filter_map(|e| process_one(e, enrichers, geo, metrics))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+fn process_one(
+    entry: &LogEntry,
+    enrichers: &Enrichers,
+    geo: Option<&GeoDatabase>,
+    metrics: &StageMetrics,
+) -> Option<EnrichedEvent> {
+    let decoded = LoggedEvent::decode(&entry.payload)
+        .map_err(|e| e.to_string())
+        .and_then(|logged| {
+            logged
+                .to_json()
+                .map(|json| (logged, json))
+                .map_err(|e| e.to_string())
+        });
+    let (logged, json) = match decoded {
+        Ok(ok) => ok,
+        Err(e) => {
+            metrics.bad_records.inc();
+            tracing::error!(position = entry.position, error = %e, "process stage: skipping an undecodable log record");
+            return None;
+        }
+    };
+    let Value::Object(mut event) = json else {
+        metrics.bad_records.inc();
+        return None;
+    };
+    enrichers.enrich(&mut event, geo);
+    Some(EnrichedEvent {
+        project: logged.project,
+        collection: logged.collection.to_string(),
+        event,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use bytes::Bytes;
+    use serde_json::json;
+    use tally_core::ProjectId;
+    use tally_core::config::LogConfig;
+    use tally_core::event::AcceptedEvent;
+    use tally_core::log::EventLog;
+
+    use super::*;
+    use crate::geo::GeoIp;
+    use crate::sink::{JsonLinesSink, MemorySink, read_committed};
+
+    fn geoip() -> GeoIp {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/testdata/geoip/GeoIP2-City-Test.mmdb");
+        GeoIp::open(vec![path]).unwrap()
+    }
+
+    fn event(n: u64) -> AcceptedEvent {
+        let addons = json!([
+            {"name": "keen:ip_to_geo", "input": {"ip": "ip", "remove_ip_property": true}, "output": "geo"},
+            {"name": "keen:url_parser", "input": {"url": "page"}, "output": "parsed.page"},
+            {"name": "keen:referrer_parser", "input": {"referrer_url": "ref", "page_url": "page"}, "output": "referrer"},
+            {"name": "keen:date_time_parser", "input": {"date_time": "keen.timestamp"}, "output": "time"},
+            {"name": "keen:ua_parser", "input": {"ua_string": "missing.ua"}, "output": "ua"}
+        ]);
+        AcceptedEvent {
+            project: ProjectId::from_bytes([3; 12]),
+            collection: "visits".into(),
+            uniqueness_token: None,
+            created_at_ms: 0,
+            keen_json:
+                json!({"timestamp": "2026-03-08T23:30:05.123Z", "id": format!("{n:024}"), "addons": addons})
+                    .to_string(),
+            body_json: Bytes::from(
+                json!({"n": n, "ip": "81.2.69.142", "page": "https://shop.example.com/a?x=1",
+                       "ref": "https://www.google.com/search?q=tally"})
+                .to_string(),
+            ),
+        }
+    }
+
+    fn wait_for(mut done: impl FnMut() -> bool) {
+        // A hang guard, not a timing assertion.
+        for _ in 0..6000 {
+            if done() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the process stage did not catch up");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_stage_enriches_removes_addons_and_counts_skips() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut registry = Registry::default();
+        let log = Arc::new(EmbeddedEventLog::open(dir.path(), LogConfig::default(), &mut registry).unwrap());
+        log.append(&[event(1)]).await.unwrap();
+        let sink = Arc::new(MemorySink::default());
+        let enrichers = Arc::new(Enrichers::new(geoip(), &mut registry));
+        let stage = ProcessStage::start(
+            log.clone(),
+            sink.clone(),
+            enrichers,
+            StageConfig::default(),
+            &mut registry,
+        )
+        .unwrap();
+        wait_for(|| sink.events().len() == 1);
+        stage.stop();
+        let stored = &sink.events()[0];
+        assert_eq!(stored.collection, "visits");
+        let event = Value::Object(stored.event.clone());
+        assert_eq!(event["keen"].get("addons"), None, "keen.addons is removed");
+        assert_eq!(event.get("ip"), None, "remove_ip_property");
+        assert_eq!(event["geo"]["city"], "London");
+        assert_eq!(event["parsed"]["page"]["domain"], "shop.example.com");
+        assert_eq!(
+            event["referrer"],
+            json!({"medium": "SEARCH", "source": "Google", "term": "tally"})
+        );
+        assert_eq!(event["time"]["day_of_week_string"], "Sunday");
+        assert_eq!(event.get("ua"), None, "missing input leaves the output out");
+        assert_eq!(
+            tally_core::log::EventLog::status(log.as_ref()).lag_bytes(),
+            0,
+            "consumed is committed"
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"tally_enrich_skipped_total{addon="keen:ua_parser",reason="missing_input"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tally_enrich_applied_total{addon="keen:ip_to_geo"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_stage_resumes_where_the_sink_left_off_and_writes_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink_path = dir.path().join("enriched/events.jsonl");
+        let mut registry = Registry::default();
+        let log = Arc::new(
+            EmbeddedEventLog::open(&dir.path().join("log"), LogConfig::default(), &mut registry).unwrap(),
+        );
+        let enrichers = Arc::new(Enrichers::new(GeoIp::none(), &mut registry));
+        for n in 0..300 {
+            log.append(&[event(n)]).await.unwrap();
+        }
+        let sink = Arc::new(JsonLinesSink::open(&sink_path).unwrap());
+        let config = StageConfig {
+            max_batch_bytes: 4096,
+            ..StageConfig::default()
+        };
+        let stage = ProcessStage::start(
+            log.clone(),
+            sink,
+            enrichers.clone(),
+            config.clone(),
+            &mut registry,
+        )
+        .unwrap();
+        wait_for(|| read_committed(&sink_path).unwrap().0.len() == 300);
+        stage.stop();
+        // A crash in the middle of a sink write leaves an uncommitted tail: it is dropped on open.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&sink_path)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, b"{\"project_id\":\"x\",\"collection\":\"half")
+            })
+            .unwrap();
+        for n in 300..350 {
+            log.append(&[event(n)]).await.unwrap();
+        }
+        let sink = Arc::new(JsonLinesSink::open(&sink_path).unwrap());
+        let stage = ProcessStage::start(log.clone(), sink, enrichers, config, &mut registry).unwrap();
+        wait_for(|| read_committed(&sink_path).unwrap().0.len() >= 350);
+        stage.stop();
+        let (lines, position, _) = read_committed(&sink_path).unwrap();
+        let ns: Vec<u64> = lines.iter().map(|l| l["event"]["n"].as_u64().unwrap()).collect();
+        assert_eq!(ns, (0..350).collect::<Vec<_>>());
+        assert_eq!(
+            position,
+            Some(tally_core::log::EventLog::status(log.as_ref()).durable_end)
+        );
+    }
+}
