@@ -27,6 +27,8 @@ use tokio::net::TcpStream;
 pub enum BenchCommand {
     /// Ingest throughput and latency against a running server.
     Ingest(IngestArgs),
+    /// Process-stage throughput with the enrichment add-ons, and GeoIP lookups per core.
+    Process(crate::bench_process::ProcessArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,7 +99,10 @@ impl PhaseResult {
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Ingest(args) = command;
+    let args = match command {
+        BenchCommand::Ingest(args) => args,
+        BenchCommand::Process(args) => return crate::bench_process::run(args),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()

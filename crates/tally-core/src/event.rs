@@ -145,21 +145,42 @@ impl<'a> LoggedEvent<'a> {
         })
     }
 
-    /// The event as stored: the body with its `keen` object replaced by the stamped one, `keen`
-    /// first.
+    /// The event as stored: the body with its `keen` object replaced by the stamped one. The
+    /// body's own `keen` (which carries the add-on specs, often most of its bytes) is skipped
+    /// while parsing rather than parsed and thrown away.
     pub fn to_json(&self) -> Result<Value, serde_json::Error> {
         let keen: Value = serde_json::from_str(self.keen_json)?;
-        let body: Map<String, Value> = serde_json::from_slice(self.body_json)?;
-        let mut event = Map::with_capacity(body.len() + 1);
+        let mut event =
+            serde_json::Deserializer::from_slice(self.body_json).deserialize_map(BodyWithoutKeen)?;
         event.insert("keen".to_string(), keen);
-        for (name, value) in body {
-            if name != "keen" {
-                event.insert(name, value);
-            }
-        }
         Ok(Value::Object(event))
     }
 }
+
+/// Deserialises an event body into a map, skipping its top-level `keen` member.
+struct BodyWithoutKeen;
+
+impl<'de> serde::de::Visitor<'de> for BodyWithoutKeen {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an event object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+        let mut map = Map::new();
+        while let Some(key) = access.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "keen" {
+                access.next_value::<serde::de::IgnoredAny>()?;
+            } else {
+                map.insert(key.into_owned(), access.next_value()?);
+            }
+        }
+        Ok(map)
+    }
+}
+
+use serde::Deserializer as _;
 
 #[cfg(test)]
 mod tests {

@@ -176,7 +176,21 @@ fn run(
         }
         metrics.events.inc_by(events.len() as u64);
         position = next;
+        drop_in_parallel(events, config.threads);
     }
+}
+
+/// Frees a batch's events on several threads: thousands of small maps each, freed serially,
+/// were a noticeable share of the stage's time.
+fn drop_in_parallel(mut events: Vec<EnrichedEvent>, threads: usize) {
+    if threads <= 1 || events.len() < 256 {
+        return;
+    }
+    let half = events.split_off(events.len() / 2);
+    std::thread::scope(|scope| {
+        scope.spawn(move || drop(half));
+        drop(events);
+    });
 }
 
 /// Decodes and enriches a batch, in parallel chunks when it is large. Order is kept.

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use serde_json::{Value, json};
 
@@ -25,7 +25,7 @@ const ENTRIES_PER_SHARD: usize = 4096;
 /// The user-agent parser with its cache.
 pub struct UaParser {
     extractor: OnceLock<Result<ua_parser::Extractor<'static>, String>>,
-    cache: Vec<Mutex<HashMap<Box<str>, Value>>>,
+    cache: Vec<RwLock<HashMap<Box<str>, Arc<Value>>>>,
     hasher: RandomState,
 }
 
@@ -52,7 +52,7 @@ impl UaParser {
     pub fn new() -> Self {
         Self {
             extractor: OnceLock::new(),
-            cache: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            cache: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
         }
     }
@@ -72,16 +72,18 @@ impl UaParser {
     /// The parsed form of `ua`.
     pub fn parse(&self, ua: &str) -> Result<Value, String> {
         let shard = &self.cache[self.hasher.hash_one(ua) as usize % SHARDS];
-        if let Some(hit) = shard.lock().unwrap_or_else(|p| p.into_inner()).get(ua) {
-            return Ok(hit.clone());
+        // A hit holds the lock only to clone an Arc; the deep copy the event needs is made after.
+        let hit = shard.read().unwrap_or_else(|p| p.into_inner()).get(ua).cloned();
+        if let Some(hit) = hit {
+            return Ok(Value::clone(&hit));
         }
-        let parsed = self.parse_uncached(ua)?;
-        let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let parsed = Arc::new(self.parse_uncached(ua)?);
+        let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
         if shard.len() >= ENTRIES_PER_SHARD {
             shard.clear();
         }
         shard.insert(ua.into(), parsed.clone());
-        Ok(parsed)
+        Ok(Value::clone(&parsed))
     }
 
     fn parse_uncached(&self, ua: &str) -> Result<Value, String> {

@@ -32,6 +32,8 @@ pub struct LogReader {
     position: u64,
     limit: Option<Arc<AtomicU64>>,
     open: Option<(u64, File)>,
+    /// Reused between reads: a fresh multi-MiB buffer per batch costs page faults.
+    buf: Vec<u8>,
 }
 
 impl LogReader {
@@ -42,6 +44,7 @@ impl LogReader {
             position: from,
             limit,
             open: None,
+            buf: Vec::new(),
         }
     }
 
@@ -79,7 +82,9 @@ impl LogReader {
                 break;
             }
             let want = ((end - self.position) as usize).min(max_bytes - read_bytes + MAX_RECORD_BYTES / 16);
-            let mut buf = vec![0u8; want.max(FRAME_HEADER_BYTES)];
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.resize(want.max(FRAME_HEADER_BYTES), 0);
+            let file = &self.open.as_ref().expect("just opened").1;
             let got = read_at_most(file, &mut buf, self.position - base)?;
             buf.truncate(got);
             let mut at = 0;
@@ -122,6 +127,7 @@ impl LogReader {
                 read_bytes += len;
             }
             self.position += at as u64;
+            self.buf = buf;
         }
         Ok(entries)
     }

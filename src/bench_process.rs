@@ -1,0 +1,291 @@
+//! `tally bench process`: events/s through the process stage with the enrichment add-ons, and
+//! `keen:ip_to_geo` lookups/s on one core.
+//!
+//! The events (gen_events.py `--addons` output) are first appended to a fresh embedded log, as
+//! ingest would; then the real process stage drains the log (read, decode, enrich on every core,
+//! hand on) into a sink, and the time to drain is measured. Two sinks are run: one that only
+//! counts (the stage's own cost) and the JSON-lines file the server uses until the event store
+//! exists. Separately, every event's IP address is looked up on one thread.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use tally_core::config::LogConfig;
+use tally_core::event::{AcceptedEvent, EnrichedEvent, EventSink, SinkError};
+use tally_core::ids::{EventIdGenerator, ProjectId};
+use tally_core::log::EventLog;
+use tally_ingest::EmbeddedEventLog;
+use tally_process::geo::{GeoDatabase, GeoLookup};
+use tally_process::sink::JsonLinesSink;
+use tally_process::{Enrichers, GeoIp, ProcessStage, StageConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct ProcessArgs {
+    /// gen_events.py --addons output, jsonl format.
+    #[arg(long)]
+    events: PathBuf,
+    /// GeoIP database files (repeat for DB-IP's IPv4 and IPv6 files).
+    #[arg(long, required = true)]
+    geoip_db: Vec<PathBuf>,
+    /// Enrichment threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also print a single-thread cost breakdown per add-on.
+    #[arg(long)]
+    breakdown: bool,
+}
+
+/// A sink that only counts.
+#[derive(Debug, Default)]
+struct CountingSink {
+    events: AtomicU64,
+    position: AtomicU64,
+}
+
+impl EventSink for CountingSink {
+    fn write(&self, events: &[EnrichedEvent], log_position: u64) -> Result<(), SinkError> {
+        self.events.fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.position.store(log_position, Ordering::Release);
+        Ok(())
+    }
+    fn committed_position(&self) -> Result<Option<u64>, SinkError> {
+        Ok(None)
+    }
+}
+
+pub fn run(args: ProcessArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.events)
+        .with_context(|| format!("reading {}", args.events.display()))?;
+    let records: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = args.threads.unwrap_or(cores);
+    println!(
+        "tally bench process: {} events, {} enrichment thread(s) on {} core(s), GeoIP: {:?}",
+        records.len(),
+        threads,
+        cores,
+        args.geoip_db
+    );
+
+    let started = Instant::now();
+    let geo = GeoIp::open(args.geoip_db.clone())?;
+    println!(
+        "GeoIP database opened and verified in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // ip_to_geo lookups on their own, one thread.
+    let database: Arc<GeoDatabase> = geo.current().context("no GeoIP database")?;
+    let ips: Vec<std::net::IpAddr> = records
+        .iter()
+        .filter_map(|r| r["event"]["ip_address"].as_str()?.parse().ok())
+        .collect();
+    let mut found = 0u64;
+    let started = Instant::now();
+    let mut lookups = 0u64;
+    while started.elapsed() < Duration::from_secs(3) {
+        for ip in &ips {
+            if let GeoLookup::Found(_) = database.lookup(*ip) {
+                found += 1;
+            }
+        }
+        lookups += ips.len() as u64;
+    }
+    let rate = lookups as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "ip_to_geo lookups, 1 thread: {:.0}/s ({} distinct addresses, {:.0}% found)",
+        rate,
+        ips.len(),
+        100.0 * found as f64 / lookups.max(1) as f64
+    );
+
+    let enrichers = Arc::new(Enrichers::new(geo, &mut Registry::default()));
+    enrichers.user_agents().warm_up().map_err(anyhow::Error::msg)?;
+    if args.breakdown {
+        breakdown(&records, &enrichers, &database)?;
+    }
+    for (name, json_lines) in [
+        ("counting sink", false),
+        ("JSON-lines sink (fsync per batch)", true),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let log = Arc::new(EmbeddedEventLog::open(
+            &dir.path().join("log"),
+            LogConfig::default(),
+            &mut Registry::default(),
+        )?);
+        fill_log(&log, &records)?;
+        let end = log.status().durable_end;
+        let counting = Arc::new(CountingSink::default());
+        let sink: Arc<dyn EventSink> = if json_lines {
+            Arc::new(JsonLinesSink::open(&dir.path().join("enriched.jsonl"))?)
+        } else {
+            counting.clone()
+        };
+        let config = StageConfig {
+            threads,
+            idle_wait: Duration::from_micros(200),
+            ..StageConfig::default()
+        };
+        let started = Instant::now();
+        let stage = ProcessStage::start(
+            log.clone(),
+            sink.clone(),
+            enrichers.clone(),
+            config,
+            &mut Registry::default(),
+        )?;
+        while log.status().consumed < end {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        let elapsed = started.elapsed();
+        stage.stop();
+        println!(
+            "process stage, ip_to_geo + ua_parser + url_parser + referrer_parser, {name}: {:.0} events/s ({} events in {:.2} s)",
+            records.len() as f64 / elapsed.as_secs_f64(),
+            records.len(),
+            elapsed.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Appends the events to the log in batches of 500, stamped as ingest would.
+fn fill_log(log: &EmbeddedEventLog, records: &[Value]) -> anyhow::Result<()> {
+    let ids = EventIdGenerator::new();
+    let project = ProjectId::from_bytes([1; 12]);
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    for chunk in records.chunks(500) {
+        let events: Vec<AcceptedEvent> = chunk
+            .iter()
+            .map(|record| {
+                let event = &record["event"];
+                let mut keen = event["keen"].as_object().cloned().unwrap_or_default();
+                keen.insert(
+                    "created_at".into(),
+                    keen.get("timestamp").cloned().unwrap_or(Value::Null),
+                );
+                keen.insert("id".into(), Value::String(ids.next_id(0)));
+                AcceptedEvent {
+                    project,
+                    collection: record["collection"].as_str().unwrap_or("events").to_string(),
+                    uniqueness_token: None,
+                    created_at_ms: 0,
+                    keen_json: Value::Object(keen).to_string(),
+                    body_json: Bytes::from(event.to_string()),
+                }
+            })
+            .collect();
+        runtime.block_on(log.append(&events))?;
+    }
+    Ok(())
+}
+
+/// Single-thread cost of each step, per event, to show where the stage's time goes.
+fn breakdown(records: &[Value], enrichers: &Enrichers, database: &GeoDatabase) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log = EmbeddedEventLog::open(
+        &dir.path().join("log"),
+        LogConfig::default(),
+        &mut Registry::default(),
+    )?;
+    fill_log(&log, records)?;
+    let mut reader = log.reader(0);
+    let mut entries = Vec::new();
+    loop {
+        let batch = reader.read_batch(64 << 20)?;
+        if batch.is_empty() {
+            break;
+        }
+        entries.extend(batch);
+    }
+    let n = entries.len() as f64;
+    let time = |label: &str, f: &mut dyn FnMut()| {
+        let started = Instant::now();
+        f();
+        println!(
+            "  {label:<44} {:>7.2} µs/event",
+            started.elapsed().as_secs_f64() * 1e6 / n
+        );
+    };
+    println!("breakdown, one thread:");
+    let mut decoded = Vec::new();
+    time("decode record + parse event JSON (cold)", &mut || {
+        decoded = entries
+            .iter()
+            .map(|e| {
+                tally_core::event::LoggedEvent::decode(&e.payload)
+                    .unwrap()
+                    .to_json()
+                    .unwrap()
+            })
+            .collect();
+    });
+    time("decode record + parse event JSON (warm)", &mut || {
+        decoded = entries
+            .iter()
+            .map(|e| {
+                tally_core::event::LoggedEvent::decode(&e.payload)
+                    .unwrap()
+                    .to_json()
+                    .unwrap()
+            })
+            .collect();
+    });
+    let addon = |name: &str| -> Vec<Value> {
+        decoded
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                let keen = e["keen"].as_object_mut().unwrap();
+                let addons: Vec<Value> = keen["addons"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|a| a["name"] == name)
+                    .cloned()
+                    .collect();
+                keen.insert("addons".into(), Value::Array(addons));
+                e
+            })
+            .collect()
+    };
+    let geo = Some(database);
+    let mut copies = addon("none");
+    time("clone event (baseline for the rows below)", &mut || {
+        for e in copies.iter_mut() {
+            std::hint::black_box(e.clone());
+        }
+    });
+    for name in [
+        "keen:ip_to_geo",
+        "keen:ua_parser",
+        "keen:url_parser",
+        "keen:referrer_parser",
+    ] {
+        let mut events = addon(name);
+        time(&format!("{name} (incl. clone)"), &mut || {
+            for e in events.iter_mut() {
+                let mut e = e.clone();
+                enrichers.enrich(e.as_object_mut().unwrap(), geo);
+            }
+        });
+    }
+    let mut events = decoded.clone();
+    time("all four add-ons", &mut || {
+        for e in events.iter_mut() {
+            enrichers.enrich(e.as_object_mut().unwrap(), geo);
+        }
+    });
+    Ok(())
+}
