@@ -20,8 +20,22 @@ fn project_create_prints_the_project_and_its_keys_as_json() {
         String::from_utf8_lossy(&output.stderr)
     );
     let created: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let keys: Vec<&str> = created.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys, ["id", "name", "master_key", "write_key", "read_key"]);
+    let text = String::from_utf8(output.stdout.clone()).unwrap();
+    let positions: Vec<usize> = [
+        "\"id\"",
+        "\"name\"",
+        "\"master_key\"",
+        "\"write_key\"",
+        "\"read_key\"",
+    ]
+    .iter()
+    .map(|key| text.find(key).unwrap_or_else(|| panic!("{key} missing: {text}")))
+    .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "printed in order: {text}"
+    );
+    assert_eq!(created.as_object().unwrap().len(), 5);
     assert_eq!(created["name"], "shop");
     let catalog = std::fs::read_to_string(dir.path().join("catalog.json")).unwrap();
     assert!(

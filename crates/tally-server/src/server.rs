@@ -350,6 +350,7 @@ impl Tally {
         );
         tokio::task::spawn_blocking(move || {
             log.close();
+            log.persist_consumed()?;
             snapshot_once(&log, &ingestor, clock.now_ms(), &path)
         })
         .await

@@ -136,6 +136,8 @@ pub struct EmbeddedEventLog {
     sender: Mutex<Option<mpsc::Sender<AppendRequest>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     recovery: RecoveryReport,
+    /// When the consumed position was last written to disk.
+    consumed_persisted: Mutex<Option<Instant>>,
 }
 
 fn segments_dir(dir: &Path) -> PathBuf {
@@ -342,6 +344,7 @@ impl EmbeddedEventLog {
                 durable_end,
                 cut_bytes,
             },
+            consumed_persisted: Mutex::new(None),
         })
     }
 
@@ -360,12 +363,26 @@ impl EmbeddedEventLog {
         LogReader::new(&self.dir, from, Some(self.shared.durable_end.clone()))
     }
 
-    /// Records that the process stage has consumed everything before `position`, durably.
+    /// Records that the process stage has consumed everything before `position`. The in-memory
+    /// position (back-pressure, retention) moves at once; the file is rewritten at most once a
+    /// second. That is safe because the store records its own position atomically with its data
+    /// and the stage resumes from that; this file only lets retention and the lag metric survive
+    /// a restart, where being a second behind costs nothing.
     pub fn commit_consumed(&self, position: u64) -> io::Result<()> {
         let position = position.min(self.shared.durable_end.load(Ordering::Acquire));
-        write_atomically(&self.dir.join("consumed"), position.to_string().as_bytes())?;
         self.shared.consumed.store(position, Ordering::Release);
+        let mut last = self.consumed_persisted.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1)) {
+            write_atomically(&self.dir.join("consumed"), position.to_string().as_bytes())?;
+            *last = Some(Instant::now());
+        }
         Ok(())
+    }
+
+    /// Writes the consumed position to disk now (on shutdown).
+    pub fn persist_consumed(&self) -> io::Result<()> {
+        let position = self.shared.consumed.load(Ordering::Acquire);
+        write_atomically(&self.dir.join("consumed"), position.to_string().as_bytes())
     }
 
     /// Deletes whole segments that lie entirely before `position`; the active segment is never
