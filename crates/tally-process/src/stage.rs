@@ -33,6 +33,8 @@ pub struct StageConfig {
     pub threads: usize,
     /// How long to wait when the log has nothing new.
     pub idle_wait: Duration,
+    /// Scheduling niceness of the stage's threads (0 = same as ingest; higher yields to it).
+    pub niceness: i32,
 }
 
 impl Default for StageConfig {
@@ -41,7 +43,23 @@ impl Default for StageConfig {
             max_batch_bytes: 4 << 20,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             idle_wait: Duration::from_millis(5),
+            niceness: 10,
         }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority. The process stage works behind the log, so
+/// when ingest and enrichment compete for the cores, ingest (whose acknowledgements clients wait
+/// for) should win and enrichment catch up afterwards; the log absorbs the difference, within
+/// `max_unconsumed_bytes`.
+fn lower_priority(niceness: i32) {
+    // SAFETY: gettid and setpriority take plain integers and only affect the calling thread.
+    let result = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, niceness)
+    };
+    if result != 0 {
+        tracing::debug!("could not lower the process stage's priority");
     }
 }
 
@@ -134,7 +152,7 @@ fn run(
 ) {
     let pool = match config.threads {
         0 | 1 => None,
-        n => match WorkerPool::new(n, enrichers.clone(), metrics.clone()) {
+        n => match WorkerPool::new(n, enrichers.clone(), metrics.clone(), config.niceness) {
             Ok(pool) => Some(pool),
             Err(e) => {
                 tracing::error!(error = %e, "process stage: cannot start enrichment threads; enriching on one");
@@ -142,6 +160,7 @@ fn run(
             }
         },
     };
+    lower_priority(config.niceness);
     let stopped = || stop.load(Ordering::Acquire);
     let backoff = Duration::from_millis(500);
     let mut position = loop {
@@ -216,7 +235,12 @@ struct WorkerPool {
 }
 
 impl WorkerPool {
-    fn new(threads: usize, enrichers: Arc<Enrichers>, metrics: StageMetrics) -> std::io::Result<Self> {
+    fn new(
+        threads: usize,
+        enrichers: Arc<Enrichers>,
+        metrics: StageMetrics,
+        config_niceness: i32,
+    ) -> std::io::Result<Self> {
         let mut senders = Vec::new();
         let mut handles = Vec::new();
         for i in 0..threads {
@@ -226,6 +250,7 @@ impl WorkerPool {
                 std::thread::Builder::new()
                     .name(format!("tally-enrich-{i}"))
                     .spawn(move || {
+                        lower_priority(config_niceness);
                         while let Ok(work) = receiver.recv() {
                             match work {
                                 Work::Enrich(entries, reply) => {
