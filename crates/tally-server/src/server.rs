@@ -256,21 +256,29 @@ impl Tally {
                 .await
         });
 
-        let snapshots = tokio::spawn(snapshot_periodically(
-            log.clone(),
-            ingestor.clone(),
-            clock.clone(),
-            data_dir.dedupe_snapshot_path(),
-            Duration::from_secs(config.log.dedupe_snapshot_secs.max(1)),
-            stopped,
-        ));
+        let snapshots = {
+            let (log, ingestor, clock, path) = (
+                log.clone(),
+                ingestor.clone(),
+                clock.clone(),
+                data_dir.dedupe_snapshot_path(),
+            );
+            tokio::spawn(every(
+                Duration::from_secs(config.log.dedupe_snapshot_secs.max(1)),
+                stopped,
+                "de-duplication snapshot",
+                move || snapshot_once(&log, &ingestor, clock.now_ms(), &path),
+            ))
+        };
 
         let mut background = vec![snapshots];
         if config.enrich.geoip_reload_secs > 0 && enrichers.geo().is_configured() {
-            background.push(tokio::spawn(reload_geoip_periodically(
-                enrichers.clone(),
+            let enrichers = enrichers.clone();
+            background.push(tokio::spawn(every(
                 Duration::from_secs(config.enrich.geoip_reload_secs),
                 stop.subscribe(),
+                "GeoIP reload (the changed file is refused; the old database stays)",
+                move || enrichers.geo().reload(false).map(|_| ()),
             )));
         }
 
@@ -361,25 +369,25 @@ impl Tally {
     }
 }
 
-async fn reload_geoip_periodically(
-    enrichers: Arc<Enrichers>,
-    every: Duration,
+/// Runs blocking `work` every `period` on the blocking pool until `stopped`, logging failures as
+/// `what`.
+async fn every<E: std::fmt::Display + Send + 'static>(
+    period: Duration,
     mut stopped: watch::Receiver<bool>,
+    what: &'static str,
+    work: impl Fn() -> Result<(), E> + Send + Sync + Clone + 'static,
 ) {
-    let mut ticks = tokio::time::interval(every);
+    let mut ticks = tokio::time::interval(period);
     ticks.tick().await;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stopped.wait_for(|stop| *stop) => return,
         }
-        let enrichers = enrichers.clone();
-        match tokio::task::spawn_blocking(move || enrichers.geo().reload(false)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "GeoIP database changed but the new file is refused; keeping the old one")
-            }
-            Err(e) => tracing::error!(error = %e, "GeoIP reload task failed"),
+        match tokio::task::spawn_blocking(work.clone()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "{what} failed"),
+            Err(e) => tracing::error!(error = %e, "{what} task failed"),
         }
     }
 }
@@ -392,30 +400,4 @@ fn snapshot_once(log: &EmbeddedEventLog, ingestor: &Ingestor, now_ms: i64, path:
     dedupe::save_snapshot(path, &snapshot)?;
     log.retain_from(status.consumed.min(snapshot.replay_from))?;
     Ok(())
-}
-
-async fn snapshot_periodically(
-    log: Arc<EmbeddedEventLog>,
-    ingestor: Arc<Ingestor>,
-    clock: Arc<dyn Clock>,
-    path: PathBuf,
-    every: Duration,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = stopped.wait_for(|stop| *stop) => return,
-        }
-        let (log, ingestor, clock, path) = (log.clone(), ingestor.clone(), clock.clone(), path.clone());
-        let result =
-            tokio::task::spawn_blocking(move || snapshot_once(&log, &ingestor, clock.now_ms(), &path)).await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "de-duplication snapshot failed"),
-            Err(e) => tracing::error!(error = %e, "de-duplication snapshot task failed"),
-        }
-    }
 }

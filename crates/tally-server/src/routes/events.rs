@@ -49,6 +49,24 @@ fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
     response
 }
 
+/// The prologue of the write endpoints with a body: the key authorises writing to the project,
+/// the content type can carry JSON, and the body is within the size limit.
+async fn authorized_body(
+    state: &AppState,
+    project: &str,
+    params: &Params,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(tally_core::ProjectId, Bytes), ApiError> {
+    let key = presented_key(headers, params.get("api_key"));
+    let grant = authorize(state.catalog.as_ref(), project, key.as_deref(), Access::Writes)?;
+    check_body_type(state, headers)?;
+    let body = read_body(headers, body, state.ingestor.limits().max_body_bytes)
+        .await
+        .inspect_err(|e| state.ingestor.count_rejected(e.code))?;
+    Ok((grant.project, body))
+}
+
 fn created_response(outcome: EventOutcome) -> Result<Response, ApiError> {
     match outcome {
         EventOutcome::Created => Ok(json_response(StatusCode::CREATED, r#"{"created":true}"#)),
@@ -69,15 +87,10 @@ pub async fn record_event(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = presented_key(&headers, params.get("api_key"));
-    let grant = authorize(state.catalog.as_ref(), &project, key.as_deref(), Access::Writes)?;
-    check_body_type(&state, &headers)?;
-    let body = read_body(&headers, body, state.ingestor.limits().max_body_bytes)
-        .await
-        .inspect_err(|e| state.ingestor.count_rejected(e.code))?;
+    let (project, body) = authorized_body(&state, &project, &params, &headers, body).await?;
     let outcome = state
         .ingestor
-        .ingest_single(meta(grant.project, client), collection, body)
+        .ingest_single(meta(project, client), collection, body)
         .await?;
     created_response(outcome)
 }
@@ -155,16 +168,8 @@ pub async fn record_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = presented_key(&headers, params.get("api_key"));
-    let grant = authorize(state.catalog.as_ref(), &project, key.as_deref(), Access::Writes)?;
-    check_body_type(&state, &headers)?;
-    let body = read_body(&headers, body, state.ingestor.limits().max_body_bytes)
-        .await
-        .inspect_err(|e| state.ingestor.count_rejected(e.code))?;
-    let results = state
-        .ingestor
-        .ingest_batch(meta(grant.project, client), body)
-        .await?;
+    let (project, body) = authorized_body(&state, &project, &params, &headers, body).await?;
+    let results = state.ingestor.ingest_batch(meta(project, client), body).await?;
     // Written directly: a 50,000-event batch answers 50,000 entries.
     let mut answer = Vec::with_capacity(64 + results.iter().map(|(_, o)| o.len() * 20).sum::<usize>());
     answer.push(b'{');
