@@ -88,15 +88,7 @@ async fn without_a_geoip_database_events_are_stored_unenriched_and_counted() {
             .all(|e| e["event"]["parsed_user_agent"].is_object()),
         "the other add-ons still run"
     );
-    let metrics = server
-        .http
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains(r#"tally_enrich_skipped_total{addon="keen:ip_to_geo",reason="no_database"} 3"#),
         "{metrics}"
@@ -117,15 +109,7 @@ async fn an_unknown_or_unparseable_input_is_counted_and_the_event_kept() {
         assert_eq!(stored.get(output), None, "{output}");
     }
     assert_eq!(stored["n"], 1);
-    let metrics = server
-        .http
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     for line in [
         r#"tally_enrich_skipped_total{addon="keen:ip_to_geo",reason="unparseable"} 1"#,
         r#"tally_enrich_skipped_total{addon="keen:ua_parser",reason="missing_input"} 1"#,

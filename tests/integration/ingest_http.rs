@@ -355,71 +355,47 @@ async fn bad_input_gets_keens_errors_and_loses_nothing_accepted_before() {
         accepted += 1;
     }
     let json_type = "application/json";
-    assert_error(
-        raw(b"{\"a\":".to_vec(), json_type).await.unwrap(),
-        400,
-        "InvalidEventError",
-    )
-    .await;
-    assert_error(
-        raw(b"[1,2]".to_vec(), json_type).await.unwrap(),
-        400,
-        "InvalidEventError",
-    )
-    .await;
-    assert_error(
-        raw(b"42".to_vec(), json_type).await.unwrap(),
-        400,
-        "InvalidEventError",
-    )
-    .await;
-    assert_error(
-        raw(b"{\"a\":\"\xff\xfe\"}".to_vec(), json_type).await.unwrap(),
-        400,
-        "InvalidEventError",
-    )
-    .await;
     let deep = format!("{}1{}", "{\"a\":".repeat(101), "}".repeat(101));
-    assert_error(
-        raw(deep.into_bytes(), json_type).await.unwrap(),
-        400,
-        "InvalidEventError",
-    )
-    .await;
     let very_deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
-    assert_error(
-        raw(very_deep.into_bytes(), json_type).await.unwrap(),
-        400,
-        "InvalidEventError",
-    )
-    .await;
+    let cases: Vec<(Vec<u8>, &str, u16, &str)> = vec![
+        (b"{\"a\":".to_vec(), json_type, 400, "InvalidEventError"),
+        (b"[1,2]".to_vec(), json_type, 400, "InvalidEventError"),
+        (b"42".to_vec(), json_type, 400, "InvalidEventError"),
+        (
+            b"{\"a\":\"\xff\xfe\"}".to_vec(),
+            json_type,
+            400,
+            "InvalidEventError",
+        ),
+        (deep.into_bytes(), json_type, 400, "InvalidEventError"),
+        (very_deep.into_bytes(), json_type, 400, "InvalidEventError"),
+        (
+            vec![b' '; 3 * 1024 * 1024],
+            json_type,
+            413,
+            "RequestTooLargeError",
+        ),
+        (
+            b"{}".to_vec(),
+            "multipart/form-data; boundary=x",
+            415,
+            "UnsupportedContentTypeError",
+        ),
+        (
+            b"{}".to_vec(),
+            "application/json; charset=latin-1",
+            415,
+            "UnsupportedContentTypeError",
+        ),
+    ];
+    for (body, content_type, status, code) in cases {
+        assert_error(raw(body, content_type).await.unwrap(), status, code).await;
+    }
     let big_event = json!({"a": "x".repeat(9_000), "b": vec!["y".repeat(9_000); 100]});
     assert_error(
         server.post("/events/c", &big_event).await,
         400,
         "InvalidEventError",
-    )
-    .await;
-    assert_error(
-        raw(vec![b' '; 3 * 1024 * 1024], json_type).await.unwrap(),
-        413,
-        "RequestTooLargeError",
-    )
-    .await;
-    assert_error(
-        raw(b"{}".to_vec(), "multipart/form-data; boundary=x")
-            .await
-            .unwrap(),
-        415,
-        "UnsupportedContentTypeError",
-    )
-    .await;
-    assert_error(
-        raw(b"{}".to_vec(), "application/json; charset=latin-1")
-            .await
-            .unwrap(),
-        415,
-        "UnsupportedContentTypeError",
     )
     .await;
     assert_error(
@@ -508,15 +484,7 @@ async fn bad_input_gets_keens_errors_and_loses_nothing_accepted_before() {
         "keen:ip_to_geo",
         "add-ons are carried with the event"
     );
-    let metrics = server
-        .http
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("tally_events_rejected_total{reason=\"InvalidEventError\"}"),
         "{metrics}"
@@ -697,15 +665,7 @@ async fn operational_endpoints_answer() {
         .await
         .unwrap();
     assert_eq!(ping.status(), 204);
-    let metrics = server
-        .http
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     for name in [
         "tally_http_requests_total",
         "tally_events_accepted_total",

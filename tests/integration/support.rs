@@ -128,6 +128,17 @@ impl TestServer {
         panic!("the process stage did not enrich {n} events");
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    }
+
     /// Every event in the log, as `(collection, event)`.
     pub fn logged(&self) -> Vec<(String, Value)> {
         read_log(&self.data_dir)
