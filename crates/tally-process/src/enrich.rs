@@ -12,6 +12,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tally_core::addons::AddonKind;
 
@@ -117,11 +121,23 @@ impl Enrichers {
         let Some(addons) = keen.remove("addons") else {
             return;
         };
-        let Value::Array(addons) = addons else {
-            self.skip("unknown", SkipReason::InvalidSpec);
+        let Ok(raw) = serde_json::value::to_raw_value(&addons) else {
             return;
         };
-        for spec in &addons {
+        self.enrich_with(event, &raw, geo);
+    }
+
+    /// Applies `addons` (the raw JSON of a `keen.addons` list, already taken out of the event) in
+    /// order. The specs are read into borrowed structs, not a JSON tree.
+    pub fn enrich_with(&self, event: &mut Map<String, Value>, addons: &RawValue, geo: Option<&GeoDatabase>) {
+        let specs: Vec<Spec<'_>> = match serde_json::from_str(addons.get()) {
+            Ok(specs) => specs,
+            Err(_) => {
+                self.skip("unknown", SkipReason::InvalidSpec);
+                return;
+            }
+        };
+        for spec in &specs {
             self.apply(event, spec, geo);
         }
     }
@@ -135,44 +151,37 @@ impl Enrichers {
             .inc();
     }
 
-    fn apply(&self, event: &mut Map<String, Value>, spec: &Value, geo: Option<&GeoDatabase>) {
-        let kind = spec
-            .get("name")
-            .and_then(Value::as_str)
-            .and_then(AddonKind::from_name);
-        let input = spec.get("input").and_then(Value::as_object);
-        let output = spec.get("output").and_then(Value::as_str);
-        let (Some(kind), Some(input), Some(output)) = (kind, input, output) else {
+    fn apply(&self, event: &mut Map<String, Value>, spec: &Spec<'_>, geo: Option<&GeoDatabase>) {
+        let Some(kind) = AddonKind::from_name(&spec.name) else {
             self.skip("unknown", SkipReason::InvalidSpec);
             return;
         };
-        let name = kind.name();
+        let input = &spec.input;
         let outcome = match kind {
-            AddonKind::IpToGeo => self.ip_to_geo(event, input, geo),
-            AddonKind::UaParser => read_str(event, input, "ua_string")
+            AddonKind::IpToGeo => self.ip_to_geo(event, input.ip.as_deref(), geo),
+            AddonKind::UaParser => read_str(event, input.ua_string.as_deref())
                 .and_then(|ua| self.ua.parse(ua).map_err(|_| SkipReason::Unparseable)),
-            AddonKind::UrlParser => {
-                read_str(event, input, "url").and_then(|url| parse_url(url).ok_or(SkipReason::Unparseable))
+            AddonKind::UrlParser => read_str(event, input.url.as_deref())
+                .and_then(|url| parse_url(url).ok_or(SkipReason::Unparseable)),
+            AddonKind::ReferrerParser => {
+                read_str(event, input.referrer_url.as_deref()).and_then(|referrer| {
+                    let page = read_str(event, input.page_url.as_deref())?;
+                    self.referrer.parse(referrer, page).ok_or(SkipReason::Unparseable)
+                })
             }
-            AddonKind::ReferrerParser => read_str(event, input, "referrer_url").and_then(|referrer| {
-                let page = read_str(event, input, "page_url")?;
-                self.referrer.parse(referrer, page).ok_or(SkipReason::Unparseable)
-            }),
-            AddonKind::DateTimeParser => read_str(event, input, "date_time")
+            AddonKind::DateTimeParser => read_str(event, input.date_time.as_deref())
                 .and_then(|text| parse_date_time(text).ok_or(SkipReason::Unparseable)),
         };
-        let result =
-            outcome.and_then(|value| path::set(event, output, value).map_err(|_| SkipReason::OutputConflict));
+        let name = kind.name();
+        let result = outcome
+            .and_then(|value| path::set(event, &spec.output, value).map_err(|_| SkipReason::OutputConflict));
         match result {
-            Ok(()) => self.applied.get_or_create(&AddonLabels { addon: name }).inc(),
-            Err(reason) => {
-                self.skip(name, reason);
-                0
+            Ok(()) => {
+                self.applied.get_or_create(&AddonLabels { addon: name }).inc();
             }
-        };
-        let remove_ip =
-            kind == AddonKind::IpToGeo && input.get("remove_ip_property") == Some(&Value::Bool(true));
-        if let (true, Some(Value::String(ip_path))) = (remove_ip, input.get("ip")) {
+            Err(reason) => self.skip(name, reason),
+        }
+        if let (AddonKind::IpToGeo, Some(true), Some(ip_path)) = (kind, input.remove_ip_property, &input.ip) {
             path::remove(event, ip_path);
         }
     }
@@ -180,10 +189,10 @@ impl Enrichers {
     fn ip_to_geo(
         &self,
         event: &Map<String, Value>,
-        input: &Map<String, Value>,
+        ip_path: Option<&str>,
         geo: Option<&GeoDatabase>,
     ) -> Result<Value, SkipReason> {
-        let text = read_str(event, input, "ip")?;
+        let text = read_str(event, ip_path)?;
         let ip: IpAddr = text.trim().parse().map_err(|_| SkipReason::Unparseable)?;
         let Some(geo) = geo else {
             if !self.warned_no_geo.swap(true, Ordering::Relaxed) {
@@ -200,16 +209,40 @@ impl Enrichers {
     }
 }
 
+/// One add-on spec, borrowed from the log record. Ingest checked it; unknown input keys are
+/// ignored.
+#[derive(Debug, Deserialize)]
+pub struct Spec<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    input: Inputs<'a>,
+    #[serde(borrow)]
+    output: Cow<'a, str>,
+}
+
+/// The input keys of all add-ons.
+#[derive(Debug, Default, Deserialize)]
+struct Inputs<'a> {
+    #[serde(borrow, default)]
+    ip: Option<Cow<'a, str>>,
+    #[serde(default)]
+    remove_ip_property: Option<bool>,
+    #[serde(borrow, default)]
+    ua_string: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    url: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    referrer_url: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    page_url: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    date_time: Option<Cow<'a, str>>,
+}
+
 /// The string property an add-on input names.
-fn read_str<'a>(
-    event: &'a Map<String, Value>,
-    input: &Map<String, Value>,
-    key: &str,
-) -> Result<&'a str, SkipReason> {
-    let path = input
-        .get(key)
-        .and_then(Value::as_str)
-        .ok_or(SkipReason::InvalidSpec)?;
+fn read_str<'a>(event: &'a Map<String, Value>, path: Option<&str>) -> Result<&'a str, SkipReason> {
+    let path = path.ok_or(SkipReason::InvalidSpec)?;
     match path::get(event, path) {
         None | Some(Value::Null) => Err(SkipReason::MissingInput),
         Some(Value::String(s)) => Ok(s),

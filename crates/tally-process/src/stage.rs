@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use serde_json::Value;
 use tally_core::event::{EnrichedEvent, EventSink, LoggedEvent};
 use tally_ingest::EmbeddedEventLog;
 use tally_ingest::log::LogEntry;
@@ -352,11 +351,11 @@ fn process_one(
         .map_err(|e| e.to_string())
         .and_then(|logged| {
             logged
-                .to_json()
-                .map(|json| (logged, json))
+                .to_json_without_addons()
+                .map(|(event, addons)| (logged, event, addons))
                 .map_err(|e| e.to_string())
         });
-    let (logged, json) = match decoded {
+    let (logged, mut event, addons) = match decoded {
         Ok(ok) => ok,
         Err(e) => {
             metrics.bad_records.inc();
@@ -364,11 +363,9 @@ fn process_one(
             return None;
         }
     };
-    let Value::Object(mut event) = json else {
-        metrics.bad_records.inc();
-        return None;
-    };
-    enrichers.enrich(&mut event, geo);
+    if let Some(addons) = addons {
+        enrichers.enrich_with(&mut event, addons, geo);
+    }
     Some(EnrichedEvent {
         project: logged.project,
         collection: logged.collection.to_string(),
@@ -386,6 +383,8 @@ mod tests {
     use tally_core::config::LogConfig;
     use tally_core::event::AcceptedEvent;
     use tally_core::log::EventLog;
+
+    use serde_json::Value;
 
     use super::*;
     use crate::geo::GeoIp;
