@@ -259,8 +259,17 @@ pub struct EnrichedEvent {
     pub project: ProjectId,
     /// The collection.
     pub collection: String,
-    /// The event as it will be stored and queried, `keen` included.
-    pub event: Map<String, Value>,
+    /// The event as it will be stored and queried, `keen` included, as JSON text: the stage
+    /// writes it without building a tree of the whole event, and stores and outbound streams
+    /// read it in one pass.
+    pub json: String,
+}
+
+impl EnrichedEvent {
+    /// The event parsed into a JSON value (for tests and tools; the hot path keeps the text).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(&self.json).unwrap_or(Value::Null)
+    }
 }
 
 /// A store failure seen by the process stage; it retries the same batch.

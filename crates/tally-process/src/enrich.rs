@@ -19,9 +19,9 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tally_core::addons::AddonKind;
 
+use crate::access::{EventAccess, RawEvent};
 use crate::datetime::parse_date_time;
 use crate::geo::{GeoDatabase, GeoIp, GeoLookup};
-use crate::path;
 use crate::referrer::ReferrerParser;
 use crate::urlparse::parse_url;
 use crate::useragent::UaParser;
@@ -127,9 +127,14 @@ impl Enrichers {
         self.enrich_with(event, &raw, geo);
     }
 
+    /// Applies `addons` to an event held as raw members (the process stage's path).
+    pub fn enrich_raw(&self, event: &mut RawEvent<'_>, addons: &RawValue, geo: Option<&GeoDatabase>) {
+        self.enrich_with(event, addons, geo);
+    }
+
     /// Applies `addons` (the raw JSON of a `keen.addons` list, already taken out of the event) in
     /// order. The specs are read into borrowed structs, not a JSON tree.
-    pub fn enrich_with(&self, event: &mut Map<String, Value>, addons: &RawValue, geo: Option<&GeoDatabase>) {
+    pub fn enrich_with<E: EventAccess>(&self, event: &mut E, addons: &RawValue, geo: Option<&GeoDatabase>) {
         let specs: Vec<Spec<'_>> = match serde_json::from_str(addons.get()) {
             Ok(specs) => specs,
             Err(_) => {
@@ -151,7 +156,7 @@ impl Enrichers {
             .inc();
     }
 
-    fn apply(&self, event: &mut Map<String, Value>, spec: &Spec<'_>, geo: Option<&GeoDatabase>) {
+    fn apply<E: EventAccess>(&self, event: &mut E, spec: &Spec<'_>, geo: Option<&GeoDatabase>) {
         let Some(kind) = AddonKind::from_name(&spec.name) else {
             self.skip("unknown", SkipReason::InvalidSpec);
             return;
@@ -160,21 +165,22 @@ impl Enrichers {
         let outcome = match kind {
             AddonKind::IpToGeo => self.ip_to_geo(event, input.ip.as_deref(), geo),
             AddonKind::UaParser => read_str(event, input.ua_string.as_deref())
-                .and_then(|ua| self.ua.parse(ua).map_err(|_| SkipReason::Unparseable)),
+                .and_then(|ua| self.ua.parse(&ua).map_err(|_| SkipReason::Unparseable)),
             AddonKind::UrlParser => read_str(event, input.url.as_deref())
-                .and_then(|url| parse_url(url).ok_or(SkipReason::Unparseable)),
-            AddonKind::ReferrerParser => {
-                read_str(event, input.referrer_url.as_deref()).and_then(|referrer| {
+                .and_then(|url| parse_url(&url).ok_or(SkipReason::Unparseable)),
+            AddonKind::ReferrerParser => read_str(event, input.referrer_url.as_deref())
+                .map(Cow::into_owned)
+                .and_then(|referrer| {
                     let page = read_str(event, input.page_url.as_deref())?;
-                    self.referrer.parse(referrer, page).ok_or(SkipReason::Unparseable)
-                })
-            }
+                    self.referrer
+                        .parse(&referrer, &page)
+                        .ok_or(SkipReason::Unparseable)
+                }),
             AddonKind::DateTimeParser => read_str(event, input.date_time.as_deref())
-                .and_then(|text| parse_date_time(text).ok_or(SkipReason::Unparseable)),
+                .and_then(|text| parse_date_time(&text).ok_or(SkipReason::Unparseable)),
         };
         let name = kind.name();
-        let result = outcome
-            .and_then(|value| path::set(event, &spec.output, value).map_err(|_| SkipReason::OutputConflict));
+        let result = outcome.and_then(|value| event.set(&spec.output, value));
         match result {
             Ok(()) => {
                 self.applied.get_or_create(&AddonLabels { addon: name }).inc();
@@ -182,13 +188,13 @@ impl Enrichers {
             Err(reason) => self.skip(name, reason),
         }
         if let (AddonKind::IpToGeo, Some(true), Some(ip_path)) = (kind, input.remove_ip_property, &input.ip) {
-            path::remove(event, ip_path);
+            event.remove(ip_path);
         }
     }
 
-    fn ip_to_geo(
+    fn ip_to_geo<E: EventAccess>(
         &self,
-        event: &Map<String, Value>,
+        event: &mut E,
         ip_path: Option<&str>,
         geo: Option<&GeoDatabase>,
     ) -> Result<Value, SkipReason> {
@@ -241,11 +247,6 @@ struct Inputs<'a> {
 }
 
 /// The string property an add-on input names.
-fn read_str<'a>(event: &'a Map<String, Value>, path: Option<&str>) -> Result<&'a str, SkipReason> {
-    let path = path.ok_or(SkipReason::InvalidSpec)?;
-    match path::get(event, path) {
-        None | Some(Value::Null) => Err(SkipReason::MissingInput),
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(SkipReason::Unparseable),
-    }
+fn read_str<'e, E: EventAccess>(event: &'e mut E, path: Option<&str>) -> Result<Cow<'e, str>, SkipReason> {
+    event.get_str(path.ok_or(SkipReason::InvalidSpec)?)
 }

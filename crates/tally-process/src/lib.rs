@@ -9,6 +9,7 @@
 //! Every file the add-ons need is read when they are built (the GeoIP database at start-up and on
 //! reload; the bundled user-agent and referrer rules on first use), never per event.
 
+pub mod access;
 pub mod datetime;
 pub mod enrich;
 pub mod geo;

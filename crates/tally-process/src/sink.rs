@@ -82,10 +82,17 @@ impl EventSink for JsonLinesSink {
     fn write(&self, events: &[EnrichedEvent], log_position: u64) -> Result<(), SinkError> {
         let mut buffer = Vec::with_capacity(events.len() * 600);
         for event in events {
-            let line =
-                json!({"project_id": event.project, "collection": event.collection, "event": event.event});
-            serde_json::to_writer(&mut buffer, &line).map_err(|e| SinkError(e.to_string()))?;
-            buffer.push(b'\n');
+            // The event is already JSON text: copied, not re-serialised.
+            buffer.extend_from_slice(b"{\"project_id\":\"");
+            buffer.extend_from_slice(event.project.to_string().as_bytes());
+            buffer.extend_from_slice(b"\",\"collection\":");
+            serde_json::to_writer(&mut buffer, &event.collection).map_err(|e| SinkError(e.to_string()))?;
+            buffer.extend_from_slice(b",\"event\":");
+            buffer.extend_from_slice(event.json.as_bytes());
+            buffer.extend_from_slice(
+                b"}
+",
+            );
         }
         serde_json::to_writer(&mut buffer, &json!({"committed_position": log_position}))
             .map_err(|e| SinkError(e.to_string()))?;

@@ -20,6 +20,7 @@ use tally_core::event::{EnrichedEvent, EventSink, LoggedEvent};
 use tally_ingest::EmbeddedEventLog;
 use tally_ingest::log::LogEntry;
 
+use crate::access::RawEvent;
 use crate::enrich::Enrichers;
 use crate::geo::GeoDatabase;
 
@@ -350,12 +351,12 @@ fn process_one(
     let decoded = LoggedEvent::decode(&entry.payload)
         .map_err(|e| e.to_string())
         .and_then(|logged| {
-            logged
-                .to_json_without_addons()
-                .map(|(event, addons)| (logged, event, addons))
-                .map_err(|e| e.to_string())
+            let (keen, addons) =
+                RawEvent::parse_taking(logged.keen_json.as_bytes(), "addons").map_err(|e| e.to_string())?;
+            let body = RawEvent::parse(logged.body_json, "keen").map_err(|e| e.to_string())?;
+            Ok((logged, keen, addons, body))
         });
-    let (logged, mut event, addons) = match decoded {
+    let (logged, keen, addons, mut event) = match decoded {
         Ok(ok) => ok,
         Err(e) => {
             metrics.bad_records.inc();
@@ -363,13 +364,15 @@ fn process_one(
             return None;
         }
     };
+    // The stamped keen goes in first: add-ons may read it (date_time_parser on keen.timestamp).
+    event.push_front_text("keen", keen.to_json());
     if let Some(addons) = addons {
-        enrichers.enrich_with(&mut event, addons, geo);
+        enrichers.enrich_raw(&mut event, addons, geo);
     }
     Some(EnrichedEvent {
         project: logged.project,
         collection: logged.collection.to_string(),
-        event,
+        json: event.to_json(),
     })
 }
 
@@ -383,8 +386,6 @@ mod tests {
     use tally_core::config::LogConfig;
     use tally_core::event::AcceptedEvent;
     use tally_core::log::EventLog;
-
-    use serde_json::Value;
 
     use super::*;
     use crate::geo::GeoIp;
@@ -451,7 +452,7 @@ mod tests {
         stage.stop();
         let stored = &sink.events()[0];
         assert_eq!(stored.collection, "visits");
-        let event = Value::Object(stored.event.clone());
+        let event = stored.to_value();
         assert_eq!(event["keen"].get("addons"), None, "keen.addons is removed");
         assert_eq!(event.get("ip"), None, "remove_ip_property");
         assert_eq!(event["geo"]["city"], "London");
