@@ -81,6 +81,18 @@ struct PhaseResult {
 }
 
 impl PhaseResult {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            requests: 0,
+            events: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latencies_us: Vec::new(),
+            first_error: None,
+        }
+    }
+
     fn percentile_ms(&self, p: f64) -> f64 {
         if self.latencies_us.is_empty() {
             return f64::NAN;
@@ -171,32 +183,21 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         batches.len()
     );
     let mut results = Vec::new();
-    if args.only_single {
-        let single = phase(
-            &args,
-            "single event POST",
-            &singles,
-            args.connections,
-            duration,
-            None,
+    let ping = if args.only_single {
+        None
+    } else {
+        Some(
+            phase(
+                &args,
+                "ping (204, no log)",
+                &pings,
+                args.connections,
+                duration,
+                None,
+            )
+            .await?,
         )
-        .await?;
-        println!(
-            "single: {:.0} req/s, p99 {:.2} ms",
-            single.requests_per_sec(),
-            single.percentile_ms(99.0)
-        );
-        return Ok(());
-    }
-    let ping = phase(
-        &args,
-        "ping (204, no log)",
-        &pings,
-        args.connections,
-        duration,
-        None,
-    )
-    .await?;
+    };
     let single = phase(
         &args,
         "single event POST",
@@ -206,6 +207,14 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         None,
     )
     .await?;
+    let Some(ping) = ping else {
+        println!(
+            "single: {:.0} req/s, p99 {:.2} ms",
+            single.requests_per_sec(),
+            single.percentile_ms(99.0)
+        );
+        return Ok(());
+    };
     let half_single = single.requests_per_sec() / 2.0;
     let single_half = phase(
         &args,
@@ -282,15 +291,7 @@ async fn phase(
             connection_loop(c, connections, &addr, &key, &jobs, deadline, interval).await
         }));
     }
-    let mut result = PhaseResult {
-        name: name.to_string(),
-        requests: 0,
-        events: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latencies_us: Vec::new(),
-        first_error: None,
-    };
+    let mut result = PhaseResult::new(name);
     for task in tasks {
         let part = task.await??;
         result.requests += part.requests;
@@ -318,15 +319,7 @@ async fn connection_loop(
     stream.set_nodelay(true)?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    let mut part = PhaseResult {
-        name: String::new(),
-        requests: 0,
-        events: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latencies_us: Vec::new(),
-        first_error: None,
-    };
+    let mut part = PhaseResult::new("");
     // Spread the connections' first sends evenly over one interval.
     let mut next_due =
         Instant::now() + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / connections as f64));

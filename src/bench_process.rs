@@ -228,28 +228,20 @@ fn breakdown(records: &[Value], enrichers: &Enrichers, database: &GeoDatabase) -
     };
     println!("breakdown, one thread:");
     let mut decoded = Vec::new();
-    time("decode record + parse event JSON (cold)", &mut || {
-        decoded = entries
-            .iter()
-            .map(|e| {
-                tally_core::event::LoggedEvent::decode(&e.payload)
-                    .unwrap()
-                    .to_json()
-                    .unwrap()
-            })
-            .collect();
-    });
-    time("decode record + parse event JSON (warm)", &mut || {
-        decoded = entries
-            .iter()
-            .map(|e| {
-                tally_core::event::LoggedEvent::decode(&e.payload)
-                    .unwrap()
-                    .to_json()
-                    .unwrap()
-            })
-            .collect();
-    });
+    // The first pass touches fresh memory; the second shows the steady cost.
+    for pass in ["cold", "warm"] {
+        time(&format!("decode record + parse event JSON ({pass})"), &mut || {
+            decoded = entries
+                .iter()
+                .map(|e| {
+                    tally_core::event::LoggedEvent::decode(&e.payload)
+                        .unwrap()
+                        .to_json()
+                        .unwrap()
+                })
+                .collect();
+        });
+    }
     let addon = |name: &str| -> Vec<Value> {
         decoded
             .iter()

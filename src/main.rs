@@ -281,7 +281,7 @@ fn dump_log(data_dir: &Path) -> anyhow::Result<()> {
     if !log_dir.is_dir() {
         anyhow::bail!("{} holds no event log", data_dir.display());
     }
-    let mut reader = LogReader::offline(&log_dir, first_position(&log_dir)?);
+    let mut reader = LogReader::offline(&log_dir, tally_ingest::log::first_position(&log_dir)?);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     loop {
         let batch = reader.read_batch(8 << 20)?;
@@ -303,20 +303,4 @@ fn dump_log(data_dir: &Path) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
-}
-
-/// The first position still on disk (older segments may have been removed by retention).
-fn first_position(log_dir: &Path) -> anyhow::Result<u64> {
-    let mut first = None;
-    for entry in std::fs::read_dir(log_dir.join("segments"))? {
-        let name = entry?.file_name();
-        if let Some(base) = name
-            .to_string_lossy()
-            .strip_suffix(".log")
-            .and_then(|b| b.parse::<u64>().ok())
-        {
-            first = Some(first.map_or(base, |f: u64| f.min(base)));
-        }
-    }
-    Ok(first.unwrap_or(0))
 }

@@ -19,7 +19,6 @@
 //! ```
 
 use bytes::Bytes;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::ids::ProjectId;
@@ -155,44 +154,6 @@ impl<'a> LoggedEvent<'a> {
             serde_json::Deserializer::from_slice(self.body_json).deserialize_map(BodyWithoutKeen)?;
         event.insert("keen".to_string(), keen);
         Ok(Value::Object(event))
-    }
-
-    /// The event as stored but without `keen.addons`, and the add-on list as raw JSON: what the
-    /// process stage needs. The list is returned unparsed, so it can be read straight into
-    /// borrowed specs instead of a tree that is freed right after.
-    pub fn to_json_without_addons(
-        &self,
-    ) -> Result<(Map<String, Value>, Option<&'a RawValue>), serde_json::Error> {
-        let (keen, addons) =
-            serde_json::Deserializer::from_str(self.keen_json).deserialize_map(KeenWithoutAddons)?;
-        let mut event =
-            serde_json::Deserializer::from_slice(self.body_json).deserialize_map(BodyWithoutKeen)?;
-        event.insert("keen".to_string(), Value::Object(keen));
-        Ok((event, addons))
-    }
-}
-
-/// Deserialises a stamped `keen` object into a map, keeping `addons` raw and apart.
-struct KeenWithoutAddons;
-
-impl<'de> serde::de::Visitor<'de> for KeenWithoutAddons {
-    type Value = (Map<String, Value>, Option<&'de RawValue>);
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a keen object")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-        let mut map = Map::new();
-        let mut addons = None;
-        while let Some(key) = access.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == "addons" {
-                addons = Some(access.next_value::<&'de RawValue>()?);
-            } else {
-                map.insert(key.into_owned(), access.next_value()?);
-            }
-        }
-        Ok((map, addons))
     }
 }
 

@@ -331,7 +331,7 @@ impl Ingestor {
         for (key, value) in valid.keen.iter().flatten() {
             if !matches!(key.as_str(), "timestamp" | "created_at" | "id") {
                 keen.push(',');
-                keen.push_str(&Value::String(key.clone()).to_string());
+                keen.push_str(&serde_json::to_string(key).expect("a string serialises"));
                 keen.push(':');
                 keen.push_str(&value.to_string());
             }

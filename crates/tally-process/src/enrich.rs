@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tally_core::addons::AddonKind;
 
-use crate::access::{EventAccess, RawEvent};
+use crate::access::EventAccess;
 use crate::datetime::parse_date_time;
 use crate::geo::{GeoDatabase, GeoIp, GeoLookup};
 use crate::referrer::ReferrerParser;
@@ -125,11 +125,6 @@ impl Enrichers {
             return;
         };
         self.enrich_with(event, &raw, geo);
-    }
-
-    /// Applies `addons` to an event held as raw members (the process stage's path).
-    pub fn enrich_raw(&self, event: &mut RawEvent<'_>, addons: &RawValue, geo: Option<&GeoDatabase>) {
-        self.enrich_with(event, addons, geo);
     }
 
     /// Applies `addons` (the raw JSON of a `keen.addons` list, already taken out of the event) in

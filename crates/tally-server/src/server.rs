@@ -315,11 +315,6 @@ impl Tally {
         &self.catalog
     }
 
-    /// The event log.
-    pub fn log(&self) -> &Arc<EmbeddedEventLog> {
-        &self.log
-    }
-
     /// Where enriched events are written (until the event store exists).
     pub fn enriched_path(&self) -> PathBuf {
         self.data_dir.enriched_path()

@@ -148,8 +148,14 @@ fn segment_path(dir: &Path, base: u64) -> PathBuf {
     segments_dir(dir).join(format!("{base:020}.log"))
 }
 
+/// The first position still on disk in the log at `dir` (older segments may have been removed by
+/// retention), for offline readers such as `tally log dump`.
+pub fn first_position(dir: &Path) -> io::Result<u64> {
+    Ok(list_segments(dir)?.first().copied().unwrap_or(0))
+}
+
 /// The bases of the segment files in `dir`, ascending.
-pub(crate) fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     let mut bases = Vec::new();
     for entry in fs::read_dir(segments_dir(dir))? {
         let name = entry?.file_name();
@@ -351,11 +357,6 @@ impl EmbeddedEventLog {
     /// What recovery found on open.
     pub fn recovery(&self) -> RecoveryReport {
         self.recovery
-    }
-
-    /// The log directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// A reader starting at `from` that sees only durable records.

@@ -58,13 +58,23 @@ async fn authorized_body(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(tally_core::ProjectId, Bytes), ApiError> {
-    let key = presented_key(headers, params.get("api_key"));
-    let grant = authorize(state.catalog.as_ref(), project, key.as_deref(), Access::Writes)?;
+    let project = authorize_write(state, project, params, headers)?;
     check_body_type(state, headers)?;
     let body = read_body(headers, body, state.ingestor.limits().max_body_bytes)
         .await
         .inspect_err(|e| state.ingestor.count_rejected(e.code))?;
-    Ok((grant.project, body))
+    Ok((project, body))
+}
+
+/// The project the request's key may write to.
+fn authorize_write(
+    state: &AppState,
+    project: &str,
+    params: &Params,
+    headers: &HeaderMap,
+) -> Result<tally_core::ProjectId, ApiError> {
+    let key = presented_key(headers, params.get("api_key"));
+    Ok(authorize(state.catalog.as_ref(), project, key.as_deref(), Access::Writes)?.project)
 }
 
 fn created_response(outcome: EventOutcome) -> Result<Response, ApiError> {
@@ -104,8 +114,7 @@ pub async fn record_event_by_get(
     client: ClientInfo,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let key = presented_key(&headers, params.get("api_key"));
-    let grant = authorize(state.catalog.as_ref(), &project, key.as_deref(), Access::Writes)?;
+    let project = authorize_write(&state, &project, &params, &headers)?;
     let Some(data) = params.get("data") else {
         return Err(ApiError::new(
             ErrorCode::MissingRequiredProperty,
@@ -116,7 +125,7 @@ pub async fn record_event_by_get(
     let body = decode_beacon_data(data).inspect_err(|e| state.ingestor.count_rejected(e.code))?;
     let outcome = state
         .ingestor
-        .ingest_single(meta(grant.project, client), collection, Bytes::from(body))
+        .ingest_single(meta(project, client), collection, Bytes::from(body))
         .await?;
     if let EventOutcome::Rejected(e) = outcome {
         return Err(e.into());
