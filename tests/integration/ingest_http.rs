@@ -698,7 +698,12 @@ async fn operational_endpoints_answer() {
 
 #[tokio::test]
 async fn over_the_log_bound_ingest_answers_503_and_keeps_what_it_accepted() {
-    let server = TestServer::start_with(|c| c.log.max_unconsumed_bytes = 2_000).await;
+    // No process stage consumes the log, so it falls behind by every event accepted.
+    let server = TestServer::start_with(|c| {
+        c.log.max_unconsumed_bytes = 2_000;
+        c.process.enabled = false;
+    })
+    .await;
     let mut accepted = 0;
     let mut refused = None;
     for n in 0..100 {
@@ -718,4 +723,28 @@ async fn over_the_log_bound_ingest_answers_503_and_keeps_what_it_accepted() {
     assert_error(response, 503, "ServiceUnavailableError").await;
     assert!(accepted > 0);
     assert_eq!(server.logged().len(), accepted);
+    assert!(server.enriched().is_empty());
+
+    // With the stage back, it catches up on everything accepted and ingest answers again.
+    let server = server.restart_with(|c| c.process.enabled = true).await;
+    let enriched = server.wait_enriched(accepted).await;
+    let mut numbers: Vec<u64> = enriched
+        .iter()
+        .map(|e| e["event"]["n"].as_u64().unwrap())
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..accepted as u64).collect::<Vec<_>>());
+    let mut answered = None;
+    for _ in 0..200 {
+        let response = server.post("/events/c", &json!({"n": "after"})).await;
+        if response.status() == 201 {
+            answered = Some(());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(
+        answered.is_some(),
+        "ingest accepts again once the stage has consumed the log"
+    );
 }

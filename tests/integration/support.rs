@@ -75,15 +75,21 @@ impl TestServer {
 
     /// Shuts down gracefully and starts again on the same data directory.
     pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Like [`TestServer::restart`], with `adjust` applied to the configuration first.
+    pub async fn restart_with(self, adjust: impl FnOnce(&mut Config)) -> Self {
         let TestServer {
             tally,
-            config,
+            mut config,
             project,
             data_dir,
             _dir,
             ..
         } = self;
         tally.shutdown().await.unwrap();
+        adjust(&mut config);
         let tally = Tally::start(config.clone(), Arc::new(SystemClock)).await.unwrap();
         assert!(
             tally.bootstrap().is_none(),

@@ -164,6 +164,10 @@ impl Default for EnrichConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProcessConfig {
+    /// Run the process stage on this node. Off, the node only ingests: events wait in the log
+    /// (up to `log.max_unconsumed_bytes`, then ingest answers 503) until a node with the stage
+    /// on opens the data directory and catches up from where the last one stopped.
+    pub enabled: bool,
     /// Bytes of log read per batch.
     pub max_batch_bytes: usize,
     /// Threads that enrich a batch (0: one per core).
@@ -173,6 +177,7 @@ pub struct ProcessConfig {
 impl Default for ProcessConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             max_batch_bytes: 4 * 1024 * 1024,
             threads: 0,
         }

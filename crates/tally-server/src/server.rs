@@ -197,8 +197,15 @@ impl Tally {
             },
             ..StageConfig::default()
         };
-        let process = ProcessStage::start(log.clone(), sink, enrichers.clone(), stage_config, &mut registry)
-            .map_err(StartError::Process)?;
+        let process = if config.process.enabled {
+            Some(
+                ProcessStage::start(log.clone(), sink, enrichers.clone(), stage_config, &mut registry)
+                    .map_err(StartError::Process)?,
+            )
+        } else {
+            tracing::warn!("process stage disabled: events stay in the log until a stage runs");
+            None
+        };
 
         let dedupe = Arc::new(Dedupe::new(config.ingest.uniqueness_window_days));
         {
@@ -294,7 +301,7 @@ impl Tally {
             stop,
             serve,
             background,
-            process: Some(process),
+            process,
             enrichers,
             data_dir,
         })
