@@ -8,6 +8,7 @@
 //! ons typically touch three or four members.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -21,6 +22,12 @@ pub trait EventAccess {
     fn get_str(&mut self, path: &str) -> Result<Cow<'_, str>, SkipReason>;
     /// Writes `value` at `path` (creating objects), without overwriting a non-object on the way.
     fn set(&mut self, path: &str, value: Value) -> Result<(), SkipReason>;
+    /// Like [`EventAccess::set`], with the value given as JSON text (a cached add-on output):
+    /// where the event can keep the text as it is, no value tree is built or copied.
+    fn set_json(&mut self, path: &str, json: &Arc<str>) -> Result<(), SkipReason> {
+        let value = serde_json::from_str(json).map_err(|_| SkipReason::Unparseable)?;
+        self.set(path, value)
+    }
     /// Removes the value at `path`, if there.
     fn remove(&mut self, path: &str);
 }
@@ -54,8 +61,9 @@ enum Member<'a> {
     Raw(&'a RawValue),
     /// Parsed because an add-on read into it or wrote into it.
     Parsed(Value),
-    /// JSON text made here (the stamped `keen` without its add-ons).
-    Text(String),
+    /// JSON text made here (the stamped `keen` without its add-ons) or shared with a cache (an
+    /// add-on's output).
+    Text(Arc<str>),
     /// Removed (`remove_ip_property`).
     Removed,
 }
@@ -100,7 +108,8 @@ impl<'a> RawEvent<'a> {
 
     /// Adds a member given as JSON text at the front.
     pub fn push_front_text(&mut self, name: &'a str, json: String) {
-        self.members.insert(0, (Cow::Borrowed(name), Member::Text(json)));
+        self.members
+            .insert(0, (Cow::Borrowed(name), Member::Text(Arc::from(json))));
     }
 
     /// The index of the member named `name` (the last one, if repeated: JSON parsers keep the
@@ -116,7 +125,7 @@ impl<'a> RawEvent<'a> {
         if parse {
             let text = match &self.members[index].1 {
                 Member::Raw(raw) => Some(raw.get()),
-                Member::Text(text) => Some(text.as_str()),
+                Member::Text(text) => Some(&**text),
                 _ => None,
             };
             if let Some(text) = text {
@@ -186,7 +195,7 @@ impl EventAccess for RawEvent<'_> {
             return Err(SkipReason::MissingInput);
         };
         match (&self.members[index].1, rest) {
-            (Member::Text(text), None) => match serde_json::from_str::<Option<String>>(text) {
+            (Member::Text(text), None) => match serde_json::from_str::<Option<String>>(text.as_ref()) {
                 Ok(Some(text)) => Ok(Cow::Owned(text)),
                 Ok(None) => Err(SkipReason::MissingInput),
                 Err(_) => Err(SkipReason::Unparseable),
@@ -233,6 +242,21 @@ impl EventAccess for RawEvent<'_> {
         }
     }
 
+    fn set_json(&mut self, path: &str, json: &Arc<str>) -> Result<(), SkipReason> {
+        if path.contains('.') {
+            let value = serde_json::from_str(json).map_err(|_| SkipReason::Unparseable)?;
+            return self.set(path, value);
+        }
+        // A top-level output keeps the shared text: written out as it is, never copied as a tree.
+        match self.member(path, false)? {
+            Some(index) => self.members[index].1 = Member::Text(json.clone()),
+            None => self
+                .members
+                .push((Cow::Owned(path.to_string()), Member::Text(json.clone()))),
+        }
+        Ok(())
+    }
+
     fn remove(&mut self, path: &str) {
         let (head, rest) = path.split_once('.').map_or((path, None), |(h, r)| (h, Some(r)));
         let Ok(Some(index)) = self.member(head, rest.is_some()) else {
@@ -274,6 +298,12 @@ mod tests {
                     let b = raw.set(path, json!({"v": 1}));
                     assert_eq!(a, b, "set {path}");
                 }
+                "set_json" => {
+                    let json: Arc<str> = Arc::from(r#"{"w":[1,"x"],"o":{"p":true}}"#);
+                    let a = map.set_json(path, &json);
+                    let b = raw.set_json(path, &json);
+                    assert_eq!(a, b, "set_json {path}");
+                }
                 _ => {
                     EventAccess::remove(&mut map, path);
                     raw.remove(path);
@@ -305,6 +335,12 @@ mod tests {
             ("remove", "page.n"),
             ("get", "ip"),
             ("get", "a.b.c.v"),
+            ("set_json", "ua"),
+            ("set_json", "s"),
+            ("set_json", "page.parsed"),
+            ("set", "ua.o.q"),
+            ("get", "ua.o.p"),
+            ("set_json", "nul.x"),
         ];
         let (map, raw, reads_map, reads_raw) = both(&event, &ops);
         assert_eq!(reads_map, reads_raw);

@@ -73,7 +73,9 @@ pub struct Enrichers {
     geo: GeoIp,
     ua: UaParser,
     referrer: ReferrerParser,
-    applied: Family<AddonLabels, Counter>,
+    /// Outputs written, one counter per add-on in [`AddonKind::ALL`] order, looked up once here
+    /// instead of hashing labels under the family's lock for every event.
+    applied: [Counter; AddonKind::ALL.len()],
     skipped: Family<SkipLabels, Counter>,
     warned_no_geo: AtomicBool,
 }
@@ -81,18 +83,20 @@ pub struct Enrichers {
 impl Enrichers {
     /// The add-ons, with `geo` as the GeoIP database, registering their metrics.
     pub fn new(geo: GeoIp, registry: &mut Registry) -> Self {
+        let applied = Family::<AddonLabels, Counter>::default();
         let enrichers = Self {
             geo,
             ua: UaParser::new(),
             referrer: ReferrerParser::new(),
-            applied: Family::default(),
+            applied: AddonKind::ALL
+                .map(|kind| applied.get_or_create(&AddonLabels { addon: kind.name() }).clone()),
             skipped: Family::default(),
             warned_no_geo: AtomicBool::new(false),
         };
         registry.register(
             "tally_enrich_applied",
             "Add-on outputs written, by add-on",
-            enrichers.applied.clone(),
+            applied,
         );
         registry.register(
             "tally_enrich_skipped",
@@ -158,11 +162,13 @@ impl Enrichers {
         };
         let input = &spec.input;
         let outcome = match kind {
-            AddonKind::IpToGeo => self.ip_to_geo(event, input.ip.as_deref(), geo),
+            AddonKind::IpToGeo => self.ip_to_geo(event, input.ip.as_deref(), geo).map(Output::Value),
             AddonKind::UaParser => read_str(event, input.ua_string.as_deref())
-                .and_then(|ua| self.ua.parse(&ua).map_err(|_| SkipReason::Unparseable)),
+                .and_then(|ua| self.ua.parse_json(&ua).map_err(|_| SkipReason::Unparseable))
+                .map(Output::Json),
             AddonKind::UrlParser => read_str(event, input.url.as_deref())
-                .and_then(|url| parse_url(&url).ok_or(SkipReason::Unparseable)),
+                .and_then(|url| parse_url(&url).ok_or(SkipReason::Unparseable))
+                .map(Output::Value),
             AddonKind::ReferrerParser => read_str(event, input.referrer_url.as_deref())
                 .map(Cow::into_owned)
                 .and_then(|referrer| {
@@ -170,15 +176,22 @@ impl Enrichers {
                     self.referrer
                         .parse(&referrer, &page)
                         .ok_or(SkipReason::Unparseable)
-                }),
+                })
+                .map(Output::Value),
             AddonKind::DateTimeParser => read_str(event, input.date_time.as_deref())
-                .and_then(|text| parse_date_time(&text).ok_or(SkipReason::Unparseable)),
+                .and_then(|text| parse_date_time(&text).ok_or(SkipReason::Unparseable))
+                .map(Output::Value),
         };
         let name = kind.name();
-        let result = outcome.and_then(|value| event.set(&spec.output, value));
+        let result = outcome.and_then(|output| match output {
+            Output::Value(value) => event.set(&spec.output, value),
+            Output::Json(json) => event.set_json(&spec.output, &json),
+        });
         match result {
             Ok(()) => {
-                self.applied.get_or_create(&AddonLabels { addon: name }).inc();
+                if let Some(counter) = AddonKind::ALL.iter().position(|k| *k == kind) {
+                    self.applied[counter].inc();
+                }
             }
             Err(reason) => self.skip(name, reason),
         }
@@ -242,6 +255,12 @@ struct Inputs<'a> {
 }
 
 /// The string property an add-on input names.
+/// What an add-on made: a value, or JSON text shared with a cache.
+enum Output {
+    Value(Value),
+    Json(std::sync::Arc<str>),
+}
+
 fn read_str<'e, E: EventAccess>(event: &'e mut E, path: Option<&str>) -> Result<Cow<'e, str>, SkipReason> {
     event.get_str(path.ok_or(SkipReason::InvalidSpec)?)
 }

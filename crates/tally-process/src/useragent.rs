@@ -25,7 +25,7 @@ const ENTRIES_PER_SHARD: usize = 4096;
 /// The user-agent parser with its cache.
 pub struct UaParser {
     extractor: OnceLock<Result<ua_parser::Extractor<'static>, String>>,
-    cache: Vec<RwLock<HashMap<Box<str>, Arc<Value>>>>,
+    cache: Vec<RwLock<HashMap<Box<str>, Arc<str>>>>,
     hasher: RandomState,
 }
 
@@ -71,19 +71,25 @@ impl UaParser {
 
     /// The parsed form of `ua`.
     pub fn parse(&self, ua: &str) -> Result<Value, String> {
+        let json = self.parse_json(ua)?;
+        serde_json::from_str(&json).map_err(|e| e.to_string())
+    }
+
+    /// The parsed form of `ua` as JSON text, shared with the cache: a repeated user agent costs a
+    /// lookup and a reference count, and the event writes the text out as it is.
+    pub fn parse_json(&self, ua: &str) -> Result<Arc<str>, String> {
         let shard = &self.cache[self.hasher.hash_one(ua) as usize % SHARDS];
-        // A hit holds the lock only to clone an Arc; the deep copy the event needs is made after.
         let hit = shard.read().unwrap_or_else(|p| p.into_inner()).get(ua).cloned();
         if let Some(hit) = hit {
-            return Ok(Value::clone(&hit));
+            return Ok(hit);
         }
-        let parsed = Arc::new(self.parse_uncached(ua)?);
+        let parsed: Arc<str> = Arc::from(self.parse_uncached(ua)?.to_string());
         let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
         if shard.len() >= ENTRIES_PER_SHARD {
             shard.clear();
         }
         shard.insert(ua.into(), parsed.clone());
-        Ok(Value::clone(&parsed))
+        Ok(parsed)
     }
 
     fn parse_uncached(&self, ua: &str) -> Result<Value, String> {
