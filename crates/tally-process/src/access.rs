@@ -317,7 +317,8 @@ mod tests {
     #[test]
     fn raw_events_behave_like_parsed_ones() {
         let event = json!({"ip": "1.2.3.4", "page": {"url": "https://a.b/c", "n": 1}, "s": "t\"q",
-                           "num": 5, "nul": null, "keen": {"addons": []}, "ref": {"url": ""}});
+                           "num": 5, "nul": null, "keen": {"addons": []}, "ref": {"url": ""},
+                           "deep": {"a": {"b": "c\"q\u{e9}", "n": null}, "s": "x"}});
         let ops = [
             ("get", "ip"),
             ("get", "page.url"),
@@ -327,6 +328,14 @@ mod tests {
             ("get", "none"),
             ("get", "page.n"),
             ("get", "ip.x"),
+            ("get", "nul.x"),
+            ("get", "num.x"),
+            ("get", "deep.a.b"),
+            ("get", "deep.a.n"),
+            ("get", "deep.a"),
+            ("get", "deep.a.b.c"),
+            ("get", "deep.s"),
+            ("get", "deep.z.b"),
             ("set", "geo"),
             ("set", "ref.info"),
             ("set", "ip.x"),
