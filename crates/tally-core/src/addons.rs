@@ -34,6 +34,11 @@ impl AddonKind {
         AddonKind::DateTimeParser,
     ];
 
+    /// The position of this add-on in [`AddonKind::ALL`], for per-add-on arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The wire name, e.g. `keen:ip_to_geo`.
     pub fn name(self) -> &'static str {
         match self {
@@ -121,6 +126,13 @@ fn check_addon(spec: &Value) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn index_is_the_position_in_all() {
+        for (position, kind) in AddonKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), position, "{kind:?}");
+        }
+    }
 
     #[test]
     fn accepts_every_documented_addon() {

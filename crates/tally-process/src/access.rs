@@ -25,11 +25,16 @@ pub trait EventAccess {
     /// Like [`EventAccess::set`], with the value given as JSON text (a cached add-on output):
     /// where the event can keep the text as it is, no value tree is built or copied.
     fn set_json(&mut self, path: &str, json: &Arc<str>) -> Result<(), SkipReason> {
-        let value = serde_json::from_str(json).map_err(|_| SkipReason::Unparseable)?;
-        self.set(path, value)
+        set_parsed(self, path, json)
     }
     /// Removes the value at `path`, if there.
     fn remove(&mut self, path: &str);
+}
+
+/// [`EventAccess::set`] with `json` parsed into a value first.
+fn set_parsed<E: EventAccess + ?Sized>(event: &mut E, path: &str, json: &str) -> Result<(), SkipReason> {
+    let value = serde_json::from_str(json).map_err(|_| SkipReason::Unparseable)?;
+    event.set(path, value)
 }
 
 fn as_str(value: Option<&Value>) -> Result<Cow<'_, str>, SkipReason> {
@@ -244,8 +249,7 @@ impl EventAccess for RawEvent<'_> {
 
     fn set_json(&mut self, path: &str, json: &Arc<str>) -> Result<(), SkipReason> {
         if path.contains('.') {
-            let value = serde_json::from_str(json).map_err(|_| SkipReason::Unparseable)?;
-            return self.set(path, value);
+            return set_parsed(self, path, json);
         }
         // A top-level output keeps the shared text: written out as it is, never copied as a tree.
         match self.member(path, false)? {

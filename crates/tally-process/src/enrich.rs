@@ -189,9 +189,7 @@ impl Enrichers {
         });
         match result {
             Ok(()) => {
-                if let Some(counter) = AddonKind::ALL.iter().position(|k| *k == kind) {
-                    self.applied[counter].inc();
-                }
+                self.applied[kind.index()].inc();
             }
             Err(reason) => self.skip(name, reason),
         }
@@ -254,13 +252,13 @@ struct Inputs<'a> {
     date_time: Option<Cow<'a, str>>,
 }
 
-/// The string property an add-on input names.
 /// What an add-on made: a value, or JSON text shared with a cache.
 enum Output {
     Value(Value),
     Json(std::sync::Arc<str>),
 }
 
+/// The string property an add-on input names.
 fn read_str<'e, E: EventAccess>(event: &'e mut E, path: Option<&str>) -> Result<Cow<'e, str>, SkipReason> {
     event.get_str(path.ok_or(SkipReason::InvalidSpec)?)
 }
