@@ -5,5 +5,6 @@
 //! Cassandra one behind the same traits.
 
 pub mod catalog;
+pub mod events;
 
 pub use catalog::{Catalog, CatalogError, EmbeddedCatalog, KeyGrant, KeyKind, NewProject, ProjectInfo};

@@ -1,0 +1,309 @@
+//! One property's values in one segment, every JSON type kept.
+//!
+//! JSON is schemaless: `price` may be a number in one event and a string in the next. A column
+//! therefore stores, per row, a type tag ([`Tag`]) and the value in the slot that type uses:
+//! numbers and datetimes in `nums` (f64; datetimes as UTC milliseconds), strings, lists and empty
+//! objects as codes into the segment column's dictionary (`codes`), booleans as code 0 or 1. A
+//! slot vector exists only once some row needs it, so a numeric column carries no codes and a
+//! string column no floats. Queries work on tags and codes; a string filter is decided once per
+//! dictionary entry, and grouping uses codes, not strings.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A row's type in a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Tag {
+    /// The event has no such property.
+    Absent = 0,
+    /// JSON `null`.
+    Null = 1,
+    /// A number (`nums`).
+    Num = 2,
+    /// A string (`codes` → dictionary).
+    Str = 3,
+    /// A boolean (`codes`: 0 or 1).
+    Bool = 4,
+    /// A list of primitives, as JSON text (`codes` → dictionary).
+    List = 5,
+    /// An empty object, `{}` (nothing to flatten, still part of the event).
+    EmptyObject = 6,
+    /// `keen.timestamp` and `keen.created_at`: UTC milliseconds (`nums`).
+    DateTime = 7,
+}
+
+impl Tag {
+    /// The tag for a stored byte; unknown bytes (a damaged file) read as absent.
+    pub fn from_u8(byte: u8) -> Tag {
+        match byte {
+            1 => Tag::Null,
+            2 => Tag::Num,
+            3 => Tag::Str,
+            4 => Tag::Bool,
+            5 => Tag::List,
+            6 => Tag::EmptyObject,
+            7 => Tag::DateTime,
+            _ => Tag::Absent,
+        }
+    }
+
+    /// Keen's schema type name (reference section 5).
+    pub fn keen_type(self) -> &'static str {
+        match self {
+            Tag::Absent | Tag::Null => "null",
+            Tag::Num => "num",
+            Tag::Str => "string",
+            Tag::Bool => "bool",
+            Tag::List => "list",
+            Tag::EmptyObject => "object",
+            Tag::DateTime => "datetime",
+        }
+    }
+}
+
+/// One value, borrowed from a column or from an event being stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cell<'a> {
+    Null,
+    Num(f64),
+    Str(&'a str),
+    Bool(bool),
+    /// JSON text of a list.
+    List(&'a str),
+    EmptyObject,
+    /// UTC milliseconds.
+    DateTime(i64),
+}
+
+/// A column of a sealed segment.
+#[derive(Debug, Clone, Default)]
+pub struct Column {
+    /// One [`Tag`] byte per row.
+    pub(crate) tags: Vec<u8>,
+    /// Numbers and datetimes, one slot per row; empty when no row has one.
+    pub(crate) nums: Vec<f64>,
+    /// Dictionary codes and booleans, one slot per row; empty when no row has one.
+    pub(crate) codes: Vec<u32>,
+    /// Distinct strings and list texts of this column in this segment.
+    pub(crate) dict: Vec<Arc<str>>,
+}
+
+impl Column {
+    /// The row count.
+    pub fn len(&self) -> usize {
+        self.tags.len()
+    }
+
+    /// Whether the column has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_empty()
+    }
+
+    /// The tag bytes, one per row.
+    pub fn tags(&self) -> &[u8] {
+        &self.tags
+    }
+
+    /// The tag of `row`.
+    #[inline]
+    pub fn tag(&self, row: usize) -> Tag {
+        Tag::from_u8(self.tags[row])
+    }
+
+    /// The number slots (empty if the column has no numbers or datetimes).
+    pub fn nums(&self) -> &[f64] {
+        &self.nums
+    }
+
+    /// The code slots (empty if the column has no strings, lists or booleans).
+    pub fn codes(&self) -> &[u32] {
+        &self.codes
+    }
+
+    /// The dictionary the codes of strings and lists point into.
+    pub fn dict(&self) -> &[Arc<str>] {
+        &self.dict
+    }
+
+    /// The value at `row`, or `None` when absent.
+    #[inline]
+    pub fn cell(&self, row: usize) -> Option<Cell<'_>> {
+        Some(match self.tag(row) {
+            Tag::Absent => return None,
+            Tag::Null => Cell::Null,
+            Tag::Num => Cell::Num(self.nums[row]),
+            Tag::DateTime => Cell::DateTime(self.nums[row] as i64),
+            Tag::Str => Cell::Str(&self.dict[self.codes[row] as usize]),
+            Tag::List => Cell::List(&self.dict[self.codes[row] as usize]),
+            Tag::Bool => Cell::Bool(self.codes[row] != 0),
+            Tag::EmptyObject => Cell::EmptyObject,
+        })
+    }
+
+    /// How many rows carry each tag, indexed by the tag byte.
+    pub fn tag_counts(&self) -> [u64; 8] {
+        let mut counts = [0u64; 8];
+        for &tag in &self.tags {
+            counts[(tag & 7) as usize] += 1;
+        }
+        counts
+    }
+
+    /// The column's Keen type: the most frequent non-null type, `null` if there is none.
+    pub fn keen_type(&self) -> &'static str {
+        dominant_type(&self.tag_counts())
+    }
+
+    /// Approximate bytes held in memory.
+    pub fn heap_bytes(&self) -> usize {
+        self.tags.len()
+            + self.nums.len() * 8
+            + self.codes.len() * 4
+            + self.dict.iter().map(|s| s.len() + 32).sum::<usize>()
+    }
+
+    /// The column restricted to `rows` (in that order).
+    pub(crate) fn gather(&self, rows: &[u32]) -> Column {
+        let tags = rows.iter().map(|&r| self.tags[r as usize]).collect();
+        let nums = if self.nums.is_empty() {
+            Vec::new()
+        } else {
+            rows.iter().map(|&r| self.nums[r as usize]).collect()
+        };
+        let codes = if self.codes.is_empty() {
+            Vec::new()
+        } else {
+            rows.iter().map(|&r| self.codes[r as usize]).collect()
+        };
+        Column {
+            tags,
+            nums,
+            codes,
+            dict: self.dict.clone(),
+        }
+    }
+}
+
+/// The Keen type name for a column given how many rows carry each tag.
+pub fn dominant_type(counts: &[u64; 8]) -> &'static str {
+    let mut best: Option<(u64, u8)> = None;
+    for tag in 2..8u8 {
+        let n = counts[tag as usize];
+        if n > 0 && best.is_none_or(|(m, _)| n > m) {
+            best = Some((n, tag));
+        }
+    }
+    best.map_or("null", |(_, tag)| Tag::from_u8(tag).keen_type())
+}
+
+/// Builds a column row by row. Rows a property skips are filled in as absent.
+#[derive(Debug, Default)]
+pub(crate) struct ColumnBuilder {
+    tags: Vec<u8>,
+    nums: Vec<f64>,
+    codes: Vec<u32>,
+    dict: Vec<Arc<str>>,
+    lookup: HashMap<Arc<str>, u32>,
+}
+
+impl ColumnBuilder {
+    /// Sets `row` (which must not be before the last row set) to `cell`.
+    pub(crate) fn set(&mut self, row: usize, cell: Cell<'_>) {
+        self.pad(row);
+        match cell {
+            Cell::Null => self.push(Tag::Null, None, None),
+            Cell::Num(n) => self.push(Tag::Num, Some(n), None),
+            Cell::DateTime(ms) => self.push(Tag::DateTime, Some(ms as f64), None),
+            Cell::Bool(b) => self.push(Tag::Bool, None, Some(b as u32)),
+            Cell::Str(s) => {
+                let code = self.intern(s);
+                self.push(Tag::Str, None, Some(code))
+            }
+            Cell::List(s) => {
+                let code = self.intern(s);
+                self.push(Tag::List, None, Some(code))
+            }
+            Cell::EmptyObject => self.push(Tag::EmptyObject, None, None),
+        }
+    }
+
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&code) = self.lookup.get(s) {
+            return code;
+        }
+        let code = self.dict.len() as u32;
+        let text: Arc<str> = Arc::from(s);
+        self.dict.push(text.clone());
+        self.lookup.insert(text, code);
+        code
+    }
+
+    fn push(&mut self, tag: Tag, num: Option<f64>, code: Option<u32>) {
+        let row = self.tags.len();
+        self.tags.push(tag as u8);
+        if let Some(n) = num {
+            if self.nums.len() < row {
+                self.nums.resize(row, 0.0);
+            }
+            self.nums.push(n);
+        }
+        if let Some(c) = code {
+            if self.codes.len() < row {
+                self.codes.resize(row, 0);
+            }
+            self.codes.push(c);
+        }
+    }
+
+    fn pad(&mut self, rows: usize) {
+        if self.tags.len() < rows {
+            self.tags.resize(rows, Tag::Absent as u8);
+        }
+    }
+
+    /// The column with `rows` rows; slot vectors padded to full length.
+    pub(crate) fn finish(mut self, rows: usize) -> Column {
+        self.pad(rows);
+        if !self.nums.is_empty() {
+            self.nums.resize(rows, 0.0);
+        }
+        if !self.codes.is_empty() {
+            self.codes.resize(rows, 0);
+        }
+        Column {
+            tags: self.tags,
+            nums: self.nums,
+            codes: self.codes,
+            dict: self.dict,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixed_types_keep_every_value() {
+        let mut b = ColumnBuilder::default();
+        b.set(0, Cell::Num(1.5));
+        b.set(2, Cell::Str("x"));
+        b.set(3, Cell::Bool(true));
+        b.set(4, Cell::Str("x"));
+        b.set(5, Cell::List("[1,2]"));
+        b.set(6, Cell::Null);
+        let c = b.finish(8);
+        assert_eq!(c.len(), 8);
+        assert_eq!(c.cell(0), Some(Cell::Num(1.5)));
+        assert_eq!(c.cell(1), None);
+        assert_eq!(c.cell(2), Some(Cell::Str("x")));
+        assert_eq!(c.cell(3), Some(Cell::Bool(true)));
+        assert_eq!(c.cell(4), Some(Cell::Str("x")));
+        assert_eq!(c.cell(5), Some(Cell::List("[1,2]")));
+        assert_eq!(c.cell(6), Some(Cell::Null));
+        assert_eq!(c.cell(7), None);
+        assert_eq!(c.dict().len(), 2);
+        assert_eq!(c.keen_type(), "string");
+    }
+}

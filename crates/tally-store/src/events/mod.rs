@@ -1,0 +1,622 @@
+//! The embedded event store: enriched events by project and collection, in columnar segments.
+//!
+//! The process stage hands each batch to [`EventStore::write`] (the [`EventSink`] trait). The
+//! batch becomes one small in-memory segment per collection, visible to queries at once. A
+//! background thread ([`EventStore::start_maintenance`]) makes them durable: every
+//! `flush_interval` it merges each collection's fresh segments into one, writes it to
+//! `segments/<id>.seg` (fsync'd), and then replaces `manifest.json` (write, fsync, rename), which
+//! lists the durable segments and the **log position** they cover. The manifest is the single
+//! commit point: data and position change together, so after a crash the process stage resumes
+//! from the manifest's position and re-reads from the event log exactly the events that were only
+//! in memory. Segment files the manifest does not name (a crash mid-flush or mid-merge) are
+//! deleted at open.
+//!
+//! The same thread merges small durable segments into bigger time-sorted ones, and deletes
+//! ([`EventStore::rewrite`]) go through the same copy-then-commit path, so every change to what is
+//! stored is one manifest replacement.
+//!
+//! The log must not drop records the store has not made durable: the process stage reports
+//! [`EventSink::committed_position`] (the manifest's position) to the log as consumed.
+
+pub mod column;
+pub mod segment;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tally_core::event::{EnrichedEvent, EventSink, SinkError};
+use tally_core::fsutil::{sync_dir, write_atomically};
+use tally_core::ids::ProjectId;
+
+pub use column::{Cell, Column, Tag};
+pub use segment::{Segment, cell_value, number_value};
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// How often fresh in-memory segments are written to disk. Queries see events before this;
+    /// it bounds how much the process stage re-reads from the log after a crash.
+    pub flush_interval: Duration,
+    /// Durable segments smaller than this are merged together, up to about this size.
+    pub merge_target_rows: usize,
+    /// A collection's small segments are merged once there are at least this many.
+    pub merge_min_segments: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_millis(1000),
+            merge_target_rows: 1 << 20,
+            merge_min_segments: 8,
+        }
+    }
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Reading or writing files failed.
+    #[error("event store I/O at {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// A file is damaged.
+    #[error("event store file {path} is damaged: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A segment and where it lives.
+#[derive(Debug)]
+pub struct StoredSegment {
+    /// Unique within the store, increasing: the order segments were made in.
+    pub id: u64,
+    /// Whether the segment is in a file the manifest names (false: in memory only, not yet
+    /// flushed).
+    pub durable: bool,
+    /// The data.
+    pub segment: Segment,
+}
+
+/// A project's collection.
+pub type TableKey = (ProjectId, String);
+
+/// The segments of one collection at one moment; queries work on such a snapshot while writes,
+/// flushes and merges go on.
+pub type TableSnapshot = Vec<Arc<StoredSegment>>;
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Manifest {
+    version: u32,
+    position: Option<u64>,
+    next_id: u64,
+    segments: Vec<ManifestEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ManifestEntry {
+    id: u64,
+    project: ProjectId,
+    collection: String,
+    rows: usize,
+}
+
+/// What writes change; one lock, held briefly.
+#[derive(Debug, Default)]
+struct WriteState {
+    /// Fresh (in-memory) segments not yet handed to a flush.
+    fresh: Vec<(TableKey, Arc<StoredSegment>)>,
+    /// The log position after the last batch written.
+    written_position: Option<u64>,
+}
+
+/// The embedded event store. See the module documentation.
+#[derive(Debug)]
+pub struct EventStore {
+    dir: PathBuf,
+    config: StoreConfig,
+    tables: RwLock<HashMap<TableKey, TableSnapshot>>,
+    writes: Mutex<WriteState>,
+    /// Held by flush, merge and rewrite: each replaces the manifest from the one before.
+    maintenance: Mutex<Manifest>,
+    next_id: AtomicU64,
+    /// The manifest's position, readable without the maintenance lock.
+    durable_position: Mutex<Option<u64>>,
+}
+
+impl EventStore {
+    /// Opens (creating) the store in `dir`, loading every segment the manifest names.
+    pub fn open(dir: &Path, config: StoreConfig) -> Result<Self, StoreError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        let seg_dir = dir.join("segments");
+        std::fs::create_dir_all(&seg_dir).map_err(io_err(&seg_dir))?;
+        let manifest_path = dir.join("manifest.json");
+        let manifest: Manifest = match std::fs::read(&manifest_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: manifest_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Manifest {
+                version: 1,
+                ..Manifest::default()
+            },
+            Err(e) => return Err(io_err(&manifest_path)(e)),
+        };
+        let mut tables: HashMap<TableKey, TableSnapshot> = HashMap::new();
+        let mut named = std::collections::HashSet::new();
+        for entry in &manifest.segments {
+            let path = segment_path(dir, entry.id);
+            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+            let segment = Segment::decode(&bytes).map_err(|reason| StoreError::Corrupt {
+                path: path.clone(),
+                reason,
+            })?;
+            named.insert(entry.id);
+            tables
+                .entry((entry.project, entry.collection.clone()))
+                .or_default()
+                .push(Arc::new(StoredSegment {
+                    id: entry.id,
+                    durable: true,
+                    segment,
+                }));
+        }
+        // Files a crash left behind before their manifest was written.
+        for file in std::fs::read_dir(&seg_dir).map_err(io_err(&seg_dir))? {
+            let file = file.map_err(io_err(&seg_dir))?;
+            let name = file.file_name();
+            let id = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|n| u64::from_str_radix(n, 16).ok());
+            if id.is_none_or(|id| !named.contains(&id)) {
+                tracing::info!(file = %file.path().display(), "event store: removing a segment file no manifest names");
+                let _ = std::fs::remove_file(file.path());
+            }
+        }
+        let rows: usize = manifest.segments.iter().map(|e| e.rows).sum();
+        tracing::info!(segments = manifest.segments.len(), rows, position = ?manifest.position, "event store opened");
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            tables: RwLock::new(tables),
+            writes: Mutex::new(WriteState::default()),
+            next_id: AtomicU64::new(manifest.next_id),
+            durable_position: Mutex::new(manifest.position),
+            maintenance: Mutex::new(manifest),
+        })
+    }
+
+    /// The segments of a collection now (empty if it has none).
+    pub fn snapshot(&self, project: ProjectId, collection: &str) -> TableSnapshot {
+        let tables = self.tables.read().expect("tables lock");
+        tables.get(&(project, collection.to_owned())).cloned().unwrap_or_default()
+    }
+
+    /// The collections of a project that hold events, sorted by name.
+    pub fn collections(&self, project: ProjectId) -> Vec<String> {
+        let tables = self.tables.read().expect("tables lock");
+        let mut names: Vec<String> = tables
+            .iter()
+            .filter(|((p, _), segs)| *p == project && segs.iter().any(|s| s.segment.rows() > 0))
+            .map(|((_, c), _)| c.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Rows and approximate bytes in memory, over every collection.
+    pub fn stats(&self) -> (usize, usize) {
+        let tables = self.tables.read().expect("tables lock");
+        tables.values().flatten().fold((0, 0), |(rows, bytes), s| {
+            (rows + s.segment.rows(), bytes + s.segment.heap_bytes())
+        })
+    }
+
+    /// Writes fresh segments to disk and commits them with their log position. Returns how many
+    /// segments were written.
+    pub fn flush(&self) -> Result<usize, StoreError> {
+        let mut manifest = self.maintenance.lock().expect("maintenance lock");
+        self.flush_locked(&mut manifest)
+    }
+
+    fn flush_locked(&self, manifest: &mut Manifest) -> Result<usize, StoreError> {
+        let (fresh, position) = {
+            let mut writes = self.writes.lock().expect("writes lock");
+            (std::mem::take(&mut writes.fresh), writes.written_position)
+        };
+        if fresh.is_empty() && position == manifest.position {
+            return Ok(0);
+        }
+        let mut by_table: HashMap<TableKey, Vec<Arc<StoredSegment>>> = HashMap::new();
+        for (key, seg) in fresh {
+            by_table.entry(key).or_default().push(seg);
+        }
+        let mut made = Vec::new();
+        for (key, parts) in &by_table {
+            let segs: Vec<&Segment> = parts.iter().map(|p| &p.segment).collect();
+            let merged = if segs.len() == 1 { segs[0].clone() } else { Segment::merge(&segs) };
+            if merged.rows() == 0 {
+                continue;
+            }
+            let stored = self.write_segment_file(merged)?;
+            made.push((key.clone(), stored, parts.iter().map(|p| p.id).collect::<Vec<_>>()));
+        }
+        let mut next = manifest.clone();
+        next.position = position;
+        for (key, stored, _) in &made {
+            next.segments.push(ManifestEntry {
+                id: stored.id,
+                project: key.0,
+                collection: key.1.clone(),
+                rows: stored.segment.rows(),
+            });
+        }
+        self.commit_manifest(manifest, next)?;
+        let mut tables = self.tables.write().expect("tables lock");
+        for (key, parts) in &by_table {
+            let replacement = made.iter().find(|(k, _, _)| k == key).map(|(_, s, _)| s.clone());
+            let table = tables.entry(key.clone()).or_default();
+            let gone: Vec<u64> = parts.iter().map(|p| p.id).collect();
+            let at = table.iter().position(|s| gone.contains(&s.id));
+            table.retain(|s| !gone.contains(&s.id));
+            if let Some(seg) = replacement {
+                table.insert(at.unwrap_or(table.len()).min(table.len()), seg);
+            }
+        }
+        Ok(made.len())
+    }
+
+    /// Merges each collection's small durable segments into bigger ones. Returns how many
+    /// segments were written.
+    pub fn merge_small(&self) -> Result<usize, StoreError> {
+        let mut manifest = self.maintenance.lock().expect("maintenance lock");
+        let tables: Vec<(TableKey, TableSnapshot)> = {
+            let tables = self.tables.read().expect("tables lock");
+            tables.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let mut written = 0;
+        for (key, snapshot) in tables {
+            let small: Vec<&Arc<StoredSegment>> = snapshot
+                .iter()
+                .filter(|s| s.durable && s.segment.rows() < self.config.merge_target_rows / 2)
+                .collect();
+            if small.len() < self.config.merge_min_segments.max(2) {
+                continue;
+            }
+            // Consecutive runs (by id, i.e. by arrival, which keeps time locality) up to the target.
+            let mut runs: Vec<Vec<&Arc<StoredSegment>>> = vec![Vec::new()];
+            let mut rows = 0;
+            for seg in small {
+                if rows + seg.segment.rows() > self.config.merge_target_rows && !runs.last().expect("one run").is_empty() {
+                    runs.push(Vec::new());
+                    rows = 0;
+                }
+                rows += seg.segment.rows();
+                runs.last_mut().expect("one run").push(seg);
+            }
+            for run in runs.into_iter().filter(|r| r.len() >= 2) {
+                let parts: Vec<&Segment> = run.iter().map(|s| &s.segment).collect();
+                let merged = Segment::merge(&parts);
+                let gone: Vec<u64> = run.iter().map(|s| s.id).collect();
+                self.replace_locked(&mut manifest, &key, &gone, vec![merged])?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Rewrites a collection's stored events: `change` is called on each segment and returns
+    /// `None` to keep it or `Some(new)` to replace it (an empty segment removes it). Fresh
+    /// events are flushed first, so the change sees everything written so far. One manifest
+    /// replacement commits the whole change. Returns the rows removed.
+    pub fn rewrite(
+        &self,
+        project: ProjectId,
+        collection: &str,
+        change: impl Fn(&Segment) -> Option<Segment>,
+    ) -> Result<usize, StoreError> {
+        let mut manifest = self.maintenance.lock().expect("maintenance lock");
+        self.flush_locked(&mut manifest)?;
+        let key = (project, collection.to_owned());
+        let snapshot = self.snapshot(project, collection);
+        let mut gone = Vec::new();
+        let mut made = Vec::new();
+        let mut removed = 0;
+        for seg in snapshot.iter().filter(|s| s.durable) {
+            if let Some(new) = change(&seg.segment) {
+                removed += seg.segment.rows() - new.rows().min(seg.segment.rows());
+                gone.push(seg.id);
+                made.push(new);
+            }
+        }
+        if !gone.is_empty() {
+            self.replace_locked(&mut manifest, &key, &gone, made)?;
+        }
+        Ok(removed)
+    }
+
+    /// Replaces segments `gone` of `key` by `made` (empty ones dropped) in one manifest commit.
+    fn replace_locked(
+        &self,
+        manifest: &mut Manifest,
+        key: &TableKey,
+        gone: &[u64],
+        made: Vec<Segment>,
+    ) -> Result<(), StoreError> {
+        let mut stored = Vec::new();
+        for seg in made.into_iter().filter(|s| s.rows() > 0) {
+            stored.push(self.write_segment_file(seg)?);
+        }
+        let mut next = manifest.clone();
+        next.segments.retain(|e| !gone.contains(&e.id));
+        for s in &stored {
+            next.segments.push(ManifestEntry {
+                id: s.id,
+                project: key.0,
+                collection: key.1.clone(),
+                rows: s.segment.rows(),
+            });
+        }
+        self.commit_manifest(manifest, next)?;
+        {
+            let mut tables = self.tables.write().expect("tables lock");
+            let table = tables.entry(key.clone()).or_default();
+            let at = table.iter().position(|s| gone.contains(&s.id)).unwrap_or(table.len());
+            table.retain(|s| !gone.contains(&s.id));
+            let at = at.min(table.len());
+            table.splice(at..at, stored);
+            if table.is_empty() {
+                tables.remove(key);
+            }
+        }
+        for id in gone {
+            let _ = std::fs::remove_file(segment_path(&self.dir, *id));
+        }
+        Ok(())
+    }
+
+    fn write_segment_file(&self, segment: Segment) -> Result<Arc<StoredSegment>, StoreError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let path = segment_path(&self.dir, id);
+        let bytes = segment.encode();
+        let write = || -> io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&path)?;
+            file.write_all(&bytes)?;
+            file.sync_data()
+        };
+        write().map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Arc::new(StoredSegment {
+            id,
+            durable: true,
+            segment,
+        }))
+    }
+
+    fn commit_manifest(&self, current: &mut Manifest, mut next: Manifest) -> Result<(), StoreError> {
+        next.version = 1;
+        next.next_id = self.next_id.load(Ordering::Relaxed);
+        let path = self.dir.join("manifest.json");
+        let seg_dir = self.dir.join("segments");
+        sync_dir(&seg_dir)
+            .and_then(|()| write_atomically(&path, &serde_json::to_vec(&next).expect("manifest serialises")))
+            .map_err(|source| StoreError::Io { path, source })?;
+        *self.durable_position.lock().expect("position lock") = next.position;
+        *current = next;
+        Ok(())
+    }
+
+    /// Starts the background thread that flushes and merges; it stops when the handle is
+    /// stopped or dropped (after one last flush).
+    pub fn start_maintenance(self: &Arc<Self>) -> io::Result<Maintenance> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let store = self.clone();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new().name("tally-store".into()).spawn(move || {
+                let tick = Duration::from_millis(20);
+                let mut waited = Duration::ZERO;
+                loop {
+                    let stopping = stop.load(Ordering::Acquire);
+                    if stopping || waited >= store.config.flush_interval {
+                        waited = Duration::ZERO;
+                        if let Err(e) = store.flush() {
+                            tracing::error!(error = %e, "event store: flush failed; retrying");
+                        }
+                        if stopping {
+                            return;
+                        }
+                        if let Err(e) = store.merge_small() {
+                            tracing::error!(error = %e, "event store: merge failed; retrying");
+                        }
+                    }
+                    std::thread::sleep(tick);
+                    waited += tick;
+                }
+            })?
+        };
+        Ok(Maintenance {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// The store's background thread.
+#[derive(Debug)]
+pub struct Maintenance {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Maintenance {
+    /// Flushes once more and stops.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Maintenance {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join("segments").join(format!("{id:016x}.seg"))
+}
+
+impl EventSink for EventStore {
+    fn write(&self, events: &[EnrichedEvent], log_position: u64) -> Result<(), SinkError> {
+        let mut groups: HashMap<(ProjectId, &str), Vec<&str>> = HashMap::new();
+        for e in events {
+            groups.entry((e.project, e.collection.as_str())).or_default().push(e.json.as_str());
+        }
+        let mut made = Vec::with_capacity(groups.len());
+        for ((project, collection), texts) in groups {
+            let (segment, skipped) = Segment::from_events(texts);
+            if skipped > 0 {
+                tracing::error!(skipped, "event store: events that are not JSON objects were not stored");
+            }
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            made.push((
+                (project, collection.to_owned()),
+                Arc::new(StoredSegment {
+                    id,
+                    durable: false,
+                    segment,
+                }),
+            ));
+        }
+        let mut writes = self.writes.lock().expect("writes lock");
+        {
+            let mut tables = self.tables.write().expect("tables lock");
+            for (key, seg) in &made {
+                tables.entry(key.clone()).or_default().push(seg.clone());
+            }
+        }
+        writes.fresh.extend(made);
+        writes.written_position = Some(log_position);
+        Ok(())
+    }
+
+    fn committed_position(&self) -> Result<Option<u64>, SinkError> {
+        Ok(*self.durable_position.lock().expect("position lock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn event(project: ProjectId, collection: &str, ts: &str, n: i64) -> EnrichedEvent {
+        EnrichedEvent {
+            project,
+            collection: collection.into(),
+            json: json!({"keen": {"timestamp": ts, "id": format!("{n:024x}")}, "n": n}).to_string(),
+        }
+    }
+
+    fn count(store: &EventStore, p: ProjectId, c: &str) -> usize {
+        store.snapshot(p, c).iter().map(|s| s.segment.rows()).sum()
+    }
+
+    #[test]
+    fn writes_are_visible_at_once_and_durable_after_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = ProjectId::random();
+        let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
+        store
+            .write(&[event(p, "a", "2026-01-01T00:00:00Z", 1), event(p, "b", "2026-01-01T00:00:00Z", 2)], 100)
+            .unwrap();
+        assert_eq!(count(&store, p, "a"), 1);
+        assert_eq!(store.committed_position().unwrap(), None);
+        store.write(&[event(p, "a", "2026-01-02T00:00:00Z", 3)], 200).unwrap();
+        assert_eq!(store.flush().unwrap(), 2);
+        assert_eq!(store.committed_position().unwrap(), Some(200));
+        assert_eq!(store.snapshot(p, "a").len(), 1, "fresh pieces merged into one");
+        drop(store);
+        let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
+        assert_eq!(count(&store, p, "a"), 2);
+        assert_eq!(count(&store, p, "b"), 1);
+        assert_eq!(store.committed_position().unwrap(), Some(200));
+        assert_eq!(store.collections(p), vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn unflushed_events_are_not_durable_and_orphans_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = ProjectId::random();
+        let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
+        store.write(&[event(p, "a", "2026-01-01T00:00:00Z", 1)], 10).unwrap();
+        store.flush().unwrap();
+        store.write(&[event(p, "a", "2026-01-01T00:00:00Z", 2)], 20).unwrap();
+        std::fs::write(dir.path().join("segments/00000000000000ff.seg"), b"half").unwrap();
+        drop(store);
+        let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
+        assert_eq!(count(&store, p, "a"), 1);
+        assert_eq!(store.committed_position().unwrap(), Some(10));
+        assert!(!dir.path().join("segments/00000000000000ff.seg").exists());
+    }
+
+    #[test]
+    fn merging_and_rewriting_keep_exact_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = ProjectId::random();
+        let config = StoreConfig {
+            merge_min_segments: 3,
+            ..StoreConfig::default()
+        };
+        let store = EventStore::open(dir.path(), config.clone()).unwrap();
+        for i in 0..10 {
+            store.write(&[event(p, "a", "2026-01-01T00:00:00Z", i)], (i as u64 + 1) * 10).unwrap();
+            store.flush().unwrap();
+        }
+        assert_eq!(store.snapshot(p, "a").len(), 10);
+        assert_eq!(store.merge_small().unwrap(), 1);
+        assert_eq!(store.snapshot(p, "a").len(), 1);
+        assert_eq!(count(&store, p, "a"), 10);
+        let removed = store
+            .rewrite(p, "a", |seg| {
+                let col = seg.column("n").unwrap();
+                Some(seg.retain_rows(|r| col.nums()[r] >= 5.0))
+            })
+            .unwrap();
+        assert_eq!(removed, 5);
+        drop(store);
+        let store = EventStore::open(dir.path(), config).unwrap();
+        assert_eq!(count(&store, p, "a"), 5);
+        assert_eq!(std::fs::read_dir(dir.path().join("segments")).unwrap().count(), 1);
+        store.rewrite(p, "a", |_| Some(Segment::default())).unwrap();
+        assert!(store.collections(p).is_empty());
+    }
+}

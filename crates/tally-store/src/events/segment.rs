@@ -1,0 +1,479 @@
+//! A segment: an immutable, time-sorted block of one collection's events, stored by column.
+//!
+//! Events are flattened to dotted property paths (`user.id`); Keen property names cannot contain
+//! `.`, so the flattening is reversible and [`Segment::event_json`] gives each event back as it was
+//! stored (key order aside, which carries no meaning). Rows are sorted by `keen.timestamp`
+//! ([`Segment::timestamps`]), so a query finds its time range by binary search and skips segments
+//! whose `[min_ts, max_ts]` misses it.
+//!
+//! On disk a segment is one file: a header, the timestamps, then each column (tags, number slots,
+//! code slots, dictionary), ending in a CRC-32C of everything before it. A file that fails the
+//! check is refused, never half-read.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use tally_core::time::{format_timestamp_ms, parse_timestamp_ms};
+
+use super::column::{Cell, Column, ColumnBuilder, Tag};
+
+/// Properties stored as datetimes rather than strings.
+const DATETIME_PATHS: [&str; 2] = ["keen.timestamp", "keen.created_at"];
+
+/// An immutable block of events of one collection, sorted by `keen.timestamp`.
+#[derive(Debug, Clone, Default)]
+pub struct Segment {
+    /// `keen.timestamp` of each row, UTC milliseconds, ascending.
+    pub(crate) timestamps: Vec<i64>,
+    /// Columns by dotted property path.
+    pub(crate) columns: BTreeMap<Arc<str>, Column>,
+}
+
+impl Segment {
+    /// The row count.
+    pub fn rows(&self) -> usize {
+        self.timestamps.len()
+    }
+
+    /// `keen.timestamp` per row, ascending.
+    pub fn timestamps(&self) -> &[i64] {
+        &self.timestamps
+    }
+
+    /// The earliest and latest `keen.timestamp`, if the segment has rows.
+    pub fn time_bounds(&self) -> Option<(i64, i64)> {
+        Some((*self.timestamps.first()?, *self.timestamps.last()?))
+    }
+
+    /// The rows whose timestamp lies in `[start_ms, end_ms)`.
+    pub fn row_range(&self, start_ms: i64, end_ms: i64) -> std::ops::Range<usize> {
+        let from = self.timestamps.partition_point(|&t| t < start_ms);
+        let to = self.timestamps.partition_point(|&t| t < end_ms);
+        from..to.max(from)
+    }
+
+    /// The column of a dotted property path.
+    pub fn column(&self, path: &str) -> Option<&Column> {
+        self.columns.get(path)
+    }
+
+    /// Every column, by path.
+    pub fn columns(&self) -> impl Iterator<Item = (&str, &Column)> {
+        self.columns.iter().map(|(k, v)| (k.as_ref(), v))
+    }
+
+    /// Approximate bytes held in memory.
+    pub fn heap_bytes(&self) -> usize {
+        self.timestamps.len() * 8 + self.columns.values().map(Column::heap_bytes).sum::<usize>()
+    }
+
+    /// Builds a segment from events given as JSON text. Events that are not JSON objects are
+    /// skipped and counted in the second return value (the process stage never produces them).
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a str>) -> (Segment, usize) {
+        let mut rows: Vec<(i64, Vec<(String, Value)>)> = Vec::new();
+        let mut skipped = 0;
+        for text in events {
+            let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text) else {
+                skipped += 1;
+                continue;
+            };
+            let mut cells = Vec::new();
+            flatten(String::new(), map, &mut cells);
+            let ts = cells
+                .iter()
+                .find(|(path, _)| path == "keen.timestamp")
+                .and_then(|(_, v)| v.as_str())
+                .and_then(parse_timestamp_ms)
+                .unwrap_or(0);
+            rows.push((ts, cells));
+        }
+        rows.sort_by_key(|(ts, _)| *ts);
+        let mut builders: BTreeMap<Arc<str>, ColumnBuilder> = BTreeMap::new();
+        let mut timestamps = Vec::with_capacity(rows.len());
+        for (row, (ts, cells)) in rows.iter().enumerate() {
+            timestamps.push(*ts);
+            for (path, value) in cells {
+                let cell = match value {
+                    Value::Null => Cell::Null,
+                    Value::Bool(b) => Cell::Bool(*b),
+                    Value::Number(n) => Cell::Num(n.as_f64().unwrap_or(0.0)),
+                    Value::String(s) => match DATETIME_PATHS
+                        .contains(&path.as_str())
+                        .then(|| parse_timestamp_ms(s))
+                        .flatten()
+                    {
+                        Some(ms) => Cell::DateTime(ms),
+                        None => Cell::Str(s),
+                    },
+                    Value::Array(_) => {
+                        let text = value.to_string();
+                        builder(&mut builders, path).set(row, Cell::List(&text));
+                        continue;
+                    }
+                    Value::Object(_) => Cell::EmptyObject,
+                };
+                builder(&mut builders, path).set(row, cell);
+            }
+        }
+        let n = timestamps.len();
+        let columns = builders.into_iter().map(|(k, b)| (k, b.finish(n))).collect();
+        (
+            Segment {
+                timestamps,
+                columns,
+            },
+            skipped,
+        )
+    }
+
+    /// Concatenates segments into one, sorted by time.
+    pub fn merge(parts: &[&Segment]) -> Segment {
+        let mut order: Vec<(i64, u32, u32)> = Vec::with_capacity(parts.iter().map(|s| s.rows()).sum());
+        for (p, seg) in parts.iter().enumerate() {
+            order.extend(seg.timestamps.iter().enumerate().map(|(r, &t)| (t, p as u32, r as u32)));
+        }
+        order.sort_by_key(|&(t, p, r)| (t, p, r));
+        let mut builders: BTreeMap<Arc<str>, ColumnBuilder> = BTreeMap::new();
+        for (row, &(_, p, r)) in order.iter().enumerate() {
+            for (path, column) in &parts[p as usize].columns {
+                if let Some(cell) = column.cell(r as usize) {
+                    builder(&mut builders, path).set(row, cell);
+                }
+            }
+        }
+        let n = order.len();
+        Segment {
+            timestamps: order.iter().map(|&(t, _, _)| t).collect(),
+            columns: builders.into_iter().map(|(k, b)| (k, b.finish(n))).collect(),
+        }
+    }
+
+    /// The segment with only the rows for which `keep` is true (order kept); columns left with
+    /// no value are dropped.
+    pub fn retain_rows(&self, keep: impl Fn(usize) -> bool) -> Segment {
+        let rows: Vec<u32> = (0..self.rows()).filter(|&r| keep(r)).map(|r| r as u32).collect();
+        let columns = self
+            .columns
+            .iter()
+            .map(|(k, c)| (k.clone(), c.gather(&rows)))
+            .filter(|(_, c)| c.tags.iter().any(|&t| t != Tag::Absent as u8))
+            .collect();
+        Segment {
+            timestamps: rows.iter().map(|&r| self.timestamps[r as usize]).collect(),
+            columns,
+        }
+    }
+
+    /// The segment without the property `path` (and anything nested under it).
+    pub fn without_property(&self, path: &str) -> Segment {
+        let nested = format!("{path}.");
+        Segment {
+            timestamps: self.timestamps.clone(),
+            columns: self
+                .columns
+                .iter()
+                .filter(|(k, _)| k.as_ref() != path && !k.starts_with(&nested))
+                .map(|(k, c)| (k.clone(), c.clone()))
+                .collect(),
+        }
+    }
+
+    /// Row `row` as the JSON event it was stored as.
+    pub fn event_json(&self, row: usize) -> Value {
+        let mut root = Map::new();
+        for (path, column) in &self.columns {
+            if let Some(cell) = column.cell(row) {
+                insert_path(&mut root, path, cell_value(cell));
+            }
+        }
+        Value::Object(root)
+    }
+
+    /// Row `row` restricted to `paths` (each a property or an object prefix).
+    pub fn event_json_only(&self, row: usize, paths: &[String]) -> Value {
+        let mut root = Map::new();
+        for (path, column) in &self.columns {
+            let wanted = paths.iter().any(|p| {
+                path.as_ref() == p || (path.starts_with(p.as_str()) && path.as_bytes().get(p.len()) == Some(&b'.'))
+            });
+            if wanted && let Some(cell) = column.cell(row) {
+                insert_path(&mut root, path, cell_value(cell));
+            }
+        }
+        Value::Object(root)
+    }
+
+    /// The segment as file bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.heap_bytes() + 64);
+        out.extend_from_slice(MAGIC);
+        put_u64(&mut out, self.rows() as u64);
+        for &t in &self.timestamps {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        put_u64(&mut out, self.columns.len() as u64);
+        for (path, column) in &self.columns {
+            put_bytes(&mut out, path.as_bytes());
+            out.extend_from_slice(&column.tags);
+            out.push(u8::from(!column.nums.is_empty()) | (u8::from(!column.codes.is_empty()) << 1));
+            for &n in &column.nums {
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            for &c in &column.codes {
+                out.extend_from_slice(&c.to_le_bytes());
+            }
+            put_u64(&mut out, column.dict.len() as u64);
+            for s in &column.dict {
+                put_bytes(&mut out, s.as_bytes());
+            }
+        }
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Reads a segment file's bytes, checking its CRC and structure.
+    pub fn decode(bytes: &[u8]) -> Result<Segment, String> {
+        if bytes.len() < MAGIC.len() + 12 {
+            return Err("too short".into());
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err("checksum mismatch".into());
+        }
+        let mut r = Reader { bytes: body, at: 0 };
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err("not a Tally segment".into());
+        }
+        let rows = r.len_of(8)?;
+        let timestamps = r
+            .take(rows * 8)?
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let ncols = r.len_of(1)?;
+        let mut columns = BTreeMap::new();
+        for _ in 0..ncols {
+            let path = std::str::from_utf8(r.bytes_field()?)
+                .map_err(|_| "column name is not UTF-8")?
+                .to_owned();
+            let tags = r.take(rows)?.to_vec();
+            let flags = r.take(1)?[0];
+            let nums = if flags & 1 != 0 {
+                r.take(rows * 8)?
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let codes: Vec<u32> = if flags & 2 != 0 {
+                r.take(rows * 4)?
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let dict_len = r.len_of(1)?;
+            let mut dict = Vec::with_capacity(dict_len);
+            for _ in 0..dict_len {
+                let s = std::str::from_utf8(r.bytes_field()?).map_err(|_| "dictionary entry is not UTF-8")?;
+                dict.push(Arc::from(s));
+            }
+            for (row, &tag) in tags.iter().enumerate() {
+                let tag = Tag::from_u8(tag);
+                let needs_num = matches!(tag, Tag::Num | Tag::DateTime);
+                let needs_code = matches!(tag, Tag::Str | Tag::List | Tag::Bool);
+                if (needs_num && nums.is_empty()) || (needs_code && codes.is_empty()) {
+                    return Err(format!("column {path}: row {row} has no value slot"));
+                }
+                if matches!(tag, Tag::Str | Tag::List) && codes[row] as usize >= dict.len() {
+                    return Err(format!("column {path}: row {row} points outside the dictionary"));
+                }
+            }
+            columns.insert(
+                Arc::from(path.as_str()),
+                Column {
+                    tags,
+                    nums,
+                    codes,
+                    dict,
+                },
+            );
+        }
+        if r.at != body.len() {
+            return Err("trailing bytes".into());
+        }
+        Ok(Segment {
+            timestamps,
+            columns,
+        })
+    }
+}
+
+const MAGIC: &[u8; 8] = b"TALLYSG1";
+
+fn builder<'b>(builders: &'b mut BTreeMap<Arc<str>, ColumnBuilder>, path: &str) -> &'b mut ColumnBuilder {
+    if !builders.contains_key(path) {
+        builders.insert(Arc::from(path), ColumnBuilder::default());
+    }
+    builders.get_mut(path).expect("inserted above")
+}
+
+fn flatten(prefix: String, map: Map<String, Value>, out: &mut Vec<(String, Value)>) {
+    if map.is_empty() && !prefix.is_empty() {
+        out.push((prefix, Value::Object(Map::new())));
+        return;
+    }
+    for (key, value) in map {
+        let path = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+        match value {
+            Value::Object(inner) => flatten(path, inner, out),
+            other => out.push((path, other)),
+        }
+    }
+}
+
+/// A cell as the JSON value it was stored from.
+pub fn cell_value(cell: Cell<'_>) -> Value {
+    match cell {
+        Cell::Null => Value::Null,
+        Cell::Num(n) => number_value(n),
+        Cell::Str(s) => Value::String(s.to_owned()),
+        Cell::Bool(b) => Value::Bool(b),
+        Cell::List(text) => serde_json::from_str(text).unwrap_or(Value::Null),
+        Cell::EmptyObject => Value::Object(Map::new()),
+        Cell::DateTime(ms) => Value::String(format_timestamp_ms(ms)),
+    }
+}
+
+/// A number as JSON: integral values print without a fraction (`5`, not `5.0`).
+pub fn number_value(n: f64) -> Value {
+    if n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 {
+        Value::from(n as i64)
+    } else {
+        serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
+    }
+}
+
+fn insert_path(root: &mut Map<String, Value>, path: &str, value: Value) {
+    let mut node = root;
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            node.insert(part.to_owned(), value);
+            return;
+        }
+        let entry = node.entry(part.to_owned()).or_insert_with(|| Value::Object(Map::new()));
+        if !entry.is_object() {
+            *entry = Value::Object(Map::new());
+        }
+        node = entry.as_object_mut().expect("made an object above");
+    }
+}
+
+fn put_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_u64(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or("truncated")?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    /// A count whose items take at least `min_item_bytes` each, checked against what is left so
+    /// a damaged count cannot ask for a huge allocation.
+    fn len_of(&mut self, min_item_bytes: usize) -> Result<usize, String> {
+        let n = u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"));
+        let left = (self.bytes.len() - self.at) as u64;
+        if n.saturating_mul(min_item_bytes as u64) > left {
+            return Err("a count exceeds the file".into());
+        }
+        Ok(n as usize)
+    }
+
+    fn bytes_field(&mut self) -> Result<&'a [u8], String> {
+        let n = self.len_of(1)?;
+        self.take(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn seg(events: &[Value]) -> Segment {
+        let texts: Vec<String> = events.iter().map(Value::to_string).collect();
+        Segment::from_events(texts.iter().map(String::as_str)).0
+    }
+
+    #[test]
+    fn events_round_trip_through_columns_and_files() {
+        let events = vec![
+            json!({"keen": {"timestamp": "2026-01-02T00:00:00.000Z", "id": "b"}, "price": 5, "user": {"id": "u1", "tags": ["a", 1]}}),
+            json!({"keen": {"timestamp": "2026-01-01T00:00:00.000Z", "id": "a"}, "price": "five", "empty": {}, "n": null, "ok": true, "f": 1.25}),
+        ];
+        let s = seg(&events);
+        assert_eq!(s.rows(), 2);
+        assert_eq!(s.time_bounds(), Some((1_767_225_600_000, 1_767_312_000_000)));
+        // Sorted by time: the second event comes first.
+        assert_eq!(s.event_json(0), events[1]);
+        assert_eq!(s.event_json(1), events[0]);
+        let decoded = Segment::decode(&s.encode()).unwrap();
+        assert_eq!(decoded.event_json(0), events[1]);
+        assert_eq!(decoded.event_json(1), events[0]);
+        assert_eq!(s.column("price").unwrap().keen_type(), "num");
+        assert_eq!(s.column("keen.timestamp").unwrap().keen_type(), "datetime");
+        assert_eq!(
+            s.event_json_only(1, &["user".into(), "price".into()]),
+            json!({"price": 5, "user": {"id": "u1", "tags": ["a", 1]}})
+        );
+    }
+
+    #[test]
+    fn damaged_files_are_refused() {
+        let s = seg(&[json!({"keen": {"timestamp": "2026-01-02T00:00:00.000Z"}, "a": "x"})]);
+        let bytes = s.encode();
+        for cut in 0..bytes.len() {
+            assert!(Segment::decode(&bytes[..cut]).is_err());
+        }
+        let mut flipped = bytes.clone();
+        flipped[20] ^= 1;
+        assert!(Segment::decode(&flipped).is_err());
+    }
+
+    #[test]
+    fn merge_and_retain_keep_order_and_values() {
+        let a = seg(&[
+            json!({"keen": {"timestamp": "2026-01-01T00:00:00.000Z"}, "a": 1}),
+            json!({"keen": {"timestamp": "2026-01-03T00:00:00.000Z"}, "a": 3}),
+        ]);
+        let b = seg(&[json!({"keen": {"timestamp": "2026-01-02T00:00:00.000Z"}, "b": "x"})]);
+        let m = Segment::merge(&[&a, &b]);
+        assert_eq!(m.rows(), 3);
+        assert!(m.timestamps().is_sorted());
+        assert_eq!(m.event_json(1)["b"], "x");
+        assert_eq!(m.event_json(2)["a"], 3);
+        let kept = m.retain_rows(|r| r != 1);
+        assert_eq!(kept.rows(), 2);
+        assert!(kept.column("b").is_none());
+        assert_eq!(m.row_range(1_767_312_000_000, 1_767_398_400_000), 1..2);
+    }
+}
