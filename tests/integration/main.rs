@@ -8,3 +8,4 @@ mod crash;
 mod enrich;
 mod ingest_http;
 mod python_client;
+mod queries;

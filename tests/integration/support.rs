@@ -116,9 +116,7 @@ impl TestServer {
 
     /// The enriched events the process stage has committed: `{"project_id","collection","event"}`.
     pub fn enriched(&self) -> Vec<Value> {
-        tally_process::sink::read_committed(&self.tally.enriched_path())
-            .unwrap()
-            .0
+        stored_events(self.tally.store())
     }
 
     /// Waits until the process stage has committed at least `n` enriched events, and returns them.
@@ -199,4 +197,25 @@ pub fn geoip_testdata(name: &str) -> PathBuf {
 /// The path to the `tally` binary built for these tests.
 pub fn tally_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tally")
+}
+
+/// Every event in the store, as `{"project_id", "collection", "event"}`, in the order they were
+/// accepted (`keen.id` is time-ordered).
+pub fn stored_events(store: &tally_store::events::EventStore) -> Vec<Value> {
+    let mut out = Vec::new();
+    for project in store.projects() {
+        for collection in store.collections(project) {
+            for stored in store.snapshot(project, &collection) {
+                for row in 0..stored.segment.rows() {
+                    out.push(serde_json::json!({
+                        "project_id": project.to_string(),
+                        "collection": collection,
+                        "event": stored.segment.event_json(row),
+                    }));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a["event"]["keen"]["id"].as_str().cmp(&b["event"]["keen"]["id"].as_str()));
+    out
 }

@@ -31,6 +31,10 @@ pub struct Config {
     pub enrich: EnrichConfig,
     /// The process stage.
     pub process: ProcessConfig,
+    /// The embedded event store.
+    pub store: StoreConfig,
+    /// Query limits.
+    pub query: QueryConfig,
     /// Log output format for Tally's own logs: `text` or `json`.
     pub log_format: LogFormat,
 }
@@ -46,6 +50,8 @@ impl Default for Config {
             log: LogConfig::default(),
             enrich: EnrichConfig::default(),
             process: ProcessConfig::default(),
+            store: StoreConfig::default(),
+            query: QueryConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -180,6 +186,53 @@ impl Default for ProcessConfig {
             enabled: true,
             max_batch_bytes: 4 * 1024 * 1024,
             threads: 0,
+        }
+    }
+}
+
+/// The embedded event store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// How often events held in memory (already queryable) are written to disk, in
+    /// milliseconds. After a crash, at most this much is re-read from the event log.
+    pub flush_interval_ms: u64,
+    /// Small segments are merged up to about this many events.
+    pub merge_target_rows: usize,
+    /// A collection's small segments are merged once there are this many.
+    pub merge_min_segments: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 1000,
+            merge_target_rows: 1 << 20,
+            merge_min_segments: 8,
+        }
+    }
+}
+
+/// Limits on one query, so that no query can take the server down.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueryConfig {
+    /// A query still running after this many seconds is stopped and answered 504.
+    pub timeout_secs: u64,
+    /// The most memory one query may hold for its groups, distinct values and sorted values,
+    /// in bytes; past it the query is refused with a 400 asking for a narrower question.
+    pub max_memory_bytes: usize,
+    /// The most events one extraction returns (Keen: 100,000); more is refused, asking for
+    /// `latest` or a narrower timeframe.
+    pub max_extraction_events: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: 60,
+            max_memory_bytes: 2 << 30,
+            max_extraction_events: 100_000,
         }
     }
 }

@@ -191,6 +191,7 @@ fn run(
             }
         };
         let Some(next) = batch.last().map(|entry| entry.next) else {
+            report_durable(log, sink);
             std::thread::sleep(config.idle_wait);
             continue;
         };
@@ -206,14 +207,26 @@ fn run(
             }
             std::thread::sleep(backoff);
         }
-        if let Err(e) = log.commit_consumed(next) {
-            tracing::warn!(error = %e, "process stage: recording the consumed log position failed");
-        }
+        report_durable(log, sink);
         metrics.events.inc_by(events.len() as u64);
         position = next;
         if let Some(pool) = &pool {
             pool.free(events, &sizes);
         }
+    }
+}
+
+/// Tells the log how far the sink has made events durable, so it keeps every record the sink
+/// could still need after a crash (a store may hold the newest events in memory for a while).
+fn report_durable(log: &EmbeddedEventLog, sink: &dyn EventSink) {
+    match sink.committed_position() {
+        Ok(Some(position)) => {
+            if let Err(e) = log.commit_consumed(position) {
+                tracing::warn!(error = %e, "process stage: recording the consumed log position failed");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "process stage: cannot read the store's durable position"),
     }
 }
 

@@ -13,11 +13,12 @@ use axum::http::{Method, header};
 use axum::middleware;
 use axum::routing::{any, get, post};
 use tally_core::clock::Clock;
-use tally_core::config::HttpConfig;
+use tally_core::config::{HttpConfig, QueryConfig};
 use tally_core::error::ErrorCode;
 use tally_core::ids::KeyHash;
 use tally_ingest::Ingestor;
 use tally_store::Catalog;
+use tally_store::events::EventStore;
 use tower_http::cors::{AllowHeaders, Any, CorsLayer};
 
 use crate::error::ApiError;
@@ -43,6 +44,10 @@ pub struct AppInner {
     pub http: HttpConfig,
     /// The clock.
     pub clock: Arc<dyn Clock>,
+    /// Enriched events, for queries and schema.
+    pub store: Arc<EventStore>,
+    /// Query limits.
+    pub query: QueryConfig,
 }
 
 impl AppState {
@@ -84,11 +89,21 @@ pub fn router(state: AppState) -> Router {
         .route("/3.0/projects", post(routes::projects::create_project))
         .route(
             "/3.0/projects/{project}/events",
-            post(routes::events::record_batch),
+            post(routes::events::record_batch).get(routes::queries::list_collections),
         )
         .route(
             "/3.0/projects/{project}/events/{collection}",
-            post(routes::events::record_event).get(routes::events::record_event_by_get),
+            post(routes::events::record_event)
+                .get(routes::events::record_event_by_get)
+                .delete(routes::queries::delete_events),
+        )
+        .route(
+            "/3.0/projects/{project}/events/{collection}/properties/{property}",
+            get(routes::queries::describe_property).delete(routes::queries::delete_property),
+        )
+        .route(
+            "/3.0/projects/{project}/queries/{analysis}",
+            get(routes::queries::run_query).post(routes::queries::run_query),
         )
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async {

@@ -17,12 +17,20 @@ use crate::error::ApiError;
 pub enum Access {
     /// Recording events.
     Writes,
+    /// Running queries (read or master key).
+    Queries,
+    /// Reading collections and properties (read or master key).
+    Schema,
+    /// Project administration and deletes (master key only).
+    Master,
 }
 
 impl Access {
     fn allows(self, kind: KeyKind) -> bool {
         match self {
             Access::Writes => matches!(kind, KeyKind::Master | KeyKind::Write),
+            Access::Queries | Access::Schema => matches!(kind, KeyKind::Master | KeyKind::Read),
+            Access::Master => kind == KeyKind::Master,
         }
     }
 }
@@ -65,6 +73,12 @@ pub fn authorize(
                 "The API key is invalid for this project, or has been revoked.",
             )
         })?;
+    if access == Access::Master && grant.kind != KeyKind::Master {
+        return Err(ApiError::new(
+            ErrorCode::AdminOnlyEndpoint,
+            "This endpoint needs the project's master key.",
+        ));
+    }
     if !access.allows(grant.kind) {
         return Err(ApiError::new(
             ErrorCode::InsufficientPermissions,

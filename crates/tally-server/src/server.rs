@@ -8,7 +8,7 @@
 //! catalog.json       projects and hashed keys
 //! log/               the embedded event log
 //! dedupe.snapshot    the uniqueness-token table as of a log position
-//! enriched/          enriched events (JSON lines) until the event store exists
+//! store/             the columnar event store (manifest.json, segments/)
 //! ```
 //!
 //! Shutdown (SIGTERM/SIGINT in the binary, [`Tally::shutdown`] in tests): stop accepting
@@ -30,8 +30,8 @@ use tally_core::log::EventLog;
 use tally_core::time::format_timestamp_ms;
 use tally_ingest::dedupe::{self, Dedupe};
 use tally_ingest::{EmbeddedEventLog, Ingestor};
-use tally_process::sink::JsonLinesSink;
 use tally_process::{Enrichers, GeoIp, ProcessStage, StageConfig};
+use tally_store::events::{EventStore, Maintenance, StoreConfig};
 use tally_store::{Catalog, CatalogError, EmbeddedCatalog, NewProject};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -66,6 +66,9 @@ pub enum StartError {
     /// The process stage or its store could not start.
     #[error("process stage: {0}")]
     Process(io::Error),
+    /// The event store could not be opened.
+    #[error(transparent)]
+    Store(#[from] tally_store::events::StoreError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -127,9 +130,9 @@ impl DataDir {
         self.path.join("dedupe.snapshot")
     }
 
-    /// Where enriched events go until the event store exists.
-    pub fn enriched_path(&self) -> PathBuf {
-        self.path.join("enriched").join("events.jsonl")
+    /// The event store.
+    pub fn store_path(&self) -> PathBuf {
+        self.path.join("store")
     }
 }
 
@@ -147,6 +150,8 @@ pub struct Tally {
     serve: JoinHandle<io::Result<()>>,
     background: Vec<JoinHandle<()>>,
     process: Option<ProcessStage>,
+    store: Arc<EventStore>,
+    store_maintenance: Option<Maintenance>,
     enrichers: Arc<Enrichers>,
     data_dir: DataDir,
 }
@@ -188,7 +193,19 @@ impl Tally {
             .await
             .expect("GeoIP open task")?;
         let enrichers = Arc::new(Enrichers::new(geo, &mut registry));
-        let sink = Arc::new(JsonLinesSink::open(&data_dir.enriched_path()).map_err(StartError::Process)?);
+        let store_dir = data_dir.store_path();
+        let store_config = StoreConfig {
+            flush_interval: Duration::from_millis(config.store.flush_interval_ms.max(10)),
+            merge_target_rows: config.store.merge_target_rows.max(1),
+            merge_min_segments: config.store.merge_min_segments.max(2),
+        };
+        let store = Arc::new(
+            tokio::task::spawn_blocking(move || EventStore::open(&store_dir, store_config))
+                .await
+                .expect("store open task")?,
+        );
+        let store_maintenance = Some(store.start_maintenance().map_err(StartError::Process)?);
+        let sink = store.clone();
         let stage_config = StageConfig {
             max_batch_bytes: config.process.max_batch_bytes,
             threads: match config.process.threads {
@@ -240,6 +257,8 @@ impl Tally {
             admin_key: config.admin_key.as_deref().map(KeyHash::of),
             http: config.http.clone(),
             clock: clock.clone(),
+            store: store.clone(),
+            query: config.query.clone(),
         });
 
         let listener = TcpListener::bind(config.listen)
@@ -302,6 +321,8 @@ impl Tally {
             serve,
             background,
             process,
+            store,
+            store_maintenance,
             enrichers,
             data_dir,
         })
@@ -322,9 +343,9 @@ impl Tally {
         &self.catalog
     }
 
-    /// Where enriched events are written (until the event store exists).
-    pub fn enriched_path(&self) -> PathBuf {
-        self.data_dir.enriched_path()
+    /// The event store.
+    pub fn store(&self) -> &Arc<EventStore> {
+        &self.store
     }
 
     /// Re-reads the GeoIP database files now (SIGHUP). A replacement that does not verify is
@@ -351,6 +372,15 @@ impl Tally {
             tokio::task::spawn_blocking(move || process.stop())
                 .await
                 .map_err(io::Error::other)?;
+        }
+        if let Some(maintenance) = self.store_maintenance.take() {
+            // One last flush: what the stage stored is durable before the log is told so.
+            tokio::task::spawn_blocking(move || maintenance.stop())
+                .await
+                .map_err(io::Error::other)?;
+        }
+        if let Ok(Some(position)) = tally_core::event::EventSink::committed_position(self.store.as_ref()) {
+            self.log.commit_consumed(position)?;
         }
         let (log, ingestor, clock, path) = (
             self.log,

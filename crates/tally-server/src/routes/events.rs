@@ -1,7 +1,7 @@
 //! The HTTP Stream API: single events, batches and the image beacon (reference §1).
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -106,20 +106,26 @@ pub async fn record_event(
 }
 
 /// `GET /3.0/projects/{project}/events/{collection}?data=BASE64[&redirect=URL]`: the image
-/// beacon. Answers a 1×1 GIF, or a 302 to `redirect`.
+/// beacon. Answers a 1×1 GIF, or a 302 to `redirect`. Without `data` (and `redirect`), the
+/// collection's schema (reference §5).
 pub async fn record_event_by_get(
     State(state): State<AppState>,
     KeenPath((project, collection)): KeenPath<(String, String)>,
     params: Params,
+    RawQuery(raw_query): RawQuery,
     client: ClientInfo,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if params.get("data").is_none() && params.get("redirect").is_none() {
+        // Without `data` this is a schema read; a write key meant to send an event.
+        match crate::routes::queries::describe_collection(state, project, collection, raw_query, headers).await {
+            Err(e) if e.code == ErrorCode::InsufficientPermissions => return Err(missing_data()),
+            other => return other,
+        }
+    }
     let project = authorize_write(&state, &project, &params, &headers)?;
     let Some(data) = params.get("data") else {
-        return Err(ApiError::new(
-            ErrorCode::MissingRequiredProperty,
-            "GET on an event collection records the event in the base64 'data' parameter, which is missing.",
-        ));
+        return Err(missing_data());
     };
     let redirect = params.get("redirect").map(check_redirect).transpose()?;
     let body = decode_beacon_data(data).inspect_err(|e| state.ingestor.count_rejected(e.code))?;
@@ -146,6 +152,13 @@ pub async fn record_event_by_get(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+fn missing_data() -> ApiError {
+    ApiError::new(
+        ErrorCode::MissingRequiredProperty,
+        "GET on an event collection records the event in the base64 'data' parameter, which is missing.",
+    )
 }
 
 /// Only absolute `http` and `https` URLs may be redirected to.

@@ -3,3 +3,4 @@
 pub mod events;
 pub mod ops;
 pub mod projects;
+pub mod queries;

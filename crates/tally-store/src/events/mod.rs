@@ -210,6 +210,15 @@ impl EventStore {
         tables.get(&(project, collection.to_owned())).cloned().unwrap_or_default()
     }
 
+    /// The projects that hold events.
+    pub fn projects(&self) -> Vec<ProjectId> {
+        let tables = self.tables.read().expect("tables lock");
+        let mut ids: Vec<ProjectId> = tables.keys().map(|(p, _)| *p).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     /// The collections of a project that hold events, sorted by name.
     pub fn collections(&self, project: ProjectId) -> Vec<String> {
         let tables = self.tables.read().expect("tables lock");

@@ -1,0 +1,889 @@
+//! Runs a [`QuerySpec`] over a collection's segments and shapes the answer as Keen does.
+//!
+//! The plan is the same for every analysis:
+//!
+//! 1. **Prune by time.** Segments whose `[min, max]` timestamp misses the range are skipped; in
+//!    the others the rows of the range are found by binary search (rows are time-sorted).
+//! 2. **Filter** into a row mask. A filter on a string column is decided once per dictionary
+//!    entry, and on absent/null/boolean rows once per tag; only numbers are compared row by row.
+//! 3. **Group and aggregate** with keys made of (tag, slot) pairs — dictionary codes, not
+//!    strings — in a map local to the segment. Strings appear only when a segment's groups are
+//!    folded into the query's answer.
+//!
+//! Segments are split among threads (one per core), each folding into its own partial answer;
+//! the partial answers are merged at the end. The caller runs this on a blocking thread, never on
+//! the async runtime, and passes a deadline and a memory budget ([`Limits`]).
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde_json::{Map, Value, json};
+use tally_store::events::{Cell, Column, Segment, StoredSegment, Tag, cell_value, number_value};
+
+use crate::spec::{Analysis, Filter, FilterOp, QuerySpec};
+use crate::timeframe::{TimeRange, buckets};
+
+/// What one query may use.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Past this instant the query stops with [`ExecError::Timeout`].
+    pub deadline: Option<Instant>,
+    /// Bytes of groups, distinct values and kept values the query may hold.
+    pub max_memory_bytes: usize,
+    /// The most events an extraction may return.
+    pub max_extraction_events: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            deadline: None,
+            max_memory_bytes: usize::MAX,
+            max_extraction_events: 100_000,
+        }
+    }
+}
+
+/// Why a query did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The query ran past its deadline (504).
+    #[error("the query did not finish within its time limit")]
+    Timeout,
+    /// The query needs more than its budget (groups, distinct values, extraction size): a
+    /// message asking for a narrower question (400).
+    #[error("{0}")]
+    TooBig(String),
+    /// The spec cannot be run as given (e.g. bad interval for the range) (400).
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
+}
+
+/// A query's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// The JSON body, `{"result": …}` (with `execution_metadata` when asked).
+    Json(Value),
+    /// An extraction as CSV text.
+    Csv(String),
+}
+
+/// Runs `spec` over `segments` (one collection's snapshot).
+pub fn run(spec: &QuerySpec, segments: &[Arc<StoredSegment>], limits: &Limits) -> Result<Answer, ExecError> {
+    let started = Instant::now();
+    let range = spec.range;
+    let segs: Vec<&Segment> = segments
+        .iter()
+        .map(|s| &s.segment)
+        .filter(|s| s.time_bounds().is_some_and(|(lo, hi)| hi >= range.start_ms && lo < range.end_ms))
+        .collect();
+    let (result, scanned) = if spec.analysis == Analysis::Extraction {
+        return extraction(spec, &segs, limits).map(|(answer, scanned)| with_metadata(spec, answer, scanned, started));
+    } else {
+        aggregate(spec, &segs, limits)?
+    };
+    Ok(with_metadata(spec, Answer::Json(json!({ "result": result })), scanned, started))
+}
+
+fn with_metadata(spec: &QuerySpec, answer: Answer, scanned: u64, started: Instant) -> Answer {
+    match answer {
+        Answer::Json(Value::Object(mut body)) if spec.include_metadata => {
+            let properties = touched_properties(spec) as u64;
+            body.insert(
+                "execution_metadata".into(),
+                json!({
+                    "events_scanned": scanned,
+                    "properties_per_event": properties,
+                    "total_properties_scanned": scanned * properties,
+                    "total_processing_time": started.elapsed().as_secs_f64(),
+                }),
+            );
+            Answer::Json(Value::Object(body))
+        }
+        other => other,
+    }
+}
+
+fn touched_properties(spec: &QuerySpec) -> usize {
+    fn count(filters: &[Filter]) -> usize {
+        filters
+            .iter()
+            .map(|f| match f {
+                Filter::Property { .. } => 1,
+                Filter::Or(inner) => count(inner),
+            })
+            .sum()
+    }
+    1 + usize::from(spec.target_property.is_some()) + spec.group_by.len() + count(&spec.filters)
+}
+
+fn check_deadline(limits: &Limits) -> Result<(), ExecError> {
+    match limits.deadline {
+        Some(deadline) if Instant::now() >= deadline => Err(ExecError::Timeout),
+        _ => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Filters
+
+/// The rows of `seg` in `range` that pass every filter (deletes use this).
+pub fn matching_rows(seg: &Segment, range: TimeRange, filters: &[Filter]) -> Vec<u32> {
+    select(seg, seg.row_range(range.start_ms, range.end_ms), filters)
+}
+
+/// The rows of `rows` (absolute row numbers of `seg`) that pass every filter.
+fn select(seg: &Segment, rows: std::ops::Range<usize>, filters: &[Filter]) -> Vec<u32> {
+    if filters.is_empty() {
+        return rows.map(|r| r as u32).collect();
+    }
+    let mut mask = vec![true; rows.len()];
+    for filter in filters {
+        let m = filter_mask(seg, rows.clone(), filter);
+        for (a, b) in mask.iter_mut().zip(m) {
+            *a &= b;
+        }
+    }
+    rows.zip(mask).filter(|(_, keep)| *keep).map(|(r, _)| r as u32).collect()
+}
+
+fn filter_mask(seg: &Segment, rows: std::ops::Range<usize>, filter: &Filter) -> Vec<bool> {
+    match filter {
+        Filter::Or(inner) => {
+            let mut mask = vec![false; rows.len()];
+            for f in inner {
+                for (a, b) in mask.iter_mut().zip(filter_mask(seg, rows.clone(), f)) {
+                    *a |= b;
+                }
+            }
+            mask
+        }
+        Filter::Property { property, op } => match seg.column(property) {
+            None => vec![matches(op, None); rows.len()],
+            Some(column) => column_mask(column, rows, op),
+        },
+    }
+}
+
+fn column_mask(column: &Column, rows: std::ops::Range<usize>, op: &FilterOp) -> Vec<bool> {
+    // Decided once per dictionary entry and once per value-less tag.
+    let code_ok: Vec<bool> = column.dict().iter().map(|s| matches(op, Some(Cell::Str(s)))).collect();
+    let list_ok: Vec<bool> = if column.tag_counts()[Tag::List as usize] > 0 {
+        column.dict().iter().map(|s| matches(op, Some(Cell::List(s)))).collect()
+    } else {
+        Vec::new()
+    };
+    let absent = matches(op, None);
+    let null = matches(op, Some(Cell::Null));
+    let empty_object = matches(op, Some(Cell::EmptyObject));
+    let bools = [matches(op, Some(Cell::Bool(false))), matches(op, Some(Cell::Bool(true)))];
+    let tags = column.tags();
+    rows.map(|r| match Tag::from_u8(tags[r]) {
+        Tag::Absent => absent,
+        Tag::Null => null,
+        Tag::EmptyObject => empty_object,
+        Tag::Bool => bools[(column.codes()[r] != 0) as usize],
+        Tag::Str => code_ok[column.codes()[r] as usize],
+        Tag::List => list_ok[column.codes()[r] as usize],
+        Tag::Num => matches(op, Some(Cell::Num(column.nums()[r]))),
+        Tag::DateTime => matches(op, Some(Cell::DateTime(column.nums()[r] as i64))),
+    })
+    .collect()
+}
+
+/// Whether a value (`None`: the property is missing) passes `op`, per section 9 "Filters".
+pub fn matches(op: &FilterOp, cell: Option<Cell<'_>>) -> bool {
+    let present = !matches!(cell, None | Some(Cell::Null));
+    match op {
+        FilterOp::Exists(want) => present == *want,
+        FilterOp::Eq(Value::Null) => !present,
+        FilterOp::Ne(Value::Null) => present,
+        _ if !present => false,
+        FilterOp::Eq(v) => cell.is_some_and(|c| equals_or_contains(c, v)),
+        FilterOp::Ne(v) => cell.is_some_and(|c| !equals_or_contains(c, v)),
+        FilterOp::Lt(v) => compare(cell, v).is_some_and(Ordering::is_lt),
+        FilterOp::Lte(v) => compare(cell, v).is_some_and(Ordering::is_le),
+        FilterOp::Gt(v) => compare(cell, v).is_some_and(Ordering::is_gt),
+        FilterOp::Gte(v) => compare(cell, v).is_some_and(Ordering::is_ge),
+        FilterOp::In(values) => match cell {
+            Some(Cell::List(text)) => list_items(text).iter().any(|item| values.contains(item)),
+            Some(c) => values.iter().any(|v| scalar_equals(c, v)),
+            None => false,
+        },
+        FilterOp::Contains(needle) => any_string(cell, |s| s.contains(needle.as_str())),
+        FilterOp::NotContains(needle) => match cell {
+            Some(Cell::Str(_) | Cell::List(_)) => !any_string(cell, |s| s.contains(needle.as_str())),
+            _ => false,
+        },
+        FilterOp::Regex(re) => any_string(cell, |s| re.is_match(s)),
+        FilterOp::Within { lon, lat, max_miles } => match cell {
+            Some(Cell::List(text)) => match list_items(text).as_slice() {
+                [Value::Number(x), Value::Number(y)] => {
+                    let (Some(x), Some(y)) = (x.as_f64(), y.as_f64()) else {
+                        return false;
+                    };
+                    haversine_miles(*lon, *lat, x, y) <= *max_miles
+                }
+                _ => false,
+            },
+            _ => false,
+        },
+    }
+}
+
+fn list_items(text: &str) -> Vec<Value> {
+    match serde_json::from_str(text) {
+        Ok(Value::Array(items)) => items,
+        _ => Vec::new(),
+    }
+}
+
+fn any_string(cell: Option<Cell<'_>>, test: impl Fn(&str) -> bool) -> bool {
+    match cell {
+        Some(Cell::Str(s)) => test(s),
+        Some(Cell::List(text)) => list_items(text).iter().any(|v| v.as_str().is_some_and(&test)),
+        _ => false,
+    }
+}
+
+fn equals_or_contains(cell: Cell<'_>, v: &Value) -> bool {
+    match cell {
+        Cell::List(text) => {
+            if v.is_array() {
+                serde_json::from_str::<Value>(text).is_ok_and(|list| &list == v)
+            } else {
+                list_items(text).contains(v)
+            }
+        }
+        c => scalar_equals(c, v),
+    }
+}
+
+fn scalar_equals(cell: Cell<'_>, v: &Value) -> bool {
+    match (cell, v) {
+        (Cell::Num(n), Value::Number(m)) => m.as_f64() == Some(n),
+        (Cell::Str(s), Value::String(t)) => s == t,
+        (Cell::Bool(b), Value::Bool(c)) => b == *c,
+        (Cell::DateTime(ms), Value::String(t)) => tally_core::time::parse_timestamp_ms(t) == Some(ms),
+        (Cell::Null, Value::Null) => true,
+        _ => false,
+    }
+}
+
+fn compare(cell: Option<Cell<'_>>, v: &Value) -> Option<Ordering> {
+    match (cell?, v) {
+        (Cell::Num(n), Value::Number(m)) => n.partial_cmp(&m.as_f64()?),
+        (Cell::Str(s), Value::String(t)) => Some(s.cmp(t.as_str())),
+        (Cell::DateTime(ms), Value::String(t)) => Some(ms.cmp(&tally_core::time::parse_timestamp_ms(t)?)),
+        (Cell::DateTime(ms), Value::Number(m)) => (ms as f64).partial_cmp(&m.as_f64()?),
+        _ => None,
+    }
+}
+
+fn haversine_miles(lon1: f64, lat1: f64, lon2: f64, lat2: f64) -> f64 {
+    const EARTH_RADIUS_MILES: f64 = 3958.8;
+    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+    let dp = (lat2 - lat1).to_radians();
+    let dl = (lon2 - lon1).to_radians();
+    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+    2.0 * EARTH_RADIUS_MILES * a.sqrt().asin()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values as group keys and distinct values
+
+/// A value as a group key or distinct value, comparable across segments. Missing and null are
+/// the same key (`null`). Ordered: null, numbers, strings, booleans, datetimes, lists.
+#[derive(Debug, Clone)]
+pub enum KeyValue {
+    Null,
+    Num(f64),
+    Str(Arc<str>),
+    Bool(bool),
+    DateTime(i64),
+    List(Arc<str>),
+}
+
+impl KeyValue {
+    fn rank(&self) -> u8 {
+        match self {
+            KeyValue::Null => 0,
+            KeyValue::Num(_) => 1,
+            KeyValue::Str(_) => 2,
+            KeyValue::Bool(_) => 3,
+            KeyValue::DateTime(_) => 4,
+            KeyValue::List(_) => 5,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        match self {
+            KeyValue::Null => Value::Null,
+            KeyValue::Num(n) => number_value(*n),
+            KeyValue::Str(s) => Value::String(s.to_string()),
+            KeyValue::Bool(b) => Value::Bool(*b),
+            KeyValue::DateTime(ms) => cell_value(Cell::DateTime(*ms)),
+            KeyValue::List(text) => cell_value(Cell::List(text)),
+        }
+    }
+}
+
+impl PartialEq for KeyValue {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for KeyValue {}
+impl PartialOrd for KeyValue {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for KeyValue {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (self, other) {
+            (KeyValue::Num(a), KeyValue::Num(b)) => a.total_cmp(b),
+            (KeyValue::Str(a), KeyValue::Str(b)) | (KeyValue::List(a), KeyValue::List(b)) => a.cmp(b),
+            (KeyValue::Bool(a), KeyValue::Bool(b)) => a.cmp(b),
+            (KeyValue::DateTime(a), KeyValue::DateTime(b)) => a.cmp(b),
+            _ => self.rank().cmp(&other.rank()),
+        }
+    }
+}
+impl Hash for KeyValue {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.rank().hash(state);
+        match self {
+            KeyValue::Null => {}
+            KeyValue::Num(n) => n.to_bits().hash(state),
+            KeyValue::Str(s) | KeyValue::List(s) => s.hash(state),
+            KeyValue::Bool(b) => b.hash(state),
+            KeyValue::DateTime(ms) => ms.hash(state),
+        }
+    }
+}
+
+/// A row's value in a column as a (tag, slot) pair local to the segment: dictionary code for
+/// strings and lists, bits for numbers. Missing and null both give `(Null, 0)`.
+#[inline]
+fn local_key(column: Option<&Column>, row: usize) -> (u8, u64) {
+    let Some(c) = column else {
+        return (Tag::Null as u8, 0);
+    };
+    match Tag::from_u8(c.tags()[row]) {
+        Tag::Absent | Tag::Null => (Tag::Null as u8, 0),
+        Tag::Num => {
+            let n = c.nums()[row];
+            (Tag::Num as u8, if n == 0.0 { 0 } else { n.to_bits() })
+        }
+        Tag::DateTime => (Tag::DateTime as u8, c.nums()[row] as i64 as u64),
+        tag @ (Tag::Str | Tag::List | Tag::Bool) => (tag as u8, c.codes()[row] as u64),
+        Tag::EmptyObject => (Tag::EmptyObject as u8, 0),
+    }
+}
+
+fn global_key(column: Option<&Column>, (tag, slot): (u8, u64)) -> KeyValue {
+    match (Tag::from_u8(tag), column) {
+        (Tag::Num, _) => KeyValue::Num(f64::from_bits(slot)),
+        (Tag::DateTime, _) => KeyValue::DateTime(slot as i64),
+        (Tag::Bool, _) => KeyValue::Bool(slot != 0),
+        (Tag::Str, Some(c)) => KeyValue::Str(c.dict()[slot as usize].clone()),
+        (Tag::List, Some(c)) => KeyValue::List(c.dict()[slot as usize].clone()),
+        (Tag::EmptyObject, _) => KeyValue::List(Arc::from("{}")),
+        _ => KeyValue::Null,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Aggregation
+
+/// The running state of one group.
+#[derive(Debug, Clone)]
+enum Acc {
+    Count(u64),
+    Sum { sum: f64, n: u64 },
+    Min(Option<f64>),
+    Max(Option<f64>),
+    Values(Vec<f64>),
+    /// Welford's running mean and sum of squared deviations.
+    Moments { n: u64, mean: f64, m2: f64 },
+    /// Distinct values local to a segment (tag, slot).
+    LocalUnique(FxHashSet<(u8, u64)>),
+    Unique(std::collections::HashSet<KeyValue>),
+}
+
+impl Acc {
+    fn new(analysis: Analysis, local: bool) -> Acc {
+        match analysis {
+            Analysis::Count | Analysis::Extraction => Acc::Count(0),
+            Analysis::Sum | Analysis::Average => Acc::Sum { sum: 0.0, n: 0 },
+            Analysis::Minimum => Acc::Min(None),
+            Analysis::Maximum => Acc::Max(None),
+            Analysis::Median | Analysis::Percentile(_) => Acc::Values(Vec::new()),
+            Analysis::StandardDeviation => Acc::Moments {
+                n: 0,
+                mean: 0.0,
+                m2: 0.0,
+            },
+            Analysis::CountUnique | Analysis::SelectUnique if local => Acc::LocalUnique(FxHashSet::default()),
+            Analysis::CountUnique | Analysis::SelectUnique => Acc::Unique(Default::default()),
+        }
+    }
+
+    #[inline]
+    fn add_num(&mut self, x: f64) {
+        match self {
+            Acc::Sum { sum, n } => {
+                *sum += x;
+                *n += 1;
+            }
+            Acc::Min(m) => *m = Some(m.map_or(x, |m| m.min(x))),
+            Acc::Max(m) => *m = Some(m.map_or(x, |m| m.max(x))),
+            Acc::Values(v) => v.push(x),
+            Acc::Moments { n, mean, m2 } => {
+                *n += 1;
+                let d = x - *mean;
+                *mean += d / *n as f64;
+                *m2 += d * (x - *mean);
+            }
+            _ => {}
+        }
+    }
+
+    /// Folds `other` (already global) into `self`.
+    fn merge(&mut self, other: Acc) {
+        match (self, other) {
+            (Acc::Count(a), Acc::Count(b)) => *a += b,
+            (Acc::Sum { sum, n }, Acc::Sum { sum: s2, n: n2 }) => {
+                *sum += s2;
+                *n += n2;
+            }
+            (Acc::Min(a), Acc::Min(b)) => *a = match (*a, b) {
+                (Some(x), Some(y)) => Some(x.min(y)),
+                (x, y) => x.or(y),
+            },
+            (Acc::Max(a), Acc::Max(b)) => *a = match (*a, b) {
+                (Some(x), Some(y)) => Some(x.max(y)),
+                (x, y) => x.or(y),
+            },
+            (Acc::Values(a), Acc::Values(mut b)) => a.append(&mut b),
+            (Acc::Moments { n, mean, m2 }, Acc::Moments { n: n2, mean: mean2, m2: m22 }) => {
+                if n2 == 0 {
+                    return;
+                }
+                let total = *n + n2;
+                let d = mean2 - *mean;
+                *mean += d * n2 as f64 / total as f64;
+                *m2 += m22 + d * d * (*n as f64) * (n2 as f64) / total as f64;
+                *n = total;
+            }
+            (Acc::Unique(a), Acc::Unique(b)) => {
+                if a.len() < b.len() {
+                    let small = std::mem::replace(a, b);
+                    a.extend(small);
+                } else {
+                    a.extend(b);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A segment-local state made global (codes → values).
+    fn globalize(self, target: Option<&Column>) -> Acc {
+        match self {
+            Acc::LocalUnique(set) => Acc::Unique(set.into_iter().map(|k| global_key(target, k)).collect()),
+            other => other,
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Acc::Values(v) => v.len() * 8,
+            Acc::LocalUnique(s) => s.len() * 24,
+            Acc::Unique(s) => s.len() * 48,
+            _ => 0,
+        }
+    }
+
+    /// The analysis result of this state.
+    fn result(self, analysis: Analysis) -> Value {
+        match (analysis, self) {
+            (_, Acc::Count(n)) => Value::from(n),
+            (Analysis::Sum, Acc::Sum { sum, .. }) => number_value(sum),
+            (_, Acc::Sum { sum, n }) => {
+                if n == 0 {
+                    Value::Null
+                } else {
+                    number_value(sum / n as f64)
+                }
+            }
+            (_, Acc::Min(m) | Acc::Max(m)) => m.map_or(Value::Null, number_value),
+            (analysis, Acc::Values(mut v)) => {
+                let p = match analysis {
+                    Analysis::Percentile(p) => p,
+                    _ => 50.0,
+                };
+                nearest_rank(&mut v, p).map_or(Value::Null, number_value)
+            }
+            (_, Acc::Moments { n, m2, .. }) => {
+                if n < 2 {
+                    Value::Null
+                } else {
+                    number_value((m2 / (n - 1) as f64).sqrt())
+                }
+            }
+            (Analysis::CountUnique, Acc::Unique(set)) => Value::from(set.len()),
+            (_, Acc::Unique(set)) => {
+                let mut values: Vec<KeyValue> = set.into_iter().filter(|v| *v != KeyValue::Null).collect();
+                values.sort();
+                Value::Array(values.iter().map(KeyValue::to_json).collect())
+            }
+            (_, Acc::LocalUnique(_)) => Value::Null,
+        }
+    }
+}
+
+/// The nearest-rank percentile: with values sorted v1..vn, v_k with k = max(1, ceil(p/100·n)).
+pub fn nearest_rank(values: &mut [f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len();
+    let k = ((p / 100.0 * n as f64).ceil() as usize).clamp(1, n);
+    let (_, v, _) = values.select_nth_unstable_by(k - 1, f64::total_cmp);
+    Some(*v)
+}
+
+/// Groups of the whole query: (bucket index, group key) → state.
+type Groups = HashMap<(usize, Vec<KeyValue>), Acc>;
+
+/// Runs an aggregating analysis; returns the `result` value and the events scanned.
+fn aggregate(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(Value, u64), ExecError> {
+    let bucket_ranges = match spec.interval {
+        Some(interval) => Some(buckets(spec.range, interval, spec.zone)?),
+        None => None,
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(segs.len()).max(1);
+    let partials: Vec<Result<(Groups, u64), ExecError>> = if threads == 1 {
+        vec![aggregate_part(spec, segs.iter().copied(), bucket_ranges.as_deref(), limits)]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let part = segs.iter().copied().skip(t).step_by(threads);
+                    let bucket_ranges = bucket_ranges.as_deref();
+                    scope.spawn(move || aggregate_part(spec, part, bucket_ranges, limits))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("query thread")).collect()
+        })
+    };
+    let mut groups = Groups::new();
+    let mut scanned = 0;
+    for partial in partials {
+        let (part, n) = partial?;
+        scanned += n;
+        for (key, acc) in part {
+            match groups.get_mut(&key) {
+                Some(existing) => existing.merge(acc),
+                None => {
+                    groups.insert(key, acc);
+                }
+            }
+        }
+    }
+    Ok((shape(spec, groups, bucket_ranges.as_deref()), scanned))
+}
+
+fn aggregate_part<'s>(
+    spec: &QuerySpec,
+    segs: impl Iterator<Item = &'s Segment>,
+    bucket_ranges: Option<&[TimeRange]>,
+    limits: &Limits,
+) -> Result<(Groups, u64), ExecError> {
+    let mut groups = Groups::new();
+    let mut scanned = 0u64;
+    let mut memory = 0usize;
+    for seg in segs {
+        check_deadline(limits)?;
+        let rows = seg.row_range(spec.range.start_ms, spec.range.end_ms);
+        scanned += rows.len() as u64;
+        let selected = select(seg, rows, &spec.filters);
+        if selected.is_empty() {
+            continue;
+        }
+        let target = spec.target_property.as_deref().and_then(|p| seg.column(p));
+        if spec.analysis != Analysis::Count && target.is_none() {
+            // No value of the target in this segment: groups still appear (count_unique 0, …).
+            if spec.group_by.is_empty() && bucket_ranges.is_none() {
+                continue;
+            }
+        }
+        let group_cols: Vec<Option<&Column>> = spec.group_by.iter().map(|g| seg.column(g)).collect();
+        let mut local: FxHashMap<Box<[(u8, u64)]>, (usize, Acc)> = FxHashMap::default();
+        let mut key_buf: Vec<(u8, u64)> = Vec::with_capacity(group_cols.len() + 1);
+        let mut bucket = 0usize;
+        let timestamps = seg.timestamps();
+        for (i, &row) in selected.iter().enumerate() {
+            if i % 65_536 == 65_535 {
+                check_deadline(limits)?;
+            }
+            let row = row as usize;
+            if let Some(ranges) = bucket_ranges {
+                let ts = timestamps[row];
+                // Rows are time-sorted, so the bucket only moves forward.
+                while bucket + 1 < ranges.len() && ts >= ranges[bucket].end_ms {
+                    bucket += 1;
+                }
+            }
+            key_buf.clear();
+            key_buf.push((u8::MAX, bucket as u64));
+            key_buf.extend(group_cols.iter().map(|c| local_key(*c, row)));
+            let acc = match local.get_mut(key_buf.as_slice()) {
+                Some(entry) => &mut entry.1,
+                None => {
+                    memory += 64 + key_buf.len() * 16;
+                    &mut local
+                        .entry(key_buf.clone().into_boxed_slice())
+                        .or_insert_with(|| (bucket, Acc::new(spec.analysis, true)))
+                        .1
+                }
+            };
+            accumulate(acc, spec.analysis, target, row);
+        }
+        for (key, (bucket, acc)) in local {
+            memory += acc.heap_bytes();
+            if memory > limits.max_memory_bytes {
+                return Err(too_big());
+            }
+            let global: Vec<KeyValue> = key[1..].iter().zip(&group_cols).map(|(k, c)| global_key(*c, *k)).collect();
+            let acc = acc.globalize(target);
+            match groups.get_mut(&(bucket, global.clone())) {
+                Some(existing) => existing.merge(acc),
+                None => {
+                    groups.insert((bucket, global), acc);
+                }
+            }
+        }
+        if memory > limits.max_memory_bytes {
+            return Err(too_big());
+        }
+    }
+    Ok((groups, scanned))
+}
+
+fn too_big() -> ExecError {
+    ExecError::TooBig(
+        "The query needs more memory than a query may use (too many groups or distinct values); narrow the timeframe, add filters or group by fewer properties."
+            .into(),
+    )
+}
+
+#[inline]
+fn accumulate(acc: &mut Acc, analysis: Analysis, target: Option<&Column>, row: usize) {
+    match acc {
+        Acc::Count(n) => *n += 1,
+        Acc::LocalUnique(set) => {
+            let key = local_key(target, row);
+            if key.0 != Tag::Null as u8 {
+                set.insert(key);
+            }
+        }
+        _ => {
+            let _ = analysis;
+            if let Some(c) = target
+                && c.tags()[row] == Tag::Num as u8
+            {
+                acc.add_num(c.nums()[row]);
+            }
+        }
+    }
+}
+
+/// Shapes the groups into Keen's result (section 3.3).
+fn shape(spec: &QuerySpec, mut groups: Groups, bucket_ranges: Option<&[TimeRange]>) -> Value {
+    let analysis = spec.analysis;
+    let grouped = !spec.group_by.is_empty();
+    let empty = || Acc::new(analysis, false);
+    let rows_of = |groups: Vec<(Vec<KeyValue>, Acc)>| -> Value {
+        let mut rows: Vec<(Vec<KeyValue>, Value)> =
+            groups.into_iter().map(|(k, acc)| (k, acc.result(analysis))).collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        if !spec.order_by.is_empty() {
+            rows.sort_by(|a, b| {
+                for order in &spec.order_by {
+                    let ord = if order.property == "result" {
+                        compare_results(&a.1, &b.1)
+                    } else {
+                        let i = spec.group_by.iter().position(|g| *g == order.property).unwrap_or(0);
+                        a.0[i].cmp(&b.0[i])
+                    };
+                    let ord = if order.descending { ord.reverse() } else { ord };
+                    if ord != Ordering::Equal {
+                        return ord;
+                    }
+                }
+                Ordering::Equal
+            });
+        }
+        if let Some(limit) = spec.limit {
+            rows.truncate(limit);
+        }
+        Value::Array(
+            rows.into_iter()
+                .map(|(keys, result)| {
+                    let mut obj = Map::new();
+                    for (name, key) in spec.group_by.iter().zip(&keys) {
+                        obj.insert(name.clone(), key.to_json());
+                    }
+                    obj.insert("result".into(), result);
+                    Value::Object(obj)
+                })
+                .collect(),
+        )
+    };
+    match bucket_ranges {
+        None if !grouped => groups.remove(&(0, Vec::new())).unwrap_or_else(empty).result(analysis),
+        None => rows_of(groups.into_iter().map(|((_, k), acc)| (k, acc)).collect()),
+        Some(ranges) => {
+            let mut per_bucket: Vec<Vec<(Vec<KeyValue>, Acc)>> = (0..ranges.len()).map(|_| Vec::new()).collect();
+            for ((bucket, key), acc) in groups {
+                if let Some(slot) = per_bucket.get_mut(bucket) {
+                    slot.push((key, acc));
+                }
+            }
+            Value::Array(
+                ranges
+                    .iter()
+                    .zip(per_bucket)
+                    .map(|(range, mut entries)| {
+                        let value = if grouped {
+                            rows_of(entries)
+                        } else {
+                            entries.pop().map(|(_, acc)| acc).unwrap_or_else(empty).result(analysis)
+                        };
+                        json!({
+                            "timeframe": {
+                                "start": spec.zone.format_ms(range.start_ms),
+                                "end": spec.zone.format_ms(range.end_ms),
+                            },
+                            "value": value,
+                        })
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+fn compare_results(a: &Value, b: &Value) -> Ordering {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64().unwrap_or(0.0).total_cmp(&y.as_f64().unwrap_or(0.0)),
+        (Value::Null, Value::Null) => Ordering::Equal,
+        (Value::Null, _) => Ordering::Less,
+        (_, Value::Null) => Ordering::Greater,
+        (Value::Array(x), Value::Array(y)) => x.len().cmp(&y.len()),
+        _ => Ordering::Equal,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extraction
+
+fn extraction(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(Answer, u64), ExecError> {
+    let mut hits: Vec<(i64, u32, u32)> = Vec::new();
+    let mut scanned = 0u64;
+    for (s, seg) in segs.iter().enumerate() {
+        check_deadline(limits)?;
+        let rows = seg.row_range(spec.range.start_ms, spec.range.end_ms);
+        scanned += rows.len() as u64;
+        let ts = seg.timestamps();
+        hits.extend(select(seg, rows, &spec.filters).into_iter().map(|r| (ts[r as usize], s as u32, r)));
+        if spec.latest.is_none() && hits.len() > limits.max_extraction_events {
+            return Err(ExecError::TooBig(format!(
+                "More than {} events match this extraction; set 'latest' or narrow the timeframe or filters.",
+                limits.max_extraction_events
+            )));
+        }
+    }
+    hits.sort_unstable();
+    if let Some(latest) = spec.latest {
+        let latest = latest.min(limits.max_extraction_events);
+        if hits.len() > latest {
+            hits.drain(..hits.len() - latest);
+        }
+    }
+    let events: Vec<Value> = hits
+        .iter()
+        .map(|&(_, s, r)| match &spec.property_names {
+            Some(names) => segs[s as usize].event_json_only(r as usize, names),
+            None => segs[s as usize].event_json(r as usize),
+        })
+        .collect();
+    if spec.csv {
+        return Ok((Answer::Csv(to_csv(&events, spec.property_names.as_deref())), scanned));
+    }
+    Ok((Answer::Json(json!({ "result": events })), scanned))
+}
+
+/// Events as CSV: one column per flattened property (in `names` order when given, else sorted),
+/// strings quoted when needed, lists as JSON text.
+fn to_csv(events: &[Value], names: Option<&[String]>) -> String {
+    let flat: Vec<Vec<(String, Value)>> = events
+        .iter()
+        .map(|e| {
+            let mut out = Vec::new();
+            flatten_value(String::new(), e, &mut out);
+            out
+        })
+        .collect();
+    let mut columns: Vec<String> = flat.iter().flatten().map(|(k, _)| k.clone()).collect();
+    columns.sort();
+    columns.dedup();
+    if let Some(names) = names {
+        let rank = |c: &String| names.iter().position(|n| c == n || c.starts_with(&format!("{n}."))).unwrap_or(usize::MAX);
+        columns.sort_by_key(|c| (rank(c), c.clone()));
+    }
+    let mut out = String::new();
+    out.push_str(&columns.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(","));
+    out.push('\n');
+    for row in &flat {
+        let map: HashMap<&str, &Value> = row.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let line: Vec<String> = columns
+            .iter()
+            .map(|c| match map.get(c.as_str()) {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => csv_field(s),
+                Some(v) => csv_field(&v.to_string()),
+            })
+            .collect();
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+fn flatten_value(prefix: String, value: &Value, out: &mut Vec<(String, Value)>) {
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten_value(path, v, out);
+            }
+        }
+        other => out.push((prefix, other.clone())),
+    }
+}

@@ -1,0 +1,13 @@
+//! Keen's query language over Tally's event store.
+//!
+//! A query arrives as HTTP parameters (GET query string or POST JSON body, section 0 of the
+//! reference). [`spec`] turns them into a typed [`QuerySpec`], refusing anything malformed with
+//! Keen's error codes; [`timeframe`] resolves time frames, time zones and interval buckets;
+//! [`exec`] runs a spec over the store's segments and shapes the result as Keen does.
+
+pub mod exec;
+pub mod spec;
+pub mod timeframe;
+
+pub use spec::{Analysis, Filter, FilterOp, OrderBy, QuerySpec, SpecError};
+pub use timeframe::{Interval, IntervalUnit, TimeRange, Zone};

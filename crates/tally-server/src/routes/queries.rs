@@ -1,0 +1,293 @@
+//! The query API (reference §3), schema and deletes (§5).
+//!
+//! Parameters come from the query string (GET, DELETE) or a JSON body (POST) and are parsed by
+//! `tally_query::spec` into a typed query; execution runs on the blocking pool with the
+//! configured time and memory limits, so a heavy query never stalls the async runtime.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tally_core::error::ErrorCode;
+use tally_core::ids::ProjectId;
+use tally_query::exec::{self, Answer, ExecError, Limits};
+use tally_query::spec::{self, Params};
+use tally_query::{Filter, SpecError, TimeRange};
+use tally_store::events::Segment;
+
+use crate::app::AppState;
+use crate::auth::{Access, authorize, presented_key};
+use crate::error::ApiError;
+use crate::request::{KeenPath, read_body};
+
+impl From<SpecError> for ApiError {
+    fn from(e: SpecError) -> Self {
+        ApiError::new(e.code, e.message)
+    }
+}
+
+impl From<ExecError> for ApiError {
+    fn from(e: ExecError) -> Self {
+        match e {
+            ExecError::Timeout => ApiError::new(
+                ErrorCode::QueryTimeout,
+                "The query did not finish within the time limit; narrow the timeframe or add filters.",
+            ),
+            ExecError::TooBig(message) => ApiError::new(ErrorCode::InvalidParameter, message),
+            ExecError::Spec(e) => e.into(),
+        }
+    }
+}
+
+/// Request parameters from the query string, and from a JSON body on POST (the body wins).
+async fn gather_params(
+    state: &AppState,
+    method: &Method,
+    raw_query: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Params, ApiError> {
+    let query = spec::params_from_query_string(raw_query.unwrap_or(""));
+    if *method != Method::POST {
+        return Ok(query);
+    }
+    let bytes = read_body(headers, body, state.ingestor.limits().max_body_bytes).await?;
+    let body = spec::params_from_json_body(&bytes)?;
+    Ok(spec::merge(query, body))
+}
+
+fn authorize_params(
+    state: &AppState,
+    project: &str,
+    params: &Params,
+    headers: &HeaderMap,
+    access: Access,
+) -> Result<ProjectId, ApiError> {
+    let api_key = params.get("api_key").and_then(Value::as_str);
+    let key = presented_key(headers, api_key);
+    Ok(authorize(state.catalog.as_ref(), project, key.as_deref(), access)?.project)
+}
+
+fn limits(state: &AppState) -> (Limits, Duration) {
+    let timeout = Duration::from_secs(state.query.timeout_secs.max(1));
+    (
+        Limits {
+            deadline: Some(Instant::now() + timeout),
+            max_memory_bytes: state.query.max_memory_bytes,
+            max_extraction_events: state.query.max_extraction_events,
+        },
+        timeout,
+    )
+}
+
+/// Runs `work` on the blocking pool, answering 504 if it outlives the query time limit.
+async fn blocking<T: Send + 'static>(
+    timeout: Duration,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let task = tokio::task::spawn_blocking(work);
+    match tokio::time::timeout(timeout + Duration::from_millis(500), task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(ApiError::internal(join)),
+        Err(_) => Err(ExecError::Timeout.into()),
+    }
+}
+
+/// `GET|POST /3.0/projects/{project}/queries/{analysis}`.
+pub async fn run_query(
+    State(state): State<AppState>,
+    KeenPath((project, analysis)): KeenPath<(String, String)>,
+    method: Method,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let params = gather_params(&state, &method, raw_query.as_deref(), &headers, body).await?;
+    let project = authorize_params(&state, &project, &params, &headers, Access::Queries)?;
+    let spec = spec::parse_query(&analysis, &params, state.clock.now_ms())?;
+    let segments = state.store.snapshot(project, &spec.event_collection);
+    let (limits, timeout) = limits(&state);
+    let answer = blocking(timeout, move || exec::run(&spec, &segments, &limits).map_err(ApiError::from)).await?;
+    Ok(match answer {
+        Answer::Json(body) => json_ok(&body),
+        Answer::Csv(text) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"))],
+            text,
+        )
+            .into_response(),
+    })
+}
+
+fn json_ok(body: &Value) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// The properties of a collection with their Keen types.
+fn collection_schema(state: &AppState, project: ProjectId, collection: &str) -> BTreeMap<String, &'static str> {
+    let mut counts: BTreeMap<String, [u64; 8]> = BTreeMap::new();
+    for stored in state.store.snapshot(project, collection) {
+        for (path, column) in stored.segment.columns() {
+            let entry = counts.entry(path.to_owned()).or_default();
+            for (total, n) in entry.iter_mut().zip(column.tag_counts()) {
+                *total += n;
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(path, c)| (path, tally_store::events::column::dominant_type(&c)))
+        .collect()
+}
+
+fn collection_url(project: ProjectId, collection: &str) -> String {
+    let encoded: String = form_urlencoded::byte_serialize(collection.as_bytes()).collect();
+    format!("/3.0/projects/{project}/events/{}", encoded.replace('+', "%20"))
+}
+
+/// `GET /3.0/projects/{project}/events`: every collection with its properties.
+pub async fn list_collections(
+    State(state): State<AppState>,
+    KeenPath(project): KeenPath<String>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let params = spec::params_from_query_string(raw_query.as_deref().unwrap_or(""));
+    let project = authorize_params(&state, &project, &params, &headers, Access::Schema)?;
+    let collections: Vec<Value> = state
+        .store
+        .collections(project)
+        .into_iter()
+        .map(|name| {
+            json!({
+                "name": name,
+                "properties": collection_schema(&state, project, &name),
+                "url": collection_url(project, &name),
+            })
+        })
+        .collect();
+    Ok(json_ok(&Value::Array(collections)))
+}
+
+/// `GET /3.0/projects/{project}/events/{collection}` (without `data`): the collection's
+/// properties.
+pub async fn describe_collection(
+    state: AppState,
+    project: String,
+    collection: String,
+    raw_query: Option<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let params = spec::params_from_query_string(raw_query.as_deref().unwrap_or(""));
+    let project = authorize_params(&state, &project, &params, &headers, Access::Schema)?;
+    let properties = collection_schema(&state, project, &collection);
+    if properties.is_empty() {
+        return Err(ApiError::not_found());
+    }
+    Ok(json_ok(&json!({ "properties": properties })))
+}
+
+/// `GET /3.0/projects/{project}/events/{collection}/properties/{property}`.
+pub async fn describe_property(
+    State(state): State<AppState>,
+    KeenPath((project, collection, property)): KeenPath<(String, String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let params = spec::params_from_query_string(raw_query.as_deref().unwrap_or(""));
+    let project = authorize_params(&state, &project, &params, &headers, Access::Schema)?;
+    let properties = collection_schema(&state, project, &collection);
+    let Some(kind) = properties.get(&property) else {
+        return Err(ApiError::not_found());
+    };
+    Ok(json_ok(&json!({
+        "property_name": property,
+        "url": format!("{}/properties/{}", collection_url(project, &collection), property),
+        "type": kind,
+    })))
+}
+
+/// `DELETE /3.0/projects/{project}/events/{collection}` (master key): with `filters` and/or
+/// `timeframe`, the matching events; without, the whole collection. 204.
+pub async fn delete_events(
+    State(state): State<AppState>,
+    KeenPath((project, collection)): KeenPath<(String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let params = spec::params_from_query_string(raw_query.as_deref().unwrap_or(""));
+    let project = authorize_params(&state, &project, &params, &headers, Access::Master)?;
+    let zone = spec::parse_timezone(params.get("timezone"))?;
+    let range: Option<TimeRange> = match params.get("timeframe") {
+        Some(v) => Some(spec::parse_timeframe(Some(v), zone, state.clock.now_ms())?),
+        None => None,
+    };
+    let filters: Vec<Filter> = match params.get("filters") {
+        Some(v) => spec::parse_filters(v)?,
+        None => Vec::new(),
+    };
+    let store = state.store.clone();
+    let (_, timeout) = limits(&state);
+    let removed = blocking(timeout * 10, move || {
+        store
+            .rewrite(project, &collection, |seg: &Segment| {
+                let range = range.unwrap_or(TimeRange {
+                    start_ms: i64::MIN,
+                    end_ms: i64::MAX,
+                });
+                let doomed = exec::matching_rows(seg, range, &filters);
+                if doomed.is_empty() {
+                    return None;
+                }
+                let mut gone = vec![false; seg.rows()];
+                for r in doomed {
+                    gone[r as usize] = true;
+                }
+                Some(seg.retain_rows(|r| !gone[r]))
+            })
+            .map_err(ApiError::internal)
+    })
+    .await?;
+    tracing::info!(%project, removed, "events deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `DELETE /3.0/projects/{project}/events/{collection}/properties/{property}` (master key):
+/// removes the property from every event of the collection. 204.
+pub async fn delete_property(
+    State(state): State<AppState>,
+    KeenPath((project, collection, property)): KeenPath<(String, String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let params = spec::params_from_query_string(raw_query.as_deref().unwrap_or(""));
+    let project = authorize_params(&state, &project, &params, &headers, Access::Master)?;
+    if property == "keen" || property.starts_with("keen.") {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPropertyName,
+            "Properties under 'keen' cannot be deleted.",
+        ));
+    }
+    let store = state.store.clone();
+    let (_, timeout) = limits(&state);
+    blocking(timeout * 10, move || {
+        let nested = format!("{property}.");
+        store
+            .rewrite(project, &collection, |seg: &Segment| {
+                seg.columns()
+                    .any(|(path, _)| path == property || path.starts_with(&nested))
+                    .then(|| seg.without_property(&property))
+            })
+            .map_err(ApiError::internal)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
