@@ -10,12 +10,17 @@ cd "$(dirname "$0")/.."
 cache=${TALLY_CACHE_DIR:-$HOME/.cache/tally}
 mkdir -p "$cache"
 
-# Keen's Python client, for the wire-compatibility tests.
+# Keen's Python client, for the wire-compatibility tests, and DuckDB, the differential test's
+# oracle.
 venv=$cache/python-venv
 if ! "$venv/bin/python" -c 'import keen' 2>/dev/null; then
   echo "==> installing Keen's Python client into $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'keen==0.7.0'
+fi
+if ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
+  echo "==> installing DuckDB into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check duckdb
 fi
 export TALLY_TEST_PYTHON=$venv/bin/python
 

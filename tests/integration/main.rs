@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod crash;
+mod differential;
 mod enrich;
 mod ingest_http;
 mod python_client;

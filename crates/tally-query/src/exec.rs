@@ -296,19 +296,20 @@ fn haversine_miles(lon1: f64, lat1: f64, lon2: f64, lat2: f64) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Values as group keys and distinct values
 
-/// A value as a group key or distinct value, comparable across segments. Missing and null are
-/// the same key (`null`). Ordered: null, numbers, strings, booleans, datetimes, lists.
-#[derive(Debug, Clone)]
-pub enum KeyValue {
+/// A value as a group key or distinct value, comparable across segments. Strings borrow from
+/// the segments, which outlive the query. Missing and null are the same key (`null`). Ordered:
+/// null, numbers, strings, booleans, datetimes, lists.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyValue<'a> {
     Null,
     Num(f64),
-    Str(Arc<str>),
+    Str(&'a str),
     Bool(bool),
     DateTime(i64),
-    List(Arc<str>),
+    List(&'a str),
 }
 
-impl KeyValue {
+impl KeyValue<'_> {
     fn rank(&self) -> u8 {
         match self {
             KeyValue::Null => 0,
@@ -320,30 +321,30 @@ impl KeyValue {
         }
     }
 
-    fn to_json(&self) -> Value {
+    fn to_json(self) -> Value {
         match self {
             KeyValue::Null => Value::Null,
-            KeyValue::Num(n) => number_value(*n),
-            KeyValue::Str(s) => Value::String(s.to_string()),
-            KeyValue::Bool(b) => Value::Bool(*b),
-            KeyValue::DateTime(ms) => cell_value(Cell::DateTime(*ms)),
+            KeyValue::Num(n) => number_value(n),
+            KeyValue::Str(s) => Value::String(s.to_owned()),
+            KeyValue::Bool(b) => Value::Bool(b),
+            KeyValue::DateTime(ms) => cell_value(Cell::DateTime(ms)),
             KeyValue::List(text) => cell_value(Cell::List(text)),
         }
     }
 }
 
-impl PartialEq for KeyValue {
+impl PartialEq for KeyValue<'_> {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
     }
 }
-impl Eq for KeyValue {}
-impl PartialOrd for KeyValue {
+impl Eq for KeyValue<'_> {}
+impl PartialOrd for KeyValue<'_> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for KeyValue {
+impl Ord for KeyValue<'_> {
     fn cmp(&self, other: &Self) -> Ordering {
         match (self, other) {
             (KeyValue::Num(a), KeyValue::Num(b)) => a.total_cmp(b),
@@ -354,7 +355,7 @@ impl Ord for KeyValue {
         }
     }
 }
-impl Hash for KeyValue {
+impl Hash for KeyValue<'_> {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.rank().hash(state);
         match self {
@@ -386,14 +387,14 @@ fn local_key(column: Option<&Column>, row: usize) -> (u8, u64) {
     }
 }
 
-fn global_key(column: Option<&Column>, (tag, slot): (u8, u64)) -> KeyValue {
+fn global_key(column: Option<&Column>, (tag, slot): (u8, u64)) -> KeyValue<'_> {
     match (Tag::from_u8(tag), column) {
         (Tag::Num, _) => KeyValue::Num(f64::from_bits(slot)),
         (Tag::DateTime, _) => KeyValue::DateTime(slot as i64),
         (Tag::Bool, _) => KeyValue::Bool(slot != 0),
-        (Tag::Str, Some(c)) => KeyValue::Str(c.dict()[slot as usize].clone()),
-        (Tag::List, Some(c)) => KeyValue::List(c.dict()[slot as usize].clone()),
-        (Tag::EmptyObject, _) => KeyValue::List(Arc::from("{}")),
+        (Tag::Str, Some(c)) => KeyValue::Str(&c.dict()[slot as usize]),
+        (Tag::List, Some(c)) => KeyValue::List(&c.dict()[slot as usize]),
+        (Tag::EmptyObject, _) => KeyValue::List("{}"),
         _ => KeyValue::Null,
     }
 }
@@ -403,7 +404,7 @@ fn global_key(column: Option<&Column>, (tag, slot): (u8, u64)) -> KeyValue {
 
 /// The running state of one group.
 #[derive(Debug, Clone)]
-enum Acc {
+enum Acc<'a> {
     Count(u64),
     Sum { sum: f64, n: u64 },
     Min(Option<f64>),
@@ -411,13 +412,14 @@ enum Acc {
     Values(Vec<f64>),
     /// Welford's running mean and sum of squared deviations.
     Moments { n: u64, mean: f64, m2: f64 },
-    /// Distinct values local to a segment (tag, slot).
-    LocalUnique(FxHashSet<(u8, u64)>),
-    Unique(std::collections::HashSet<KeyValue>),
+    /// Distinct values local to a segment: string codes in a bitmap over the dictionary (when
+    /// there is one group), anything else as (tag, slot).
+    LocalUnique { codes: Vec<bool>, other: FxHashSet<(u8, u64)> },
+    Unique(FxHashSet<KeyValue<'a>>),
 }
 
-impl Acc {
-    fn new(analysis: Analysis, local: bool) -> Acc {
+impl<'a> Acc<'a> {
+    fn new(analysis: Analysis, local: bool) -> Acc<'a> {
         match analysis {
             Analysis::Count | Analysis::Extraction => Acc::Count(0),
             Analysis::Sum | Analysis::Average => Acc::Sum { sum: 0.0, n: 0 },
@@ -429,8 +431,11 @@ impl Acc {
                 mean: 0.0,
                 m2: 0.0,
             },
-            Analysis::CountUnique | Analysis::SelectUnique if local => Acc::LocalUnique(FxHashSet::default()),
-            Analysis::CountUnique | Analysis::SelectUnique => Acc::Unique(Default::default()),
+            Analysis::CountUnique | Analysis::SelectUnique if local => Acc::LocalUnique {
+                codes: Vec::new(),
+                other: FxHashSet::default(),
+            },
+            Analysis::CountUnique | Analysis::SelectUnique => Acc::Unique(FxHashSet::default()),
         }
     }
 
@@ -455,23 +460,34 @@ impl Acc {
     }
 
     /// Folds `other` (already global) into `self`.
-    fn merge(&mut self, other: Acc) {
+    fn merge(&mut self, other: Acc<'a>) {
         match (self, other) {
             (Acc::Count(a), Acc::Count(b)) => *a += b,
             (Acc::Sum { sum, n }, Acc::Sum { sum: s2, n: n2 }) => {
                 *sum += s2;
                 *n += n2;
             }
-            (Acc::Min(a), Acc::Min(b)) => *a = match (*a, b) {
-                (Some(x), Some(y)) => Some(x.min(y)),
-                (x, y) => x.or(y),
-            },
-            (Acc::Max(a), Acc::Max(b)) => *a = match (*a, b) {
-                (Some(x), Some(y)) => Some(x.max(y)),
-                (x, y) => x.or(y),
-            },
+            (Acc::Min(a), Acc::Min(b)) => {
+                *a = match (*a, b) {
+                    (Some(x), Some(y)) => Some(x.min(y)),
+                    (x, y) => x.or(y),
+                }
+            }
+            (Acc::Max(a), Acc::Max(b)) => {
+                *a = match (*a, b) {
+                    (Some(x), Some(y)) => Some(x.max(y)),
+                    (x, y) => x.or(y),
+                }
+            }
             (Acc::Values(a), Acc::Values(mut b)) => a.append(&mut b),
-            (Acc::Moments { n, mean, m2 }, Acc::Moments { n: n2, mean: mean2, m2: m22 }) => {
+            (
+                Acc::Moments { n, mean, m2 },
+                Acc::Moments {
+                    n: n2,
+                    mean: mean2,
+                    m2: m22,
+                },
+            ) => {
                 if n2 == 0 {
                     return;
                 }
@@ -494,9 +510,21 @@ impl Acc {
     }
 
     /// A segment-local state made global (codes → values).
-    fn globalize(self, target: Option<&Column>) -> Acc {
+    fn globalize(self, target: Option<&'a Column>) -> Acc<'a> {
         match self {
-            Acc::LocalUnique(set) => Acc::Unique(set.into_iter().map(|k| global_key(target, k)).collect()),
+            Acc::LocalUnique { codes, other } => {
+                let mut set: FxHashSet<KeyValue<'a>> = other.into_iter().map(|k| global_key(target, k)).collect();
+                if let Some(c) = target {
+                    set.extend(
+                        codes
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, seen)| **seen)
+                            .map(|(code, _)| KeyValue::Str(&c.dict()[code])),
+                    );
+                }
+                Acc::Unique(set)
+            }
             other => other,
         }
     }
@@ -504,8 +532,8 @@ impl Acc {
     fn heap_bytes(&self) -> usize {
         match self {
             Acc::Values(v) => v.len() * 8,
-            Acc::LocalUnique(s) => s.len() * 24,
-            Acc::Unique(s) => s.len() * 48,
+            Acc::LocalUnique { codes, other } => codes.len() + other.len() * 24,
+            Acc::Unique(s) => s.len() * 32,
             _ => 0,
         }
     }
@@ -537,13 +565,13 @@ impl Acc {
                     number_value((m2 / (n - 1) as f64).sqrt())
                 }
             }
-            (Analysis::CountUnique, Acc::Unique(set)) => Value::from(set.len()),
+            (Analysis::CountUnique, Acc::Unique(set)) => Value::from(set.iter().filter(|v| **v != KeyValue::Null).count()),
             (_, Acc::Unique(set)) => {
                 let mut values: Vec<KeyValue> = set.into_iter().filter(|v| *v != KeyValue::Null).collect();
                 values.sort();
-                Value::Array(values.iter().map(KeyValue::to_json).collect())
+                Value::Array(values.into_iter().map(KeyValue::to_json).collect())
             }
-            (_, Acc::LocalUnique(_)) => Value::Null,
+            (_, Acc::LocalUnique { .. }) => Value::Null,
         }
     }
 }
@@ -559,8 +587,43 @@ pub fn nearest_rank(values: &mut [f64], p: f64) -> Option<f64> {
     Some(*v)
 }
 
+/// Groups of one segment: (bucket, group key parts as (tag, slot) pairs) → (bucket, state).
+type LocalGroups<'a> = FxHashMap<Box<[(u8, u64)]>, (usize, Acc<'a>)>;
+
 /// Groups of the whole query: (bucket index, group key) → state.
-type Groups = HashMap<(usize, Vec<KeyValue>), Acc>;
+type Groups<'a> = FxHashMap<(usize, Vec<KeyValue<'a>>), Acc<'a>>;
+
+/// The rows of a segment a query reads: a whole row range (no filters) or the rows that passed.
+enum Selection {
+    All(std::ops::Range<usize>),
+    Rows(Vec<u32>),
+}
+
+impl Selection {
+    fn of(seg: &Segment, range: TimeRange, filters: &[Filter]) -> Selection {
+        let rows = seg.row_range(range.start_ms, range.end_ms);
+        if filters.is_empty() {
+            Selection::All(rows)
+        } else {
+            Selection::Rows(select(seg, rows, filters))
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Selection::All(r) => r.len(),
+            Selection::Rows(v) => v.len(),
+        }
+    }
+
+    #[inline]
+    fn for_each(&self, mut f: impl FnMut(usize)) {
+        match self {
+            Selection::All(r) => r.clone().for_each(f),
+            Selection::Rows(v) => v.iter().for_each(|&r| f(r as usize)),
+        }
+    }
+}
 
 /// Runs an aggregating analysis; returns the `result` value and the events scanned.
 fn aggregate(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(Value, u64), ExecError> {
@@ -568,6 +631,9 @@ fn aggregate(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(Va
         Some(interval) => Some(buckets(spec.range, interval, spec.zone)?),
         None => None,
     };
+    // Bigger segments first, dealt round-robin, so the threads get similar work.
+    let mut segs = segs.to_vec();
+    segs.sort_by_key(|s| std::cmp::Reverse(s.rows()));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(segs.len()).max(1);
     let partials: Vec<Result<(Groups, u64), ExecError>> = if threads == 1 {
         vec![aggregate_part(spec, segs.iter().copied(), bucket_ranges.as_deref(), limits)]
@@ -583,21 +649,25 @@ fn aggregate(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(Va
             handles.into_iter().map(|h| h.join().expect("query thread")).collect()
         })
     };
-    let mut groups = Groups::new();
+    let mut groups = Groups::default();
     let mut scanned = 0;
     for partial in partials {
         let (part, n) = partial?;
         scanned += n;
-        for (key, acc) in part {
-            match groups.get_mut(&key) {
-                Some(existing) => existing.merge(acc),
-                None => {
-                    groups.insert(key, acc);
-                }
+        merge_groups(&mut groups, part);
+    }
+    Ok((shape(spec, groups, bucket_ranges.as_deref()), scanned))
+}
+
+fn merge_groups<'a>(into: &mut Groups<'a>, from: Groups<'a>) {
+    for (key, acc) in from {
+        match into.get_mut(&key) {
+            Some(existing) => existing.merge(acc),
+            None => {
+                into.insert(key, acc);
             }
         }
     }
-    Ok((shape(spec, groups, bucket_ranges.as_deref()), scanned))
 }
 
 fn aggregate_part<'s>(
@@ -605,76 +675,198 @@ fn aggregate_part<'s>(
     segs: impl Iterator<Item = &'s Segment>,
     bucket_ranges: Option<&[TimeRange]>,
     limits: &Limits,
-) -> Result<(Groups, u64), ExecError> {
-    let mut groups = Groups::new();
+) -> Result<(Groups<'s>, u64), ExecError> {
+    let mut groups = Groups::default();
     let mut scanned = 0u64;
     let mut memory = 0usize;
     for seg in segs {
         check_deadline(limits)?;
-        let rows = seg.row_range(spec.range.start_ms, spec.range.end_ms);
-        scanned += rows.len() as u64;
-        let selected = select(seg, rows, &spec.filters);
-        if selected.is_empty() {
+        let target = spec.target_property.as_deref().and_then(|p| seg.column(p));
+        if let Some(acc) = from_statistics(spec, seg, target, bucket_ranges) {
+            scanned += seg.rows() as u64;
+            merge_groups(&mut groups, [((0, Vec::new()), acc)].into_iter().collect());
             continue;
         }
-        let target = spec.target_property.as_deref().and_then(|p| seg.column(p));
-        if spec.analysis != Analysis::Count && target.is_none() {
-            // No value of the target in this segment: groups still appear (count_unique 0, …).
-            if spec.group_by.is_empty() && bucket_ranges.is_none() {
-                continue;
-            }
+        let selection = Selection::of(seg, spec.range, &spec.filters);
+        scanned += seg.row_range(spec.range.start_ms, spec.range.end_ms).len() as u64;
+        if selection.len() == 0 {
+            continue;
         }
-        let group_cols: Vec<Option<&Column>> = spec.group_by.iter().map(|g| seg.column(g)).collect();
-        let mut local: FxHashMap<Box<[(u8, u64)]>, (usize, Acc)> = FxHashMap::default();
-        let mut key_buf: Vec<(u8, u64)> = Vec::with_capacity(group_cols.len() + 1);
-        let mut bucket = 0usize;
-        let timestamps = seg.timestamps();
-        for (i, &row) in selected.iter().enumerate() {
-            if i % 65_536 == 65_535 {
-                check_deadline(limits)?;
-            }
-            let row = row as usize;
-            if let Some(ranges) = bucket_ranges {
-                let ts = timestamps[row];
-                // Rows are time-sorted, so the bucket only moves forward.
-                while bucket + 1 < ranges.len() && ts >= ranges[bucket].end_ms {
-                    bucket += 1;
-                }
-            }
-            key_buf.clear();
-            key_buf.push((u8::MAX, bucket as u64));
-            key_buf.extend(group_cols.iter().map(|c| local_key(*c, row)));
-            let acc = match local.get_mut(key_buf.as_slice()) {
-                Some(entry) => &mut entry.1,
-                None => {
-                    memory += 64 + key_buf.len() * 16;
-                    &mut local
-                        .entry(key_buf.clone().into_boxed_slice())
-                        .or_insert_with(|| (bucket, Acc::new(spec.analysis, true)))
-                        .1
-                }
-            };
-            accumulate(acc, spec.analysis, target, row);
-        }
-        for (key, (bucket, acc)) in local {
+        let local = if spec.group_by.is_empty() {
+            ungrouped(spec, seg, target, &selection, bucket_ranges, limits)?
+        } else {
+            grouped(spec, seg, target, &selection, bucket_ranges, limits, &mut memory)?
+        };
+        for (key, acc) in local {
             memory += acc.heap_bytes();
             if memory > limits.max_memory_bytes {
                 return Err(too_big());
             }
-            let global: Vec<KeyValue> = key[1..].iter().zip(&group_cols).map(|(k, c)| global_key(*c, *k)).collect();
-            let acc = acc.globalize(target);
-            match groups.get_mut(&(bucket, global.clone())) {
-                Some(existing) => existing.merge(acc),
-                None => {
-                    groups.insert((bucket, global), acc);
-                }
-            }
-        }
-        if memory > limits.max_memory_bytes {
-            return Err(too_big());
+            merge_groups(&mut groups, [(key, acc.globalize(target))].into_iter().collect());
         }
     }
     Ok((groups, scanned))
+}
+
+/// Count, sum, average, minimum and maximum of a segment wholly inside the time range, with no
+/// filter, group or interval to apply: read from the segment's summary, no scan.
+fn from_statistics<'s>(
+    spec: &QuerySpec,
+    seg: &Segment,
+    target: Option<&Column>,
+    bucket_ranges: Option<&[TimeRange]>,
+) -> Option<Acc<'s>> {
+    if !spec.filters.is_empty() || !spec.group_by.is_empty() || bucket_ranges.is_some() {
+        return None;
+    }
+    let (lo, hi) = seg.time_bounds()?;
+    if lo < spec.range.start_ms || hi >= spec.range.end_ms {
+        return None;
+    }
+    let stats = target.map(Column::num_stats).unwrap_or_default();
+    let some = |x: f64| (stats.count > 0).then_some(x);
+    Some(match spec.analysis {
+        Analysis::Count => Acc::Count(seg.rows() as u64),
+        Analysis::Sum | Analysis::Average => Acc::Sum {
+            sum: stats.sum,
+            n: stats.count,
+        },
+        Analysis::Minimum => Acc::Min(some(stats.min)),
+        Analysis::Maximum => Acc::Max(some(stats.max)),
+        _ => return None,
+    })
+}
+
+/// No group_by: one state, or one per interval bucket (rows are time-sorted, so the bucket
+/// only moves forward).
+fn ungrouped<'s>(
+    spec: &QuerySpec,
+    seg: &'s Segment,
+    target: Option<&'s Column>,
+    selection: &Selection,
+    bucket_ranges: Option<&[TimeRange]>,
+    limits: &Limits,
+) -> Result<Vec<((usize, Vec<KeyValue<'s>>), Acc<'s>)>, ExecError> {
+    let analysis = spec.analysis;
+    let mut accs: Vec<Acc> = (0..bucket_ranges.map_or(1, |b| b.len())).map(|_| Acc::new(analysis, true)).collect();
+    // Distinct strings with one state per bucket: a bitmap over the dictionary.
+    let bitmap = matches!(analysis, Analysis::CountUnique | Analysis::SelectUnique)
+        && target.is_some_and(|c| !c.dict().is_empty())
+        && accs.len() * target.map_or(0, |c| c.dict().len()) <= 64 << 20;
+    if bitmap && let Some(c) = target {
+        for acc in &mut accs {
+            if let Acc::LocalUnique { codes, .. } = acc {
+                *codes = vec![false; c.dict().len()];
+            }
+        }
+    }
+    let timestamps = seg.timestamps();
+    let mut bucket = 0usize;
+    let mut seen = 0usize;
+    let mut timed_out = false;
+    selection.for_each(|row| {
+        seen += 1;
+        if seen % 1_048_576 == 0 && check_deadline(limits).is_err() {
+            timed_out = true;
+        }
+        if let Some(ranges) = bucket_ranges {
+            let ts = timestamps[row];
+            while bucket + 1 < ranges.len() && ts >= ranges[bucket].end_ms {
+                bucket += 1;
+            }
+        }
+        let acc = &mut accs[bucket];
+        match acc {
+            Acc::Count(n) => *n += 1,
+            Acc::LocalUnique { codes, other } => {
+                if let Some(c) = target {
+                    let tag = c.tags()[row];
+                    if bitmap && tag == Tag::Str as u8 {
+                        codes[c.codes()[row] as usize] = true;
+                    } else if tag > Tag::Null as u8 {
+                        other.insert(local_key(target, row));
+                    }
+                }
+            }
+            _ => {
+                if let Some(c) = target
+                    && c.tags()[row] == Tag::Num as u8
+                {
+                    acc.add_num(c.nums()[row]);
+                }
+            }
+        }
+    });
+    if timed_out {
+        return Err(ExecError::Timeout);
+    }
+    Ok(accs
+        .into_iter()
+        .enumerate()
+        .map(|(b, acc)| ((b, Vec::new()), acc))
+        .collect())
+}
+
+/// group_by: a hash map keyed by (bucket, tag/slot pairs) — codes, not strings.
+fn grouped<'s>(
+    spec: &QuerySpec,
+    seg: &'s Segment,
+    target: Option<&'s Column>,
+    selection: &Selection,
+    bucket_ranges: Option<&[TimeRange]>,
+    limits: &Limits,
+    memory: &mut usize,
+) -> Result<Vec<((usize, Vec<KeyValue<'s>>), Acc<'s>)>, ExecError> {
+    let group_cols: Vec<Option<&Column>> = spec.group_by.iter().map(|g| seg.column(g)).collect();
+    let mut local = LocalGroups::default();
+    let mut key_buf: Vec<(u8, u64)> = Vec::with_capacity(group_cols.len() + 1);
+    let mut bucket = 0usize;
+    let timestamps = seg.timestamps();
+    let mut seen = 0usize;
+    let mut failed = None;
+    selection.for_each(|row| {
+        if failed.is_some() {
+            return;
+        }
+        seen += 1;
+        if seen % 65_536 == 0 {
+            if let Err(e) = check_deadline(limits) {
+                failed = Some(e);
+            } else if *memory > limits.max_memory_bytes {
+                failed = Some(too_big());
+            }
+        }
+        if let Some(ranges) = bucket_ranges {
+            let ts = timestamps[row];
+            while bucket + 1 < ranges.len() && ts >= ranges[bucket].end_ms {
+                bucket += 1;
+            }
+        }
+        key_buf.clear();
+        key_buf.push((u8::MAX, bucket as u64));
+        key_buf.extend(group_cols.iter().map(|c| local_key(*c, row)));
+        let acc = match local.get_mut(key_buf.as_slice()) {
+            Some(entry) => &mut entry.1,
+            None => {
+                *memory += 64 + key_buf.len() * 16;
+                &mut local
+                    .entry(key_buf.clone().into_boxed_slice())
+                    .or_insert_with(|| (bucket, Acc::new(spec.analysis, true)))
+                    .1
+            }
+        };
+        accumulate(acc, target, row);
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(local
+        .into_iter()
+        .map(|(key, (bucket, acc))| {
+            let global: Vec<KeyValue> = key[1..].iter().zip(&group_cols).map(|(k, c)| global_key(*c, *k)).collect();
+            ((bucket, global), acc)
+        })
+        .collect())
 }
 
 fn too_big() -> ExecError {
@@ -685,17 +877,16 @@ fn too_big() -> ExecError {
 }
 
 #[inline]
-fn accumulate(acc: &mut Acc, analysis: Analysis, target: Option<&Column>, row: usize) {
+fn accumulate(acc: &mut Acc, target: Option<&Column>, row: usize) {
     match acc {
         Acc::Count(n) => *n += 1,
-        Acc::LocalUnique(set) => {
+        Acc::LocalUnique { other, .. } => {
             let key = local_key(target, row);
             if key.0 != Tag::Null as u8 {
-                set.insert(key);
+                other.insert(key);
             }
         }
         _ => {
-            let _ = analysis;
             if let Some(c) = target
                 && c.tags()[row] == Tag::Num as u8
             {
@@ -738,7 +929,7 @@ fn shape(spec: &QuerySpec, mut groups: Groups, bucket_ranges: Option<&[TimeRange
             rows.into_iter()
                 .map(|(keys, result)| {
                     let mut obj = Map::new();
-                    for (name, key) in spec.group_by.iter().zip(&keys) {
+                    for (name, key) in spec.group_by.iter().zip(keys) {
                         obj.insert(name.clone(), key.to_json());
                     }
                     obj.insert("result".into(), result);
@@ -803,7 +994,19 @@ fn extraction(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(A
         let rows = seg.row_range(spec.range.start_ms, spec.range.end_ms);
         scanned += rows.len() as u64;
         let ts = seg.timestamps();
-        hits.extend(select(seg, rows, &spec.filters).into_iter().map(|r| (ts[r as usize], s as u32, r)));
+        let rows = match spec.latest {
+            Some(latest) if spec.filters.is_empty() => rows.end.saturating_sub(latest).max(rows.start)..rows.end,
+            _ => rows,
+        };
+        let mut selected = select(seg, rows, &spec.filters);
+        if let Some(latest) = spec.latest {
+            // Rows are time-sorted: only a segment's last `latest` can be among the newest.
+            let keep = latest.min(limits.max_extraction_events);
+            if selected.len() > keep {
+                selected.drain(..selected.len() - keep);
+            }
+        }
+        hits.extend(selected.into_iter().map(|r| (ts[r as usize], s as u32, r)));
         if spec.latest.is_none() && hits.len() > limits.max_extraction_events {
             return Err(ExecError::TooBig(format!(
                 "More than {} events match this extraction; set 'latest' or narrow the timeframe or filters.",

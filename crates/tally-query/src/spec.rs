@@ -776,10 +776,10 @@ fn text(value: &Value) -> Option<String> {
 fn decode_nested(value: &Value) -> Cow<'_, Value> {
     if let Value::String(s) = value {
         let t = s.trim_start();
-        if t.starts_with('[') || t.starts_with('{') {
-            if let Ok(parsed) = serde_json::from_str::<Value>(s) {
-                return Cow::Owned(parsed);
-            }
+        if (t.starts_with('[') || t.starts_with('{'))
+            && let Ok(parsed) = serde_json::from_str::<Value>(s)
+        {
+            return Cow::Owned(parsed);
         }
     }
     Cow::Borrowed(value)

@@ -77,7 +77,7 @@ pub enum Cell<'a> {
 }
 
 /// A column of a sealed segment.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Column {
     /// One [`Tag`] byte per row.
     pub(crate) tags: Vec<u8>,
@@ -87,9 +87,67 @@ pub struct Column {
     pub(crate) codes: Vec<u32>,
     /// Distinct strings and list texts of this column in this segment.
     pub(crate) dict: Vec<Arc<str>>,
+    /// Summary of the numbers, so that a segment wholly inside a query's time range can answer
+    /// count, sum, minimum and maximum without a scan (what DuckDB's zone maps do).
+    pub(crate) stats: NumStats,
+}
+
+/// Count, sum, minimum and maximum of a column's numbers (not datetimes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NumStats {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Default for NumStats {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl NumStats {
+    fn of(tags: &[u8], nums: &[f64]) -> NumStats {
+        let mut s = NumStats::default();
+        if nums.is_empty() {
+            return s;
+        }
+        for (&tag, &n) in tags.iter().zip(nums) {
+            if tag == Tag::Num as u8 {
+                s.count += 1;
+                s.sum += n;
+                s.min = s.min.min(n);
+                s.max = s.max.max(n);
+            }
+        }
+        s
+    }
 }
 
 impl Column {
+    /// A column from its parts; the number summary is computed here.
+    pub(crate) fn new(tags: Vec<u8>, nums: Vec<f64>, codes: Vec<u32>, dict: Vec<Arc<str>>) -> Column {
+        let stats = NumStats::of(&tags, &nums);
+        Column {
+            tags,
+            nums,
+            codes,
+            dict,
+            stats,
+        }
+    }
+
+    /// Count, sum, minimum and maximum of the numbers.
+    pub fn num_stats(&self) -> NumStats {
+        self.stats
+    }
+
     /// The row count.
     pub fn len(&self) -> usize {
         self.tags.len()
@@ -176,12 +234,7 @@ impl Column {
         } else {
             rows.iter().map(|&r| self.codes[r as usize]).collect()
         };
-        Column {
-            tags,
-            nums,
-            codes,
-            dict: self.dict.clone(),
-        }
+        Column::new(tags, nums, codes, self.dict.clone())
     }
 }
 
@@ -271,12 +324,7 @@ impl ColumnBuilder {
         if !self.codes.is_empty() {
             self.codes.resize(rows, 0);
         }
-        Column {
-            tags: self.tags,
-            nums: self.nums,
-            codes: self.codes,
-            dict: self.dict,
-        }
+        Column::new(self.tags, self.nums, self.codes, self.dict)
     }
 }
 

@@ -34,7 +34,7 @@ use tally_core::event::{EnrichedEvent, EventSink, SinkError};
 use tally_core::fsutil::{sync_dir, write_atomically};
 use tally_core::ids::ProjectId;
 
-pub use column::{Cell, Column, Tag};
+pub use column::{Cell, Column, NumStats, Tag};
 pub use segment::{Segment, cell_value, number_value};
 
 /// Store settings.
@@ -197,7 +197,11 @@ impl EventStore {
             dir: dir.to_path_buf(),
             config,
             tables: RwLock::new(tables),
-            writes: Mutex::new(WriteState::default()),
+            // A flush before the stage's first write must keep the manifest's position.
+            writes: Mutex::new(WriteState {
+                fresh: Vec::new(),
+                written_position: manifest.position,
+            }),
             next_id: AtomicU64::new(manifest.next_id),
             durable_position: Mutex::new(manifest.position),
             maintenance: Mutex::new(manifest),
@@ -251,6 +255,8 @@ impl EventStore {
             let mut writes = self.writes.lock().expect("writes lock");
             (std::mem::take(&mut writes.fresh), writes.written_position)
         };
+        // Positions only move forward.
+        let position = position.max(manifest.position);
         if fresh.is_empty() && position == manifest.position {
             return Ok(0);
         }
@@ -593,6 +599,12 @@ mod tests {
         drop(store);
         let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
         assert_eq!(count(&store, p, "a"), 1);
+        assert_eq!(store.committed_position().unwrap(), Some(10));
+        // A flush before anything is written keeps the position (a crash then must not send
+        // the process stage back to an older one).
+        store.flush().unwrap();
+        drop(store);
+        let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
         assert_eq!(store.committed_position().unwrap(), Some(10));
         assert!(!dir.path().join("segments/00000000000000ff.seg").exists());
     }

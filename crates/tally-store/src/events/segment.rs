@@ -293,15 +293,7 @@ impl Segment {
                     return Err(format!("column {path}: row {row} points outside the dictionary"));
                 }
             }
-            columns.insert(
-                Arc::from(path.as_str()),
-                Column {
-                    tags,
-                    nums,
-                    codes,
-                    dict,
-                },
-            );
+            columns.insert(Arc::from(path.as_str()), Column::new(tags, nums, codes, dict));
         }
         if r.at != body.len() {
             return Err("trailing bytes".into());
