@@ -30,7 +30,7 @@ else
   target=/root/.cache/tally/target
   # One cargo build at a time on this machine: every build takes the lock.
   echo "== building the release binary (waiting for /tmp/tally-cargo.lock if another build runs)"
-  CARGO_TARGET_DIR=$target flock /tmp/tally-cargo.lock cargo build --release -p tally
+  CARGO_TARGET_DIR=$target flock -o /tmp/tally-cargo.lock cargo build --release -p tally
   tally=$target/release/tally
 fi
 

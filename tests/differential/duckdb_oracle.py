@@ -178,7 +178,7 @@ class Oracle:
             if op == "contains":
                 return f"(contains({col}, ?))"
             if op == "not_contains":
-                return f"(coalesce(NOT contains({col}, ?), TRUE))"
+                return f"({col} IS NOT NULL AND NOT contains({col}, ?))"
             return f"(regexp_matches({col}, ?))"
         raise ValueError(f"unsupported filter {f}")
 

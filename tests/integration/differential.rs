@@ -89,14 +89,22 @@ async fn random_queries_agree_with_duckdb() {
     }
 
     let mut oracle = Oracle::start(&python, &events_path);
-    let mut rng = Rng(std::env::var("DIFF_SEED").map(|s| s.parse().unwrap()).unwrap_or(SEED));
-    let queries: usize = std::env::var("DIFF_N").map(|s| s.parse().unwrap()).unwrap_or(QUERIES);
+    let mut rng = Rng(std::env::var("DIFF_SEED")
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(SEED));
+    let n: usize = std::env::var("DIFF_N")
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(QUERIES);
+    let mut queries = operator_sweep(&mut rng);
+    let swept = queries.len();
+    queries.extend((0..n).map(|_| random_query(&mut rng)));
     let mut mismatches = Vec::new();
     let mut shapes = Shapes::default();
-    for _ in 0..queries {
-        let q = random_query(&mut rng);
+    for q in &queries {
         let body = q.tally_body();
-        if std::env::var("DIFF_DUMP").is_ok() { eprintln!("Q {body}"); }
+        if std::env::var("DIFF_DUMP").is_ok() {
+            eprintln!("Q {body}");
+        }
         let (status, answer) = status_json(
             server
                 .http
@@ -114,7 +122,7 @@ async fn random_queries_agree_with_duckdb() {
         } else {
             json!({"status": status, "body": answer})
         };
-        shapes.count(&q, &expected);
+        shapes.count(q, &expected);
         if status != 200 || !same(&got, &expected) {
             mismatches.push(format!(
                 "POST /queries/{} {}\n  tally:  {}\n  oracle: {}",
@@ -126,8 +134,11 @@ async fn random_queries_agree_with_duckdb() {
         }
     }
     println!(
-        "differential: compared {QUERIES} queries with DuckDB ({} with an interval, {} grouped, {} \
-         filtered, {} with a non-empty answer); {} disagreed",
+        "differential: compared {} queries with DuckDB ({swept} sweeping the filter operators, {} \
+         random: {} with an interval, {} grouped, {} filtered; {} with a non-empty answer); {} \
+         disagreed",
+        queries.len(),
+        queries.len() - swept,
         shapes.interval,
         shapes.grouped,
         shapes.filtered,
@@ -136,8 +147,9 @@ async fn random_queries_agree_with_duckdb() {
     );
     assert!(
         mismatches.is_empty(),
-        "{} of {QUERIES} queries disagree with DuckDB:\n\n{}",
+        "{} of {} queries disagree with DuckDB:\n\n{}",
         mismatches.len(),
+        queries.len(),
         mismatches
             .iter()
             .take(8)
@@ -146,7 +158,7 @@ async fn random_queries_agree_with_duckdb() {
             .join("\n\n")
     );
     // The generator must produce queries that select something, or agreeing proves little.
-    assert!(shapes.non_trivial >= QUERIES / 2, "{}", shapes.non_trivial);
+    assert!(shapes.non_trivial >= queries.len() / 2, "{}", shapes.non_trivial);
 }
 
 /// Runs the benchmark generator into `path` and returns its events as `(collection, event)`.
@@ -506,6 +518,67 @@ fn pattern(rng: &mut Rng, prop: &Prop) -> Value {
     json!(rng.pick(specific))
 }
 
+/// A value of another JSON type than the property's: it never matches (`ne`: every present
+/// value matches).
+fn wrong_type(rng: &mut Rng, prop: &Prop) -> Value {
+    match prop.kind {
+        Kind::Num => json!(rng.pick(&["10", "free", ""])),
+        Kind::Bool => json!(rng.pick(&["true", "1"])),
+        _ => json!(rng.pick(&[1, 42, 0])),
+    }
+}
+
+/// Every operator, with a value of the property's type and of another, on the properties where
+/// absence, null, mixed types and lists matter: a count over the whole data, one filter each.
+fn operator_sweep(rng: &mut Rng) -> Vec<Query> {
+    let cases: [(&'static str, &'static Prop); 6] = [
+        ("purchases", &PURCHASES[5]), // coupon: mostly missing
+        ("purchases", &PURCHASES[0]), // price
+        ("pageviews", &PAGEVIEWS[4]), // ab_variant: strings, numbers, null, missing
+        ("pageviews", &PAGEVIEWS[3]), // tags: lists
+        ("pageviews", &PAGEVIEWS[2]), // logged_in: booleans
+        ("signups", &PAGEVIEWS[0]),   // page.path: missing from every signup
+    ];
+    let mut out = Vec::new();
+    for (collection, prop) in cases {
+        let name = prop.name;
+        let mut filters = vec![
+            filter(name, "exists", json!(true)),
+            filter(name, "exists", json!(false)),
+            filter(name, "eq", Value::Null),
+            filter(name, "ne", Value::Null),
+            filter(name, "contains", needle(rng, prop)),
+            filter(name, "not_contains", needle(rng, prop)),
+            filter(name, "regex", pattern(rng, prop)),
+        ];
+        for op in ["eq", "ne", "lt", "gte"] {
+            filters.push(filter(name, op, sample(rng, prop)));
+            filters.push(filter(name, op, wrong_type(rng, prop)));
+        }
+        filters.push(filter(name, "in", json!([sample(rng, prop), sample(rng, prop)])));
+        filters.push(filter(
+            name,
+            "in",
+            json!([wrong_type(rng, prop), sample(rng, prop)]),
+        ));
+        out.extend(filters.into_iter().map(|f| Query {
+            analysis: "count",
+            collection,
+            target: None,
+            start_ms: DOMAIN_START_MS,
+            end_ms: DOMAIN_END_MS,
+            text_offset: 0,
+            timezone: None,
+            interval: None,
+            filters: vec![f],
+            group_by: vec![],
+            group_by_string: false,
+            percentile: None,
+        }));
+    }
+    out
+}
+
 fn filter(name: &str, op: &str, value: Value) -> Value {
     json!({"property_name": name, "operator": op, "property_value": value})
 }
@@ -525,11 +598,7 @@ fn random_filter(rng: &mut Rng, collection: &str) -> Value {
         _ => (*rng.pick(&props(collection)), false),
     };
     let name = prop.name;
-    // Now and then a value of the wrong JSON type: it never matches (`ne`: every present value).
-    let wrong = |rng: &mut Rng| match prop.kind {
-        Kind::Num => json!(rng.pick(&["10", "free", ""])),
-        _ => json!(rng.pick(&[1, 42, 0])),
-    };
+    let wrong = |rng: &mut Rng| wrong_type(rng, prop);
     let null_ops = rng.chance(0.08);
     if null_ops {
         return match rng.below(4) {

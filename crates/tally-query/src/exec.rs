@@ -818,6 +818,9 @@ fn grouped<'s>(
     memory: &mut usize,
 ) -> Result<Vec<((usize, Vec<KeyValue<'s>>), Acc<'s>)>, ExecError> {
     let group_cols: Vec<Option<&Column>> = spec.group_by.iter().map(|g| seg.column(g)).collect();
+    if let Some(out) = grouped_dense(spec, seg, target, selection, bucket_ranges, &group_cols, limits, memory)? {
+        return Ok(out);
+    }
     let mut local = LocalGroups::default();
     let mut key_buf: Vec<(u8, u64)> = Vec::with_capacity(group_cols.len() + 1);
     let mut bucket = 0usize;
@@ -869,6 +872,102 @@ fn grouped<'s>(
         .collect())
 }
 
+/// The most slots a dense group table may have.
+const MAX_DENSE_SLOTS: usize = 1 << 20;
+
+/// group_by on columns holding only strings (the common case: plans, categories, paths): the
+/// group is an index computed from dictionary codes — no hashing. `None` when the columns do
+/// not qualify or the table would be too big.
+#[allow(clippy::too_many_arguments)]
+fn grouped_dense<'s>(
+    spec: &QuerySpec,
+    seg: &'s Segment,
+    target: Option<&'s Column>,
+    selection: &Selection,
+    bucket_ranges: Option<&[TimeRange]>,
+    group_cols: &[Option<&'s Column>],
+    limits: &Limits,
+    memory: &mut usize,
+) -> Result<Option<Vec<((usize, Vec<KeyValue<'s>>), Acc<'s>)>>, ExecError> {
+    if !group_cols.iter().all(|c| c.is_none_or(Column::only_strings)) {
+        return Ok(None);
+    }
+    // Per column: dictionary size + 1 slot for null/missing.
+    let dims: Vec<usize> = group_cols.iter().map(|c| c.map_or(1, |c| c.dict().len() + 1)).collect();
+    let buckets = bucket_ranges.map_or(1, <[TimeRange]>::len);
+    let Some(slots) = dims.iter().try_fold(buckets, |acc, d| acc.checked_mul(*d)).filter(|&n| n <= MAX_DENSE_SLOTS)
+    else {
+        return Ok(None);
+    };
+    let unique = matches!(spec.analysis, Analysis::CountUnique | Analysis::SelectUnique);
+    let target_dict = target.map_or(0, |c| c.dict().len());
+    let mut table: Vec<Option<Acc<'s>>> = (0..slots).map(|_| None).collect();
+    *memory += slots * 8;
+    let mut bucket = 0usize;
+    let timestamps = seg.timestamps();
+    let mut seen = 0usize;
+    let mut failed = None;
+    let mut groups = 0usize;
+    selection.for_each(|row| {
+        if failed.is_some() {
+            return;
+        }
+        seen += 1;
+        if seen % 1_048_576 == 0
+            && let Err(e) = check_deadline(limits)
+        {
+            failed = Some(e);
+        }
+        if let Some(ranges) = bucket_ranges {
+            let ts = timestamps[row];
+            while bucket + 1 < ranges.len() && ts >= ranges[bucket].end_ms {
+                bucket += 1;
+            }
+        }
+        let mut index = bucket;
+        for (c, &dim) in group_cols.iter().zip(&dims) {
+            let code = match c {
+                Some(c) if c.tags()[row] == Tag::Str as u8 => c.codes()[row] as usize,
+                _ => dim - 1,
+            };
+            index = index * dim + code;
+        }
+        let acc = table[index].get_or_insert_with(|| {
+            groups += 1;
+            let mut acc = Acc::new(spec.analysis, true);
+            // Distinct strings: a bitmap per group while that stays small.
+            if unique
+                && let Acc::LocalUnique { codes, .. } = &mut acc
+                && groups.saturating_mul(target_dict) <= 64 << 20
+            {
+                *codes = vec![false; target_dict];
+            }
+            acc
+        });
+        accumulate(acc, target, row);
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    *memory += groups * 64;
+    let mut out = Vec::with_capacity(groups);
+    for (mut index, acc) in table.into_iter().enumerate() {
+        let Some(acc) = acc else { continue };
+        let mut key = vec![KeyValue::Null; dims.len()];
+        for (i, (c, &dim)) in group_cols.iter().zip(&dims).enumerate().rev() {
+            let code = index % dim;
+            index /= dim;
+            if let Some(c) = c
+                && code < dim - 1
+            {
+                key[i] = KeyValue::Str(&c.dict()[code]);
+            }
+        }
+        out.push(((index, key), acc));
+    }
+    Ok(Some(out))
+}
+
 fn too_big() -> ExecError {
     ExecError::TooBig(
         "The query needs more memory than a query may use (too many groups or distinct values); narrow the timeframe, add filters or group by fewer properties."
@@ -880,10 +979,13 @@ fn too_big() -> ExecError {
 fn accumulate(acc: &mut Acc, target: Option<&Column>, row: usize) {
     match acc {
         Acc::Count(n) => *n += 1,
-        Acc::LocalUnique { other, .. } => {
-            let key = local_key(target, row);
-            if key.0 != Tag::Null as u8 {
-                other.insert(key);
+        Acc::LocalUnique { codes, other } => {
+            let Some(c) = target else { return };
+            let tag = c.tags()[row];
+            if tag == Tag::Str as u8 && !codes.is_empty() {
+                codes[c.codes()[row] as usize] = true;
+            } else if tag > Tag::Null as u8 {
+                other.insert(local_key(target, row));
             }
         }
         _ => {

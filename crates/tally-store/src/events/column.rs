@@ -90,6 +90,9 @@ pub struct Column {
     /// Summary of the numbers, so that a segment wholly inside a query's time range can answer
     /// count, sum, minimum and maximum without a scan (what DuckDB's zone maps do).
     pub(crate) stats: NumStats,
+    /// How many rows carry each tag (indexed by the tag byte): lets a query pick a plan (e.g.
+    /// "only strings: group by dictionary code") without scanning.
+    pub(crate) counts: [u64; 8],
 }
 
 /// Count, sum, minimum and maximum of a column's numbers (not datetimes).
@@ -134,12 +137,17 @@ impl Column {
     /// A column from its parts; the number summary is computed here.
     pub(crate) fn new(tags: Vec<u8>, nums: Vec<f64>, codes: Vec<u32>, dict: Vec<Arc<str>>) -> Column {
         let stats = NumStats::of(&tags, &nums);
+        let mut counts = [0u64; 8];
+        for &tag in &tags {
+            counts[(tag & 7) as usize] += 1;
+        }
         Column {
             tags,
             nums,
             codes,
             dict,
             stats,
+            counts,
         }
     }
 
@@ -201,11 +209,14 @@ impl Column {
 
     /// How many rows carry each tag, indexed by the tag byte.
     pub fn tag_counts(&self) -> [u64; 8] {
-        let mut counts = [0u64; 8];
-        for &tag in &self.tags {
-            counts[(tag & 7) as usize] += 1;
-        }
-        counts
+        self.counts
+    }
+
+    /// Whether every present value is a string (or null): then the codes are the values.
+    pub fn only_strings(&self) -> bool {
+        let c = self.counts;
+        c[Tag::Num as usize] + c[Tag::Bool as usize] + c[Tag::List as usize] + c[Tag::EmptyObject as usize] + c[Tag::DateTime as usize]
+            == 0
     }
 
     /// The column's Keen type: the most frequent non-null type, `null` if there is none.
