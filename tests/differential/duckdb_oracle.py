@@ -69,10 +69,20 @@ def quote(name):
     return '"' + name.replace('"', '""') + '"'
 
 
+def json_parts(expr):
+    """For JSON text: (type rank: 0 null, 1 number, 2 string, 3 other; the number; the string)."""
+    jtype = f"json_type({expr}::JSON)"
+    rank = (f"(CASE WHEN {expr} IS NULL THEN 0 WHEN {jtype} IN {NUMERIC_JSON_TYPES} THEN 1 "
+            f"WHEN {jtype} = 'VARCHAR' THEN 2 ELSE 3 END)")
+    number = f"(CASE WHEN {jtype} IN {NUMERIC_JSON_TYPES} THEN TRY_CAST({expr} AS DOUBLE) END)"
+    text = f"(CASE WHEN {jtype} = 'VARCHAR' THEN json_extract_string({expr}::JSON, '$') END)"
+    return rank, number, text
+
+
 class Oracle:
     def __init__(self, path):
         self.con = duckdb.connect()
-        # collection -> {property: kind}, kind in num, str, bool, list, mixed.
+        # collection -> {property: kind}, kind in num, str, bool, list (of strings), mixed, null.
         self.schema = {}
         rows = {}
         with open(path) as f:
@@ -90,8 +100,8 @@ class Oracle:
         for event in events:
             for name, value in event.items():
                 kind = json_kind(value)
-                if kind == "list" and any(not isinstance(x, str) for x in value):
-                    kind = "mixed"
+                if kind == "obj" or (kind == "list" and any(not isinstance(x, str) for x in value)):
+                    kind = "mixed"  # kept as JSON text
                 if kind != "null":
                     kinds.setdefault(name, set()).add(kind)
                 else:
@@ -206,11 +216,9 @@ class Oracle:
 
     def mixed_filter(self, col, op, value, params):
         """A property of several JSON types, stored as JSON text: compared as the value's type."""
-        typed = {
-            "num": f"(CASE WHEN json_type({col}::JSON) IN {NUMERIC_JSON_TYPES} THEN TRY_CAST({col} AS DOUBLE) END)",
-            "str": f"(CASE WHEN json_type({col}::JSON) = 'VARCHAR' THEN json_extract_string({col}::JSON, '$') END)",
-            "bool": f"(CASE WHEN json_type({col}::JSON) = 'BOOLEAN' THEN TRY_CAST({col} AS BOOLEAN) END)",
-        }
+        _, number, text = json_parts(col)
+        boolean = f"(CASE WHEN json_type({col}::JSON) = 'BOOLEAN' THEN TRY_CAST({col} AS BOOLEAN) END)"
+        typed = {"num": number, "str": text, "bool": boolean}
         vkind = json_kind(value)
         if op in ("eq", "ne"):
             if vkind not in typed:
@@ -263,20 +271,18 @@ class Oracle:
         return "e." + quote(name), kind
 
     def numeric(self, expr, kind):
+        """The property's numeric values; anything else is NULL (ignored by the aggregates)."""
         if kind == "num":
             return expr
         if kind == "mixed":
-            return f"(CASE WHEN json_type({expr}::JSON) IN {NUMERIC_JSON_TYPES} THEN TRY_CAST({expr} AS DOUBLE) END)"
+            return json_parts(expr)[1]
         return "CAST(NULL AS DOUBLE)"
 
     def sort_keys(self, expr, kind):
         """ORDER BY terms: null first, then numbers, strings, booleans (mixed: by JSON type)."""
         if kind != "mixed":
             return [f"{expr} ASC NULLS FIRST"]
-        rank = (f"(CASE WHEN {expr} IS NULL THEN 0 WHEN json_type({expr}::JSON) IN {NUMERIC_JSON_TYPES} "
-                f"THEN 1 WHEN json_type({expr}::JSON) = 'VARCHAR' THEN 2 ELSE 3 END)")
-        number = f"(CASE WHEN json_type({expr}::JSON) IN {NUMERIC_JSON_TYPES} THEN TRY_CAST({expr} AS DOUBLE) END)"
-        text = f"(CASE WHEN json_type({expr}::JSON) = 'VARCHAR' THEN json_extract_string({expr}::JSON, '$') END)"
+        rank, number, text = json_parts(expr)
         return [rank, f"{number} ASC NULLS FIRST", f"{text} ASC NULLS FIRST", f"{expr} ASC NULLS FIRST"]
 
     def aggregate(self, q, collection, params):
@@ -288,10 +294,12 @@ class Oracle:
             return f"count(DISTINCT {expr})"
         if analysis == "select_unique":
             if kind == "mixed":
-                # Sort structs (type rank, number, string, text) field by field, keep the text.
-                struct = self.struct_of(expr)
-                return (f"list_transform(list_sort(list(DISTINCT {struct}) FILTER (WHERE {expr} IS NOT NULL)), "
-                        f"lambda x: x.t)")
+                # Numbers before strings: sort structs (type rank, number, string, JSON text)
+                # field by field, then keep the text.
+                rank, number, text = json_parts(expr)
+                struct = f"{{'r': {rank}, 'n': {number}, 's': {text}, 't': {expr}}}"
+                distinct = f"list(DISTINCT {struct}) FILTER (WHERE {expr} IS NOT NULL)"
+                return f"list_transform(list_sort({distinct}), lambda x: x.t)"
             return f"list_sort(list(DISTINCT {expr}) FILTER (WHERE {expr} IS NOT NULL))"
         x = self.numeric(expr, kind)
         if analysis == "sum":
@@ -311,13 +319,6 @@ class Oracle:
             return (f"list_sort(list({x}) FILTER (WHERE {x} IS NOT NULL))"
                     f"[greatest(1, ceil(CAST(? AS DOUBLE) / 100.0 * count({x})))::BIGINT]")
         raise ValueError(f"unknown analysis {analysis}")
-
-    def struct_of(self, expr):
-        number = f"(CASE WHEN json_type({expr}::JSON) IN {NUMERIC_JSON_TYPES} THEN TRY_CAST({expr} AS DOUBLE) END)"
-        text = f"(CASE WHEN json_type({expr}::JSON) = 'VARCHAR' THEN json_extract_string({expr}::JSON, '$') END)"
-        rank = (f"(CASE WHEN json_type({expr}::JSON) IN {NUMERIC_JSON_TYPES} THEN 1 "
-                f"WHEN json_type({expr}::JSON) = 'VARCHAR' THEN 2 ELSE 3 END)")
-        return f"{{'r': {rank}, 'n': {number}, 's': {text}, 't': {expr}}}"
 
     def answer(self, q):
         collection = q["collection"]

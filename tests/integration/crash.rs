@@ -248,7 +248,9 @@ async fn kill_9_during_store_flushes_and_merges_keeps_exactly_the_logged_events(
         let (http, base, id, key) = (http.clone(), server.base.clone(), id.clone(), read_key.clone());
         async move {
             let mut body = json!({"event_collection": "crash", "timeframe": {"start": "2000-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"}});
-            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             let answer: Value = http
                 .post(format!("{base}/3.0/projects/{id}/queries/{analysis}"))
                 .header("Authorization", &key)
@@ -274,19 +276,31 @@ async fn kill_9_during_store_flushes_and_merges_keeps_exactly_the_logged_events(
     let extracted = query("extraction", json!({"property_names": ["tag"]})).await;
     let mut in_store: HashMap<String, usize> = HashMap::new();
     for event in extracted.as_array().unwrap() {
-        *in_store.entry(event["tag"].as_str().unwrap().to_string()).or_default() += 1;
+        *in_store
+            .entry(event["tag"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     let mut in_log: HashMap<String, usize> = HashMap::new();
     for (_, event) in &logged {
-        *in_log.entry(event["tag"].as_str().unwrap().to_string()).or_default() += 1;
+        *in_log
+            .entry(event["tag"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     let logged_twice: Vec<_> = in_log.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(logged_twice.is_empty(), "logged twice: {logged_twice:?}");
     let twice: Vec<_> = in_store.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(twice.is_empty(), "stored twice: {twice:?}");
-    let missing: Vec<_> = in_log.keys().filter(|t| !in_store.contains_key(*t)).take(5).collect();
+    let missing: Vec<_> = in_log
+        .keys()
+        .filter(|t| !in_store.contains_key(*t))
+        .take(5)
+        .collect();
     assert!(missing.is_empty(), "logged but not stored: {missing:?}");
-    let extra: Vec<_> = in_store.keys().filter(|t| !in_log.contains_key(*t)).take(5).collect();
+    let extra: Vec<_> = in_store
+        .keys()
+        .filter(|t| !in_log.contains_key(*t))
+        .take(5)
+        .collect();
     assert!(extra.is_empty(), "stored but not logged: {extra:?}");
     assert_eq!(stored, logged.len(), "the store holds every logged event");
     println!(

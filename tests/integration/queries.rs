@@ -89,14 +89,42 @@ async fn every_analysis_gives_keens_numbers() {
         ("maximum", json!({"target_property": "price"}), json!(40)),
         // Nearest rank over [5.5, 10, 20, 30, 40]: median is the 3rd value.
         ("median", json!({"target_property": "price"}), json!(20)),
-        ("percentile", json!({"target_property": "price", "percentile": 50}), json!(20)),
-        ("percentile", json!({"target_property": "price", "percentile": 100}), json!(40)),
-        ("percentile", json!({"target_property": "price", "percentile": 0}), json!(5.5)),
-        ("percentile", json!({"target_property": "price", "percentile": 99.99}), json!(40)),
-        ("standard_deviation", json!({"target_property": "price"}), json!(14.179_210_133_149_166)),
-        ("select_unique", json!({"target_property": "item"}), json!(["Hat box", "hat", "shoe", "sock"])),
+        (
+            "percentile",
+            json!({"target_property": "price", "percentile": 50}),
+            json!(20),
+        ),
+        (
+            "percentile",
+            json!({"target_property": "price", "percentile": 100}),
+            json!(40),
+        ),
+        (
+            "percentile",
+            json!({"target_property": "price", "percentile": 0}),
+            json!(5.5),
+        ),
+        (
+            "percentile",
+            json!({"target_property": "price", "percentile": 99.99}),
+            json!(40),
+        ),
+        (
+            "standard_deviation",
+            json!({"target_property": "price"}),
+            json!(14.179_210_133_149_166),
+        ),
+        (
+            "select_unique",
+            json!({"target_property": "item"}),
+            json!(["Hat box", "hat", "shoe", "sock"]),
+        ),
         // Numbers before strings.
-        ("select_unique", json!({"target_property": "price"}), json!([5.5, 10, 20, 30, 40, "n/a"])),
+        (
+            "select_unique",
+            json!({"target_property": "price"}),
+            json!([5.5, 10, 20, 30, 40, "n/a"]),
+        ),
         ("sum", json!({"target_property": "nothing"}), json!(0)),
         ("average", json!({"target_property": "nothing"}), json!(null)),
         ("count_unique", json!({"target_property": "nothing"}), json!(0)),
@@ -174,8 +202,13 @@ async fn daily_intervals_in_new_york_across_the_dst_change() {
         ])
     );
     // Empty buckets appear, with each analysis's empty value; grouped buckets hold lists.
-    let got = result(&server, "average", json!({"target_property": "price", "interval": "every_2_days",
-        "timeframe": {"start": "2026-03-09T00:00:00Z", "end": "2026-03-13T00:00:00Z"}})).await;
+    let got = result(
+        &server,
+        "average",
+        json!({"target_property": "price", "interval": "every_2_days",
+        "timeframe": {"start": "2026-03-09T00:00:00Z", "end": "2026-03-13T00:00:00Z"}}),
+    )
+    .await;
     assert_eq!(
         got,
         json!([
@@ -183,8 +216,13 @@ async fn daily_intervals_in_new_york_across_the_dst_change() {
             {"timeframe": {"start": "2026-03-11T00:00:00.000Z", "end": "2026-03-13T00:00:00.000Z"}, "value": 5.5},
         ])
     );
-    let got = result(&server, "count", json!({"interval": "daily", "group_by": "item",
-        "timeframe": {"start": "2026-03-09T00:00:00Z", "end": "2026-03-11T00:00:00Z"}})).await;
+    let got = result(
+        &server,
+        "count",
+        json!({"interval": "daily", "group_by": "item",
+        "timeframe": {"start": "2026-03-09T00:00:00Z", "end": "2026-03-11T00:00:00Z"}}),
+    )
+    .await;
     assert_eq!(
         got,
         json!([
@@ -207,17 +245,32 @@ async fn filters_follow_tallys_decisions() {
     assert_eq!(count(json!([f("item", "ne", json!(null))])).await, json!(5));
     // `ne` matches only present, non-null values.
     assert_eq!(count(json!([f("item", "ne", json!("hat"))])).await, json!(3));
-    assert_eq!(count(json!([f("user.plan", "exists", json!(false))])).await, json!(1));
+    assert_eq!(
+        count(json!([f("user.plan", "exists", json!(false))])).await,
+        json!(1)
+    );
     assert_eq!(count(json!([f("price", "gt", json!(10))])).await, json!(3));
     // A number filter never matches a string value, and the other way round.
     assert_eq!(count(json!([f("price", "lt", json!("z"))])).await, json!(1));
-    assert_eq!(count(json!([f("price", "in", json!([10, 40, "n/a"]))])).await, json!(3));
+    assert_eq!(
+        count(json!([f("price", "in", json!([10, 40, "n/a"]))])).await,
+        json!(3)
+    );
     assert_eq!(count(json!([f("item", "contains", json!("at"))])).await, json!(3));
-    assert_eq!(count(json!([f("item", "not_contains", json!("at"))])).await, json!(2));
-    assert_eq!(count(json!([f("item", "regex", json!("^[Hh]at"))])).await, json!(3));
+    assert_eq!(
+        count(json!([f("item", "not_contains", json!("at"))])).await,
+        json!(2)
+    );
+    assert_eq!(
+        count(json!([f("item", "regex", json!("^[Hh]at"))])).await,
+        json!(3)
+    );
     // Lists: eq tests membership, in tests overlap.
     assert_eq!(count(json!([f("tags", "eq", json!("sale"))])).await, json!(1));
-    assert_eq!(count(json!([f("tags", "in", json!(["blue", "sale"]))])).await, json!(2));
+    assert_eq!(
+        count(json!([f("tags", "in", json!(["blue", "sale"]))])).await,
+        json!(2)
+    );
     assert_eq!(
         count(json!([{"operator": "or", "property_value": [f("item", "eq", json!("sock")), f("user.id", "eq", json!("cid"))]}])).await,
         json!(2)
@@ -254,8 +307,16 @@ async fn extraction_latest_property_names_and_csv() {
     assert_eq!(all[0]["keen"]["timestamp"], "2026-03-06T12:00:00.000Z");
     assert_eq!(all[0]["keen"]["id"].as_str().unwrap().len(), 24);
     assert_eq!(all[4]["item"], Value::Null);
-    let latest = result(&server, "extraction", json!({"latest": 2, "property_names": ["item", "user.id"]})).await;
-    assert_eq!(latest, json!([{"item": null, "user": {"id": "dee"}}, {"item": "sock", "user": {"id": "bob"}}]));
+    let latest = result(
+        &server,
+        "extraction",
+        json!({"latest": 2, "property_names": ["item", "user.id"]}),
+    )
+    .await;
+    assert_eq!(
+        latest,
+        json!([{"item": null, "user": {"id": "dee"}}, {"item": "sock", "user": {"id": "bob"}}])
+    );
     let response = query(
         &server,
         "extraction",
@@ -264,7 +325,12 @@ async fn extraction_latest_property_names_and_csv() {
     )
     .await;
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
     assert_eq!(response.text().await.unwrap(), "user.id,price\ndee,40\nbob,5.5\n");
 }
 
@@ -279,8 +345,22 @@ async fn get_parameters_mean_the_same_as_post_bodies() {
     );
     let (status, got) = status_json(get_query(&server, "sum", &qs).await).await;
     assert_eq!(status, 200, "{got}");
-    assert_eq!(got, json!({"result": [{"user.plan": "free", "result": 20}, {"user.plan": "pro", "result": 70}]}));
-    let (_, meta) = status_json(get_query(&server, "count", &format!("event_collection=purchases&timeframe={}&include_metadata=true", urlencode(WEEK))).await).await;
+    assert_eq!(
+        got,
+        json!({"result": [{"user.plan": "free", "result": 20}, {"user.plan": "pro", "result": 70}]})
+    );
+    let (_, meta) = status_json(
+        get_query(
+            &server,
+            "count",
+            &format!(
+                "event_collection=purchases&timeframe={}&include_metadata=true",
+                urlencode(WEEK)
+            ),
+        )
+        .await,
+    )
+    .await;
     assert_eq!(meta["result"], 6);
     assert_eq!(meta["execution_metadata"]["events_scanned"], 6);
 }
@@ -294,16 +374,52 @@ async fn bad_parameters_get_keens_error_codes() {
     let server = loaded().await;
     let tf: Value = serde_json::from_str(WEEK).unwrap();
     let cases = [
-        ("count_everything", json!({"event_collection": "purchases", "timeframe": tf}), "InvalidAnalysisTypeError"),
+        (
+            "count_everything",
+            json!({"event_collection": "purchases", "timeframe": tf}),
+            "InvalidAnalysisTypeError",
+        ),
         ("count", json!({"timeframe": tf}), "MissingRequiredPropertyError"),
-        ("count", json!({"event_collection": "purchases"}), "MissingRequiredPropertyError"),
-        ("sum", json!({"event_collection": "purchases", "timeframe": tf}), "MissingRequiredPropertyError"),
-        ("count", json!({"event_collection": "purchases", "timeframe": "this_7_fortnights"}), "TimeframeDefinitionError"),
-        ("count", json!({"event_collection": "purchases", "timeframe": tf, "interval": "every_day_or_so"}), "IntervalDefinitionError"),
-        ("count", json!({"event_collection": "purchases", "timeframe": tf, "filters": [{"property_name": "a", "operator": "starts_with", "property_value": "x"}]}), "FilterDefinitionError"),
-        ("count", json!({"event_collection": "purchases", "timeframe": tf, "filters": [{"property_name": "a", "operator": "regex", "property_value": "(unclosed"}]}), "FilterDefinitionError"),
-        ("percentile", json!({"event_collection": "purchases", "timeframe": tf, "target_property": "price", "percentile": 101}), "InvalidParameterError"),
-        ("count", json!({"event_collection": "purchases", "timeframe": tf, "timezone": "Mars/Olympus_Mons"}), "InvalidParameterError"),
+        (
+            "count",
+            json!({"event_collection": "purchases"}),
+            "MissingRequiredPropertyError",
+        ),
+        (
+            "sum",
+            json!({"event_collection": "purchases", "timeframe": tf}),
+            "MissingRequiredPropertyError",
+        ),
+        (
+            "count",
+            json!({"event_collection": "purchases", "timeframe": "this_7_fortnights"}),
+            "TimeframeDefinitionError",
+        ),
+        (
+            "count",
+            json!({"event_collection": "purchases", "timeframe": tf, "interval": "every_day_or_so"}),
+            "IntervalDefinitionError",
+        ),
+        (
+            "count",
+            json!({"event_collection": "purchases", "timeframe": tf, "filters": [{"property_name": "a", "operator": "starts_with", "property_value": "x"}]}),
+            "FilterDefinitionError",
+        ),
+        (
+            "count",
+            json!({"event_collection": "purchases", "timeframe": tf, "filters": [{"property_name": "a", "operator": "regex", "property_value": "(unclosed"}]}),
+            "FilterDefinitionError",
+        ),
+        (
+            "percentile",
+            json!({"event_collection": "purchases", "timeframe": tf, "target_property": "price", "percentile": 101}),
+            "InvalidParameterError",
+        ),
+        (
+            "count",
+            json!({"event_collection": "purchases", "timeframe": tf, "timezone": "Mars/Olympus_Mons"}),
+            "InvalidParameterError",
+        ),
     ];
     for (analysis, body, code) in cases {
         assert_error(query(&server, analysis, &body).await, 400, code).await;
@@ -384,11 +500,17 @@ async fn deletes_need_the_master_key_and_remove_exactly_what_matches() {
         .await
         .unwrap();
     assert_eq!(response.status(), 204);
-    assert_eq!(result(&server, "sum", json!({"target_property": "price"})).await, json!(0));
+    assert_eq!(
+        result(&server, "sum", json!({"target_property": "price"})).await,
+        json!(0)
+    );
     // Deletes are durable.
     let server = server.restart().await;
     assert_eq!(result(&server, "count", json!({})).await, json!(4));
-    assert_eq!(result(&server, "sum", json!({"target_property": "price"})).await, json!(0));
+    assert_eq!(
+        result(&server, "sum", json!({"target_property": "price"})).await,
+        json!(0)
+    );
     let response = server
         .http
         .delete(server.project_url("/events/purchases"))
@@ -410,4 +532,46 @@ async fn stored_events_survive_a_restart_exactly_once() {
     wait_count(&server, "purchases", 7).await;
     let server = server.restart().await;
     assert_eq!(result(&server, "count", json!({})).await, json!(7));
+}
+
+#[tokio::test]
+async fn a_query_over_its_limits_is_stopped_not_the_server() {
+    // A zero time limit: every query that reads a segment is past it.
+    let server = TestServer::start_with(|c| c.query.timeout_ms = 0).await;
+    assert_eq!(
+        status_json(server.post("/events", &json!({ "purchases": purchases() })).await)
+            .await
+            .0,
+        200
+    );
+    server.wait_enriched(6).await;
+    let body =
+        json!({"event_collection": "purchases", "timeframe": serde_json::from_str::<Value>(WEEK).unwrap()});
+    assert_error(query(&server, "count", &body).await, 504, "QueryTimeoutError").await;
+
+    // A tiny memory budget: a query with many groups is refused with a clear message; one
+    // without groups still answers.
+    let server = server
+        .restart_with(|c| {
+            c.query.timeout_ms = 60_000;
+            c.query.max_memory_bytes = 256;
+        })
+        .await;
+    let mut grouped = body.clone();
+    grouped["group_by"] = json!(["user.id", "price"]);
+    let response = query(&server, "count", &grouped).await;
+    let (status, answer) = status_json(response).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error_code"], "InvalidParameterError");
+    assert!(
+        answer["message"].as_str().unwrap().contains("more memory"),
+        "{answer}"
+    );
+    let (status, answer) = status_json(query(&server, "count", &body).await).await;
+    assert_eq!((status, &answer["result"]), (200, &json!(6)));
+    // The server is still up for everyone else.
+    assert_eq!(
+        server.post("/events/purchases", &purchases()[0]).await.status(),
+        201
+    );
 }

@@ -216,6 +216,10 @@ pub fn stored_events(store: &tally_store::events::EventStore) -> Vec<Value> {
             }
         }
     }
-    out.sort_by(|a, b| a["event"]["keen"]["id"].as_str().cmp(&b["event"]["keen"]["id"].as_str()));
+    out.sort_by(|a, b| {
+        a["event"]["keen"]["id"]
+            .as_str()
+            .cmp(&b["event"]["keen"]["id"].as_str())
+    });
     out
 }

@@ -217,8 +217,8 @@ impl Default for StoreConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueryConfig {
-    /// A query still running after this many seconds is stopped and answered 504.
-    pub timeout_secs: u64,
+    /// A query still running after this many milliseconds is stopped and answered 504.
+    pub timeout_ms: u64,
     /// The most memory one query may hold for its groups, distinct values and sorted values,
     /// in bytes; past it the query is refused with a 400 asking for a narrower question.
     pub max_memory_bytes: usize,
@@ -230,7 +230,7 @@ pub struct QueryConfig {
 impl Default for QueryConfig {
     fn default() -> Self {
         Self {
-            timeout_secs: 60,
+            timeout_ms: 60_000,
             max_memory_bytes: 2 << 30,
             max_extraction_events: 100_000,
         }

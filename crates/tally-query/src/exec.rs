@@ -79,14 +79,23 @@ pub fn run(spec: &QuerySpec, segments: &[Arc<StoredSegment>], limits: &Limits) -
     let segs: Vec<&Segment> = segments
         .iter()
         .map(|s| &s.segment)
-        .filter(|s| s.time_bounds().is_some_and(|(lo, hi)| hi >= range.start_ms && lo < range.end_ms))
+        .filter(|s| {
+            s.time_bounds()
+                .is_some_and(|(lo, hi)| hi >= range.start_ms && lo < range.end_ms)
+        })
         .collect();
     let (result, scanned) = if spec.analysis == Analysis::Extraction {
-        return extraction(spec, &segs, limits).map(|(answer, scanned)| with_metadata(spec, answer, scanned, started));
+        return extraction(spec, &segs, limits)
+            .map(|(answer, scanned)| with_metadata(spec, answer, scanned, started));
     } else {
         aggregate(spec, &segs, limits)?
     };
-    Ok(with_metadata(spec, Answer::Json(json!({ "result": result })), scanned, started))
+    Ok(with_metadata(
+        spec,
+        Answer::Json(json!({ "result": result })),
+        scanned,
+        started,
+    ))
 }
 
 fn with_metadata(spec: &QuerySpec, answer: Answer, scanned: u64, started: Instant) -> Answer {
@@ -148,7 +157,10 @@ fn select(seg: &Segment, rows: std::ops::Range<usize>, filters: &[Filter]) -> Ve
             *a &= b;
         }
     }
-    rows.zip(mask).filter(|(_, keep)| *keep).map(|(r, _)| r as u32).collect()
+    rows.zip(mask)
+        .filter(|(_, keep)| *keep)
+        .map(|(r, _)| r as u32)
+        .collect()
 }
 
 fn filter_mask(seg: &Segment, rows: std::ops::Range<usize>, filter: &Filter) -> Vec<bool> {
@@ -171,16 +183,27 @@ fn filter_mask(seg: &Segment, rows: std::ops::Range<usize>, filter: &Filter) -> 
 
 fn column_mask(column: &Column, rows: std::ops::Range<usize>, op: &FilterOp) -> Vec<bool> {
     // Decided once per dictionary entry and once per value-less tag.
-    let code_ok: Vec<bool> = column.dict().iter().map(|s| matches(op, Some(Cell::Str(s)))).collect();
+    let code_ok: Vec<bool> = column
+        .dict()
+        .iter()
+        .map(|s| matches(op, Some(Cell::Str(s))))
+        .collect();
     let list_ok: Vec<bool> = if column.tag_counts()[Tag::List as usize] > 0 {
-        column.dict().iter().map(|s| matches(op, Some(Cell::List(s)))).collect()
+        column
+            .dict()
+            .iter()
+            .map(|s| matches(op, Some(Cell::List(s))))
+            .collect()
     } else {
         Vec::new()
     };
     let absent = matches(op, None);
     let null = matches(op, Some(Cell::Null));
     let empty_object = matches(op, Some(Cell::EmptyObject));
-    let bools = [matches(op, Some(Cell::Bool(false))), matches(op, Some(Cell::Bool(true)))];
+    let bools = [
+        matches(op, Some(Cell::Bool(false))),
+        matches(op, Some(Cell::Bool(true))),
+    ];
     let tags = column.tags();
     rows.map(|r| match Tag::from_u8(tags[r]) {
         Tag::Absent => absent,
@@ -406,17 +429,78 @@ fn global_key(column: Option<&Column>, (tag, slot): (u8, u64)) -> KeyValue<'_> {
 #[derive(Debug, Clone)]
 enum Acc<'a> {
     Count(u64),
-    Sum { sum: f64, n: u64 },
+    Sum {
+        sum: f64,
+        n: u64,
+    },
     Min(Option<f64>),
     Max(Option<f64>),
     Values(Vec<f64>),
     /// Welford's running mean and sum of squared deviations.
-    Moments { n: u64, mean: f64, m2: f64 },
+    Moments {
+        n: u64,
+        mean: f64,
+        m2: f64,
+    },
     /// Distinct values local to a segment: string codes in a bitmap over the dictionary (when
     /// there is one group), anything else as (tag, slot).
-    LocalUnique { codes: Vec<bool>, other: FxHashSet<(u8, u64)> },
-    Unique(FxHashSet<KeyValue<'a>>),
+    LocalUnique {
+        codes: Vec<bool>,
+        other: FxHashSet<(u8, u64)>,
+    },
+    Unique(UniqueSet<'a>),
 }
+
+/// A distinct value with its hash computed once: sets grow and merge without hashing strings
+/// again, and equal hashes are confirmed by comparing values, so counts stay exact.
+#[derive(Debug, Clone, Copy)]
+struct Hashed<'a> {
+    hash: u64,
+    value: KeyValue<'a>,
+}
+
+impl<'a> Hashed<'a> {
+    fn new(value: KeyValue<'a>) -> Hashed<'a> {
+        let mut h = rustc_hash::FxHasher::default();
+        value.hash(&mut h);
+        Hashed {
+            hash: h.finish(),
+            value,
+        }
+    }
+}
+
+impl PartialEq for Hashed<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.value == other.value
+    }
+}
+impl Eq for Hashed<'_> {}
+impl Hash for Hashed<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Passes a precomputed hash through.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type UniqueSet<'a> = std::collections::HashSet<Hashed<'a>, std::hash::BuildHasherDefault<PassThrough>>;
 
 impl<'a> Acc<'a> {
     fn new(analysis: Analysis, local: bool) -> Acc<'a> {
@@ -435,7 +519,7 @@ impl<'a> Acc<'a> {
                 codes: Vec::new(),
                 other: FxHashSet::default(),
             },
-            Analysis::CountUnique | Analysis::SelectUnique => Acc::Unique(FxHashSet::default()),
+            Analysis::CountUnique | Analysis::SelectUnique => Acc::Unique(UniqueSet::default()),
         }
     }
 
@@ -512,20 +596,30 @@ impl<'a> Acc<'a> {
     /// A segment-local state made global (codes → values).
     fn globalize(self, target: Option<&'a Column>) -> Acc<'a> {
         match self {
-            Acc::LocalUnique { codes, other } => {
-                let mut set: FxHashSet<KeyValue<'a>> = other.into_iter().map(|k| global_key(target, k)).collect();
-                if let Some(c) = target {
-                    set.extend(
-                        codes
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, seen)| **seen)
-                            .map(|(code, _)| KeyValue::Str(&c.dict()[code])),
-                    );
-                }
-                Acc::Unique(set)
+            local @ Acc::LocalUnique { .. } => {
+                let mut global = Acc::Unique(UniqueSet::default());
+                global.absorb(local, target);
+                global
             }
             other => other,
+        }
+    }
+
+    /// Folds a segment-local state into this query-wide one; distinct values go straight into
+    /// the set, each hashed once.
+    fn absorb(&mut self, local: Acc<'a>, target: Option<&'a Column>) {
+        match (self, local) {
+            (Acc::Unique(set), Acc::LocalUnique { codes, other }) => {
+                let seen = codes.iter().filter(|s| **s).count();
+                set.reserve(seen + other.len());
+                if let Some(c) = target {
+                    for (code, _) in codes.iter().enumerate().filter(|(_, seen)| **seen) {
+                        set.insert(Hashed::new(KeyValue::Str(&c.dict()[code])));
+                    }
+                }
+                set.extend(other.into_iter().map(|k| Hashed::new(global_key(target, k))));
+            }
+            (this, local) => this.merge(local.globalize(target)),
         }
     }
 
@@ -565,9 +659,15 @@ impl<'a> Acc<'a> {
                     number_value((m2 / (n - 1) as f64).sqrt())
                 }
             }
-            (Analysis::CountUnique, Acc::Unique(set)) => Value::from(set.iter().filter(|v| **v != KeyValue::Null).count()),
+            (Analysis::CountUnique, Acc::Unique(set)) => {
+                Value::from(set.iter().filter(|v| v.value != KeyValue::Null).count())
+            }
             (_, Acc::Unique(set)) => {
-                let mut values: Vec<KeyValue> = set.into_iter().filter(|v| *v != KeyValue::Null).collect();
+                let mut values: Vec<KeyValue> = set
+                    .into_iter()
+                    .map(|v| v.value)
+                    .filter(|v| *v != KeyValue::Null)
+                    .collect();
                 values.sort();
                 Value::Array(values.into_iter().map(KeyValue::to_json).collect())
             }
@@ -634,9 +734,17 @@ fn aggregate(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(Va
     // Bigger segments first, dealt round-robin, so the threads get similar work.
     let mut segs = segs.to_vec();
     segs.sort_by_key(|s| std::cmp::Reverse(s.rows()));
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(segs.len()).max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(segs.len())
+        .max(1);
     let partials: Vec<Result<(Groups, u64), ExecError>> = if threads == 1 {
-        vec![aggregate_part(spec, segs.iter().copied(), bucket_ranges.as_deref(), limits)]
+        vec![aggregate_part(
+            spec,
+            segs.iter().copied(),
+            bucket_ranges.as_deref(),
+            limits,
+        )]
     } else {
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
@@ -646,7 +754,10 @@ fn aggregate(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(Va
                     scope.spawn(move || aggregate_part(spec, part, bucket_ranges, limits))
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("query thread")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("query thread"))
+                .collect()
         })
     };
     let mut groups = Groups::default();
@@ -702,7 +813,12 @@ fn aggregate_part<'s>(
             if memory > limits.max_memory_bytes {
                 return Err(too_big());
             }
-            merge_groups(&mut groups, [(key, acc.globalize(target))].into_iter().collect());
+            match groups.get_mut(&key) {
+                Some(existing) => existing.absorb(acc, target),
+                None => {
+                    groups.insert(key, acc.globalize(target));
+                }
+            }
         }
     }
     Ok((groups, scanned))
@@ -748,7 +864,9 @@ fn ungrouped<'s>(
     limits: &Limits,
 ) -> Result<Vec<((usize, Vec<KeyValue<'s>>), Acc<'s>)>, ExecError> {
     let analysis = spec.analysis;
-    let mut accs: Vec<Acc> = (0..bucket_ranges.map_or(1, |b| b.len())).map(|_| Acc::new(analysis, true)).collect();
+    let mut accs: Vec<Acc> = (0..bucket_ranges.map_or(1, |b| b.len()))
+        .map(|_| Acc::new(analysis, true))
+        .collect();
     // Distinct strings with one state per bucket: a bitmap over the dictionary.
     let bitmap = matches!(analysis, Analysis::CountUnique | Analysis::SelectUnique)
         && target.is_some_and(|c| !c.dict().is_empty())
@@ -818,7 +936,16 @@ fn grouped<'s>(
     memory: &mut usize,
 ) -> Result<Vec<((usize, Vec<KeyValue<'s>>), Acc<'s>)>, ExecError> {
     let group_cols: Vec<Option<&Column>> = spec.group_by.iter().map(|g| seg.column(g)).collect();
-    if let Some(out) = grouped_dense(spec, seg, target, selection, bucket_ranges, &group_cols, limits, memory)? {
+    if let Some(out) = grouped_dense(
+        spec,
+        seg,
+        target,
+        selection,
+        bucket_ranges,
+        &group_cols,
+        limits,
+        memory,
+    )? {
         return Ok(out);
     }
     let mut local = LocalGroups::default();
@@ -866,7 +993,11 @@ fn grouped<'s>(
     Ok(local
         .into_iter()
         .map(|(key, (bucket, acc))| {
-            let global: Vec<KeyValue> = key[1..].iter().zip(&group_cols).map(|(k, c)| global_key(*c, *k)).collect();
+            let global: Vec<KeyValue> = key[1..]
+                .iter()
+                .zip(&group_cols)
+                .map(|(k, c)| global_key(*c, *k))
+                .collect();
             ((bucket, global), acc)
         })
         .collect())
@@ -893,9 +1024,15 @@ fn grouped_dense<'s>(
         return Ok(None);
     }
     // Per column: dictionary size + 1 slot for null/missing.
-    let dims: Vec<usize> = group_cols.iter().map(|c| c.map_or(1, |c| c.dict().len() + 1)).collect();
+    let dims: Vec<usize> = group_cols
+        .iter()
+        .map(|c| c.map_or(1, |c| c.dict().len() + 1))
+        .collect();
     let buckets = bucket_ranges.map_or(1, <[TimeRange]>::len);
-    let Some(slots) = dims.iter().try_fold(buckets, |acc, d| acc.checked_mul(*d)).filter(|&n| n <= MAX_DENSE_SLOTS)
+    let Some(slots) = dims
+        .iter()
+        .try_fold(buckets, |acc, d| acc.checked_mul(*d))
+        .filter(|&n| n <= MAX_DENSE_SLOTS)
     else {
         return Ok(None);
     };
@@ -1004,8 +1141,10 @@ fn shape(spec: &QuerySpec, mut groups: Groups, bucket_ranges: Option<&[TimeRange
     let grouped = !spec.group_by.is_empty();
     let empty = || Acc::new(analysis, false);
     let rows_of = |groups: Vec<(Vec<KeyValue>, Acc)>| -> Value {
-        let mut rows: Vec<(Vec<KeyValue>, Value)> =
-            groups.into_iter().map(|(k, acc)| (k, acc.result(analysis))).collect();
+        let mut rows: Vec<(Vec<KeyValue>, Value)> = groups
+            .into_iter()
+            .map(|(k, acc)| (k, acc.result(analysis)))
+            .collect();
         rows.sort_by(|a, b| a.0.cmp(&b.0));
         if !spec.order_by.is_empty() {
             rows.sort_by(|a, b| {
@@ -1013,7 +1152,11 @@ fn shape(spec: &QuerySpec, mut groups: Groups, bucket_ranges: Option<&[TimeRange
                     let ord = if order.property == "result" {
                         compare_results(&a.1, &b.1)
                     } else {
-                        let i = spec.group_by.iter().position(|g| *g == order.property).unwrap_or(0);
+                        let i = spec
+                            .group_by
+                            .iter()
+                            .position(|g| *g == order.property)
+                            .unwrap_or(0);
                         a.0[i].cmp(&b.0[i])
                     };
                     let ord = if order.descending { ord.reverse() } else { ord };
@@ -1041,10 +1184,14 @@ fn shape(spec: &QuerySpec, mut groups: Groups, bucket_ranges: Option<&[TimeRange
         )
     };
     match bucket_ranges {
-        None if !grouped => groups.remove(&(0, Vec::new())).unwrap_or_else(empty).result(analysis),
+        None if !grouped => groups
+            .remove(&(0, Vec::new()))
+            .unwrap_or_else(empty)
+            .result(analysis),
         None => rows_of(groups.into_iter().map(|((_, k), acc)| (k, acc)).collect()),
         Some(ranges) => {
-            let mut per_bucket: Vec<Vec<(Vec<KeyValue>, Acc)>> = (0..ranges.len()).map(|_| Vec::new()).collect();
+            let mut per_bucket: Vec<Vec<(Vec<KeyValue>, Acc)>> =
+                (0..ranges.len()).map(|_| Vec::new()).collect();
             for ((bucket, key), acc) in groups {
                 if let Some(slot) = per_bucket.get_mut(bucket) {
                     slot.push((key, acc));
@@ -1058,7 +1205,11 @@ fn shape(spec: &QuerySpec, mut groups: Groups, bucket_ranges: Option<&[TimeRange
                         let value = if grouped {
                             rows_of(entries)
                         } else {
-                            entries.pop().map(|(_, acc)| acc).unwrap_or_else(empty).result(analysis)
+                            entries
+                                .pop()
+                                .map(|(_, acc)| acc)
+                                .unwrap_or_else(empty)
+                                .result(analysis)
                         };
                         json!({
                             "timeframe": {
@@ -1076,7 +1227,9 @@ fn shape(spec: &QuerySpec, mut groups: Groups, bucket_ranges: Option<&[TimeRange
 
 fn compare_results(a: &Value, b: &Value) -> Ordering {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64().unwrap_or(0.0).total_cmp(&y.as_f64().unwrap_or(0.0)),
+        (Value::Number(x), Value::Number(y)) => {
+            x.as_f64().unwrap_or(0.0).total_cmp(&y.as_f64().unwrap_or(0.0))
+        }
         (Value::Null, Value::Null) => Ordering::Equal,
         (Value::Null, _) => Ordering::Less,
         (_, Value::Null) => Ordering::Greater,
@@ -1097,7 +1250,9 @@ fn extraction(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(A
         scanned += rows.len() as u64;
         let ts = seg.timestamps();
         let rows = match spec.latest {
-            Some(latest) if spec.filters.is_empty() => rows.end.saturating_sub(latest).max(rows.start)..rows.end,
+            Some(latest) if spec.filters.is_empty() => {
+                rows.end.saturating_sub(latest).max(rows.start)..rows.end
+            }
             _ => rows,
         };
         let mut selected = select(seg, rows, &spec.filters);
@@ -1131,7 +1286,10 @@ fn extraction(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(A
         })
         .collect();
     if spec.csv {
-        return Ok((Answer::Csv(to_csv(&events, spec.property_names.as_deref())), scanned));
+        return Ok((
+            Answer::Csv(to_csv(&events, spec.property_names.as_deref())),
+            scanned,
+        ));
     }
     Ok((Answer::Json(json!({ "result": events })), scanned))
 }
@@ -1151,7 +1309,12 @@ fn to_csv(events: &[Value], names: Option<&[String]>) -> String {
     columns.sort();
     columns.dedup();
     if let Some(names) = names {
-        let rank = |c: &String| names.iter().position(|n| c == n || c.starts_with(&format!("{n}."))).unwrap_or(usize::MAX);
+        let rank = |c: &String| {
+            names
+                .iter()
+                .position(|n| c == n || c.starts_with(&format!("{n}.")))
+                .unwrap_or(usize::MAX)
+        };
         columns.sort_by_key(|c| (rank(c), c.clone()));
     }
     let mut out = String::new();
@@ -1185,7 +1348,11 @@ fn flatten_value(prefix: String, value: &Value, out: &mut Vec<(String, Value)>) 
     match value {
         Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
-                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten_value(path, v, out);
             }
         }

@@ -118,7 +118,9 @@ pub async fn record_event_by_get(
 ) -> Result<Response, ApiError> {
     if params.get("data").is_none() && params.get("redirect").is_none() {
         // Without `data` this is a schema read; a write key meant to send an event.
-        match crate::routes::queries::describe_collection(state, project, collection, raw_query, headers).await {
+        match crate::routes::queries::describe_collection(state, project, collection, raw_query, headers)
+            .await
+        {
             Err(e) if e.code == ErrorCode::InsufficientPermissions => return Err(missing_data()),
             other => return other,
         }

@@ -73,7 +73,7 @@ fn authorize_params(
 }
 
 fn limits(state: &AppState) -> (Limits, Duration) {
-    let timeout = Duration::from_secs(state.query.timeout_secs.max(1));
+    let timeout = Duration::from_millis(state.query.timeout_ms);
     (
         Limits {
             deadline: Some(Instant::now() + timeout),
@@ -111,11 +111,17 @@ pub async fn run_query(
     let spec = spec::parse_query(&analysis, &params, state.clock.now_ms())?;
     let segments = state.store.snapshot(project, &spec.event_collection);
     let (limits, timeout) = limits(&state);
-    let answer = blocking(timeout, move || exec::run(&spec, &segments, &limits).map_err(ApiError::from)).await?;
+    let answer = blocking(timeout, move || {
+        exec::run(&spec, &segments, &limits).map_err(ApiError::from)
+    })
+    .await?;
     Ok(match answer {
         Answer::Json(body) => json_ok(&body),
         Answer::Csv(text) => (
-            [(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/csv; charset=utf-8"),
+            )],
             text,
         )
             .into_response(),
@@ -132,7 +138,11 @@ fn json_ok(body: &Value) -> Response {
 }
 
 /// The properties of a collection with their Keen types.
-fn collection_schema(state: &AppState, project: ProjectId, collection: &str) -> BTreeMap<String, &'static str> {
+fn collection_schema(
+    state: &AppState,
+    project: ProjectId,
+    collection: &str,
+) -> BTreeMap<String, &'static str> {
     let mut counts: BTreeMap<String, [u64; 8]> = BTreeMap::new();
     for stored in state.store.snapshot(project, collection) {
         for (path, column) in stored.segment.columns() {

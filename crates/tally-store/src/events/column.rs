@@ -8,7 +8,6 @@
 //! string column no floats. Queries work on tags and codes; a string filter is decided once per
 //! dictionary entry, and grouping uses codes, not strings.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A row's type in a column.
@@ -215,7 +214,11 @@ impl Column {
     /// Whether every present value is a string (or null): then the codes are the values.
     pub fn only_strings(&self) -> bool {
         let c = self.counts;
-        c[Tag::Num as usize] + c[Tag::Bool as usize] + c[Tag::List as usize] + c[Tag::EmptyObject as usize] + c[Tag::DateTime as usize]
+        c[Tag::Num as usize]
+            + c[Tag::Bool as usize]
+            + c[Tag::List as usize]
+            + c[Tag::EmptyObject as usize]
+            + c[Tag::DateTime as usize]
             == 0
     }
 
@@ -268,7 +271,7 @@ pub(crate) struct ColumnBuilder {
     nums: Vec<f64>,
     codes: Vec<u32>,
     dict: Vec<Arc<str>>,
-    lookup: HashMap<Arc<str>, u32>,
+    lookup: rustc_hash::FxHashMap<Arc<str>, u32>,
 }
 
 impl ColumnBuilder {

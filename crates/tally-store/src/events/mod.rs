@@ -211,7 +211,10 @@ impl EventStore {
     /// The segments of a collection now (empty if it has none).
     pub fn snapshot(&self, project: ProjectId, collection: &str) -> TableSnapshot {
         let tables = self.tables.read().expect("tables lock");
-        tables.get(&(project, collection.to_owned())).cloned().unwrap_or_default()
+        tables
+            .get(&(project, collection.to_owned()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The projects that hold events.
@@ -267,12 +270,20 @@ impl EventStore {
         let mut made = Vec::new();
         for (key, parts) in &by_table {
             let segs: Vec<&Segment> = parts.iter().map(|p| &p.segment).collect();
-            let merged = if segs.len() == 1 { segs[0].clone() } else { Segment::merge(&segs) };
+            let merged = if segs.len() == 1 {
+                segs[0].clone()
+            } else {
+                Segment::merge(&segs)
+            };
             if merged.rows() == 0 {
                 continue;
             }
             let stored = self.write_segment_file(merged)?;
-            made.push((key.clone(), stored, parts.iter().map(|p| p.id).collect::<Vec<_>>()));
+            made.push((
+                key.clone(),
+                stored,
+                parts.iter().map(|p| p.id).collect::<Vec<_>>(),
+            ));
         }
         let mut next = manifest.clone();
         next.position = position;
@@ -320,7 +331,9 @@ impl EventStore {
             let mut runs: Vec<Vec<&Arc<StoredSegment>>> = vec![Vec::new()];
             let mut rows = 0;
             for seg in small {
-                if rows + seg.segment.rows() > self.config.merge_target_rows && !runs.last().expect("one run").is_empty() {
+                if rows + seg.segment.rows() > self.config.merge_target_rows
+                    && !runs.last().expect("one run").is_empty()
+                {
                     runs.push(Vec::new());
                     rows = 0;
                 }
@@ -394,7 +407,10 @@ impl EventStore {
         {
             let mut tables = self.tables.write().expect("tables lock");
             let table = tables.entry(key.clone()).or_default();
-            let at = table.iter().position(|s| gone.contains(&s.id)).unwrap_or(table.len());
+            let at = table
+                .iter()
+                .position(|s| gone.contains(&s.id))
+                .unwrap_or(table.len());
             table.retain(|s| !gone.contains(&s.id));
             let at = at.min(table.len());
             table.splice(at..at, stored);
@@ -449,27 +465,29 @@ impl EventStore {
         let store = self.clone();
         let thread = {
             let stop = stop.clone();
-            std::thread::Builder::new().name("tally-store".into()).spawn(move || {
-                let tick = Duration::from_millis(20);
-                let mut waited = Duration::ZERO;
-                loop {
-                    let stopping = stop.load(Ordering::Acquire);
-                    if stopping || waited >= store.config.flush_interval {
-                        waited = Duration::ZERO;
-                        if let Err(e) = store.flush() {
-                            tracing::error!(error = %e, "event store: flush failed; retrying");
+            std::thread::Builder::new()
+                .name("tally-store".into())
+                .spawn(move || {
+                    let tick = Duration::from_millis(20);
+                    let mut waited = Duration::ZERO;
+                    loop {
+                        let stopping = stop.load(Ordering::Acquire);
+                        if stopping || waited >= store.config.flush_interval {
+                            waited = Duration::ZERO;
+                            if let Err(e) = store.flush() {
+                                tracing::error!(error = %e, "event store: flush failed; retrying");
+                            }
+                            if stopping {
+                                return;
+                            }
+                            if let Err(e) = store.merge_small() {
+                                tracing::error!(error = %e, "event store: merge failed; retrying");
+                            }
                         }
-                        if stopping {
-                            return;
-                        }
-                        if let Err(e) = store.merge_small() {
-                            tracing::error!(error = %e, "event store: merge failed; retrying");
-                        }
+                        std::thread::sleep(tick);
+                        waited += tick;
                     }
-                    std::thread::sleep(tick);
-                    waited += tick;
-                }
-            })?
+                })?
         };
         Ok(Maintenance {
             stop,
@@ -512,17 +530,53 @@ impl EventSink for EventStore {
     fn write(&self, events: &[EnrichedEvent], log_position: u64) -> Result<(), SinkError> {
         let mut groups: HashMap<(ProjectId, &str), Vec<&str>> = HashMap::new();
         for e in events {
-            groups.entry((e.project, e.collection.as_str())).or_default().push(e.json.as_str());
+            groups
+                .entry((e.project, e.collection.as_str()))
+                .or_default()
+                .push(e.json.as_str());
         }
-        let mut made = Vec::with_capacity(groups.len());
+        // Parsing and columnising is the costly part of a write: big batches are cut into one
+        // piece per core and built in parallel (the pieces are merged by the next flush).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut pieces: Vec<(TableKey, Vec<&str>)> = Vec::new();
         for ((project, collection), texts) in groups {
-            let (segment, skipped) = Segment::from_events(texts);
+            let per_piece = if texts.len() >= 2_000 {
+                texts.len().div_ceil(threads)
+            } else {
+                texts.len()
+            };
+            for chunk in texts.chunks(per_piece.max(1)) {
+                pieces.push(((project, collection.to_owned()), chunk.to_vec()));
+            }
+        }
+        let built: Vec<(Segment, usize)> = if pieces.len() > 1 && events.len() >= 2_000 {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = pieces
+                    .iter()
+                    .map(|(_, texts)| scope.spawn(move || Segment::from_events(texts.iter().copied())))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("segment builder"))
+                    .collect()
+            })
+        } else {
+            pieces
+                .iter()
+                .map(|(_, texts)| Segment::from_events(texts.iter().copied()))
+                .collect()
+        };
+        let mut made = Vec::with_capacity(pieces.len());
+        for ((key, _), (segment, skipped)) in pieces.into_iter().zip(built) {
             if skipped > 0 {
-                tracing::error!(skipped, "event store: events that are not JSON objects were not stored");
+                tracing::error!(
+                    skipped,
+                    "event store: events that are not JSON objects were not stored"
+                );
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             made.push((
-                (project, collection.to_owned()),
+                key,
                 Arc::new(StoredSegment {
                     id,
                     durable: false,
@@ -571,11 +625,19 @@ mod tests {
         let p = ProjectId::random();
         let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
         store
-            .write(&[event(p, "a", "2026-01-01T00:00:00Z", 1), event(p, "b", "2026-01-01T00:00:00Z", 2)], 100)
+            .write(
+                &[
+                    event(p, "a", "2026-01-01T00:00:00Z", 1),
+                    event(p, "b", "2026-01-01T00:00:00Z", 2),
+                ],
+                100,
+            )
             .unwrap();
         assert_eq!(count(&store, p, "a"), 1);
         assert_eq!(store.committed_position().unwrap(), None);
-        store.write(&[event(p, "a", "2026-01-02T00:00:00Z", 3)], 200).unwrap();
+        store
+            .write(&[event(p, "a", "2026-01-02T00:00:00Z", 3)], 200)
+            .unwrap();
         assert_eq!(store.flush().unwrap(), 2);
         assert_eq!(store.committed_position().unwrap(), Some(200));
         assert_eq!(store.snapshot(p, "a").len(), 1, "fresh pieces merged into one");
@@ -592,9 +654,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = ProjectId::random();
         let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
-        store.write(&[event(p, "a", "2026-01-01T00:00:00Z", 1)], 10).unwrap();
+        store
+            .write(&[event(p, "a", "2026-01-01T00:00:00Z", 1)], 10)
+            .unwrap();
         store.flush().unwrap();
-        store.write(&[event(p, "a", "2026-01-01T00:00:00Z", 2)], 20).unwrap();
+        store
+            .write(&[event(p, "a", "2026-01-01T00:00:00Z", 2)], 20)
+            .unwrap();
         std::fs::write(dir.path().join("segments/00000000000000ff.seg"), b"half").unwrap();
         drop(store);
         let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
@@ -619,7 +685,9 @@ mod tests {
         };
         let store = EventStore::open(dir.path(), config.clone()).unwrap();
         for i in 0..10 {
-            store.write(&[event(p, "a", "2026-01-01T00:00:00Z", i)], (i as u64 + 1) * 10).unwrap();
+            store
+                .write(&[event(p, "a", "2026-01-01T00:00:00Z", i)], (i as u64 + 1) * 10)
+                .unwrap();
             store.flush().unwrap();
         }
         assert_eq!(store.snapshot(p, "a").len(), 10);

@@ -118,20 +118,19 @@ impl Segment {
         }
         let n = timestamps.len();
         let columns = builders.into_iter().map(|(k, b)| (k, b.finish(n))).collect();
-        (
-            Segment {
-                timestamps,
-                columns,
-            },
-            skipped,
-        )
+        (Segment { timestamps, columns }, skipped)
     }
 
     /// Concatenates segments into one, sorted by time.
     pub fn merge(parts: &[&Segment]) -> Segment {
         let mut order: Vec<(i64, u32, u32)> = Vec::with_capacity(parts.iter().map(|s| s.rows()).sum());
         for (p, seg) in parts.iter().enumerate() {
-            order.extend(seg.timestamps.iter().enumerate().map(|(r, &t)| (t, p as u32, r as u32)));
+            order.extend(
+                seg.timestamps
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &t)| (t, p as u32, r as u32)),
+            );
         }
         order.sort_by_key(|&(t, p, r)| (t, p, r));
         let mut builders: BTreeMap<Arc<str>, ColumnBuilder> = BTreeMap::new();
@@ -195,7 +194,8 @@ impl Segment {
         let mut root = Map::new();
         for (path, column) in &self.columns {
             let wanted = paths.iter().any(|p| {
-                path.as_ref() == p || (path.starts_with(p.as_str()) && path.as_bytes().get(p.len()) == Some(&b'.'))
+                path.as_ref() == p
+                    || (path.starts_with(p.as_str()) && path.as_bytes().get(p.len()) == Some(&b'.'))
             });
             if wanted && let Some(cell) = column.cell(row) {
                 insert_path(&mut root, path, cell_value(cell));
@@ -298,10 +298,7 @@ impl Segment {
         if r.at != body.len() {
             return Err("trailing bytes".into());
         }
-        Ok(Segment {
-            timestamps,
-            columns,
-        })
+        Ok(Segment { timestamps, columns })
     }
 }
 
@@ -320,7 +317,11 @@ fn flatten(prefix: String, map: Map<String, Value>, out: &mut Vec<(String, Value
         return;
     }
     for (key, value) in map {
-        let path = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+        let path = if prefix.is_empty() {
+            key
+        } else {
+            format!("{prefix}.{key}")
+        };
         match value {
             Value::Object(inner) => flatten(path, inner, out),
             other => out.push((path, other)),
@@ -358,7 +359,9 @@ fn insert_path(root: &mut Map<String, Value>, path: &str, value: Value) {
             node.insert(part.to_owned(), value);
             return;
         }
-        let entry = node.entry(part.to_owned()).or_insert_with(|| Value::Object(Map::new()));
+        let entry = node
+            .entry(part.to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
         if !entry.is_object() {
             *entry = Value::Object(Map::new());
         }
@@ -382,7 +385,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or("truncated")?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or("truncated")?;
         let out = &self.bytes[self.at..end];
         self.at = end;
         Ok(out)
