@@ -10,3 +10,4 @@ mod enrich;
 mod ingest_http;
 mod python_client;
 mod queries;
+mod sql;

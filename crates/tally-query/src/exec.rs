@@ -690,6 +690,9 @@ pub fn nearest_rank(values: &mut [f64], p: f64) -> Option<f64> {
 /// Groups of one segment: (bucket, group key parts as (tag, slot) pairs) → (bucket, state).
 type LocalGroups<'a> = FxHashMap<Box<[(u8, u64)]>, (usize, Acc<'a>)>;
 
+/// One segment's groups as (bucket, group key) and state, ready to fold into [`Groups`].
+type GroupStates<'a> = Vec<((usize, Vec<KeyValue<'a>>), Acc<'a>)>;
+
 /// Groups of the whole query: (bucket index, group key) → state.
 type Groups<'a> = FxHashMap<(usize, Vec<KeyValue<'a>>), Acc<'a>>;
 
@@ -862,7 +865,7 @@ fn ungrouped<'s>(
     selection: &Selection,
     bucket_ranges: Option<&[TimeRange]>,
     limits: &Limits,
-) -> Result<Vec<((usize, Vec<KeyValue<'s>>), Acc<'s>)>, ExecError> {
+) -> Result<GroupStates<'s>, ExecError> {
     let analysis = spec.analysis;
     let mut accs: Vec<Acc> = (0..bucket_ranges.map_or(1, |b| b.len()))
         .map(|_| Acc::new(analysis, true))
@@ -884,7 +887,7 @@ fn ungrouped<'s>(
     let mut timed_out = false;
     selection.for_each(|row| {
         seen += 1;
-        if seen % 1_048_576 == 0 && check_deadline(limits).is_err() {
+        if seen.is_multiple_of(1_048_576) && check_deadline(limits).is_err() {
             timed_out = true;
         }
         if let Some(ranges) = bucket_ranges {
@@ -934,7 +937,7 @@ fn grouped<'s>(
     bucket_ranges: Option<&[TimeRange]>,
     limits: &Limits,
     memory: &mut usize,
-) -> Result<Vec<((usize, Vec<KeyValue<'s>>), Acc<'s>)>, ExecError> {
+) -> Result<GroupStates<'s>, ExecError> {
     let group_cols: Vec<Option<&Column>> = spec.group_by.iter().map(|g| seg.column(g)).collect();
     if let Some(out) = grouped_dense(
         spec,
@@ -959,7 +962,7 @@ fn grouped<'s>(
             return;
         }
         seen += 1;
-        if seen % 65_536 == 0 {
+        if seen.is_multiple_of(65_536) {
             if let Err(e) = check_deadline(limits) {
                 failed = Some(e);
             } else if *memory > limits.max_memory_bytes {
@@ -1019,7 +1022,7 @@ fn grouped_dense<'s>(
     group_cols: &[Option<&'s Column>],
     limits: &Limits,
     memory: &mut usize,
-) -> Result<Option<Vec<((usize, Vec<KeyValue<'s>>), Acc<'s>)>>, ExecError> {
+) -> Result<Option<GroupStates<'s>>, ExecError> {
     if !group_cols.iter().all(|c| c.is_none_or(Column::only_strings)) {
         return Ok(None);
     }
@@ -1050,7 +1053,7 @@ fn grouped_dense<'s>(
             return;
         }
         seen += 1;
-        if seen % 1_048_576 == 0
+        if seen.is_multiple_of(1_048_576)
             && let Err(e) = check_deadline(limits)
         {
             failed = Some(e);

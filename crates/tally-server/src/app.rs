@@ -101,6 +101,7 @@ pub fn router(state: AppState) -> Router {
             "/3.0/projects/{project}/events/{collection}/properties/{property}",
             get(routes::queries::describe_property).delete(routes::queries::delete_property),
         )
+        .route("/3.0/projects/{project}/sql", post(routes::queries::run_sql))
         .route(
             "/3.0/projects/{project}/queries/{analysis}",
             get(routes::queries::run_query).post(routes::queries::run_query),

@@ -301,3 +301,39 @@ pub async fn delete_property(
     .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
+
+/// `POST /3.0/projects/{project}/sql` with `{"query": "SELECT ..."}` (read key): read-only SQL
+/// over the project's collections (see `tally_sql`).
+pub async fn run_sql(
+    State(state): State<AppState>,
+    KeenPath(project): KeenPath<String>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let params = gather_params(&state, &Method::POST, raw_query.as_deref(), &headers, body).await?;
+    let project = authorize_params(&state, &project, &params, &headers, Access::Queries)?;
+    let Some(sql) = params
+        .get("query")
+        .and_then(Value::as_str)
+        .filter(|q| !q.trim().is_empty())
+    else {
+        return Err(ApiError::new(
+            ErrorCode::MissingRequiredProperty,
+            "The 'query' parameter (a SQL SELECT statement) is required.",
+        ));
+    };
+    let limits = tally_sql::SqlLimits {
+        timeout: Duration::from_millis(state.query.timeout_ms),
+        max_memory_bytes: state.query.max_memory_bytes,
+        max_rows: state.query.max_extraction_events,
+    };
+    match tally_sql::run(state.store.clone(), project, sql, &limits).await {
+        Ok(body) => Ok(json_ok(&body)),
+        Err(tally_sql::SqlError::Timeout) => Err(ExecError::Timeout.into()),
+        Err(e) => Err(ApiError::new(
+            ErrorCode::InvalidParameter,
+            format!("The 'query' could not run: {e}"),
+        )),
+    }
+}
