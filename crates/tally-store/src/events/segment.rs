@@ -133,18 +133,69 @@ impl Segment {
             );
         }
         order.sort_by_key(|&(t, p, r)| (t, p, r));
-        let mut builders: BTreeMap<Arc<str>, ColumnBuilder> = BTreeMap::new();
-        for (row, &(_, p, r)) in order.iter().enumerate() {
-            for (path, column) in &parts[p as usize].columns {
-                if let Some(cell) = column.cell(r as usize) {
-                    builder(&mut builders, path).set(row, cell);
+        let n = order.len();
+        // Column by column: each part's dictionary is mapped into the merged one once, then
+        // rows are copied slot by slot in time order (no per-cell lookups by name or string).
+        let mut paths: Vec<&Arc<str>> = parts.iter().flat_map(|s| s.columns.keys()).collect();
+        paths.sort();
+        paths.dedup();
+        let mut columns = BTreeMap::new();
+        for path in paths {
+            let sources: Vec<Option<&Column>> = parts.iter().map(|s| s.columns.get(path.as_ref())).collect();
+            let mut dict: Vec<Arc<str>> = Vec::new();
+            let mut lookup: rustc_hash::FxHashMap<Arc<str>, u32> = rustc_hash::FxHashMap::default();
+            let remaps: Vec<Vec<u32>> = sources
+                .iter()
+                .map(|c| {
+                    c.map_or_else(Vec::new, |c| {
+                        c.dict
+                            .iter()
+                            .map(|text| {
+                                *lookup.entry(text.clone()).or_insert_with(|| {
+                                    dict.push(text.clone());
+                                    (dict.len() - 1) as u32
+                                })
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            let has_nums = sources.iter().flatten().any(|c| !c.nums.is_empty());
+            let has_codes = sources.iter().flatten().any(|c| !c.codes.is_empty());
+            let mut tags = Vec::with_capacity(n);
+            let mut nums = Vec::with_capacity(if has_nums { n } else { 0 });
+            let mut codes = Vec::with_capacity(if has_codes { n } else { 0 });
+            for &(_, p, r) in &order {
+                let (p, r) = (p as usize, r as usize);
+                match sources[p] {
+                    None => {
+                        tags.push(Tag::Absent as u8);
+                        if has_nums {
+                            nums.push(0.0);
+                        }
+                        if has_codes {
+                            codes.push(0);
+                        }
+                    }
+                    Some(c) => {
+                        let tag = c.tags[r];
+                        tags.push(tag);
+                        if has_nums {
+                            nums.push(c.nums.get(r).copied().unwrap_or(0.0));
+                        }
+                        if has_codes {
+                            let code = c.codes.get(r).copied().unwrap_or(0);
+                            let is_text = tag == Tag::Str as u8 || tag == Tag::List as u8;
+                            codes.push(if is_text { remaps[p][code as usize] } else { code });
+                        }
+                    }
                 }
             }
+            columns.insert(path.clone(), Column::new(tags, nums, codes, dict));
         }
-        let n = order.len();
         Segment {
             timestamps: order.iter().map(|&(t, _, _)| t).collect(),
-            columns: builders.into_iter().map(|(k, b)| (k, b.finish(n))).collect(),
+            columns,
         }
     }
 
@@ -456,6 +507,45 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[20] ^= 1;
         assert!(Segment::decode(&flipped).is_err());
+    }
+
+    #[test]
+    fn merging_gives_the_same_events_as_building_from_all_of_them() {
+        let mut all = Vec::new();
+        for i in 0..60i64 {
+            let value = match i % 5 {
+                0 => json!(i),
+                1 => json!(format!("s{}", i % 7)),
+                2 => json!([i % 3, "x"]),
+                3 => json!(i % 2 == 0),
+                _ => json!(null),
+            };
+            let ts = format!("2026-01-01T00:{:02}:{:02}.000Z", (i * 7) % 60, i % 60);
+            let mut event = json!({"keen": {"timestamp": ts, "id": format!("{i:024}")}, "v": value});
+            if i % 4 == 0 {
+                event["only_some"] = json!({"deep": format!("d{}", i % 3)});
+            }
+            all.push(event);
+        }
+        let parts: Vec<Segment> = all.chunks(17).map(seg).collect();
+        let merged = Segment::merge(&parts.iter().collect::<Vec<_>>());
+        let whole = seg(&all);
+        assert_eq!(merged.rows(), whole.rows());
+        assert_eq!(merged.timestamps(), whole.timestamps());
+        let by_id = |s: &Segment| {
+            let mut events: Vec<Value> = (0..s.rows()).map(|r| s.event_json(r)).collect();
+            events.sort_by(|a, b| a["keen"]["id"].as_str().cmp(&b["keen"]["id"].as_str()));
+            events
+        };
+        assert_eq!(by_id(&merged), by_id(&whole));
+        assert_eq!(by_id(&Segment::decode(&merged.encode()).unwrap()), by_id(&whole));
+        for (path, column) in merged.columns() {
+            assert_eq!(
+                column.tag_counts(),
+                whole.column(path).unwrap().tag_counts(),
+                "{path}"
+            );
+        }
     }
 
     #[test]
