@@ -575,3 +575,121 @@ async fn a_query_over_its_limits_is_stopped_not_the_server() {
         201
     );
 }
+
+#[tokio::test]
+async fn funnels_count_actors_step_by_step() {
+    let server = TestServer::start().await;
+    let at = |user: &str, extra: Value| {
+        let mut e = json!({"keen": {"timestamp": "2026-03-06T12:00:00Z"}, "user": {"id": user}});
+        e.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        e
+    };
+    let events = json!({
+        "visits": [at("ann", json!({"page": "/pricing"})), at("ann", json!({"page": "/"})), at("bob", json!({"page": "/pricing"})),
+                   at("cid", json!({"page": "/"})), at("dee", json!({"page": "/pricing"})), at("", json!({})), {"keen": {"timestamp": "2026-03-06T12:00:00Z"}}],
+        "signups": [at("ann", json!({})), at("bob", json!({})), at("cid", json!({}))],
+        "purchases": [at("ann", json!({})), at("dee", json!({})), at("eve", json!({}))],
+    });
+    assert_eq!(status_json(server.post("/events", &events).await).await.0, 200);
+    wait_count(&server, "visits", 7).await;
+    wait_count(&server, "signups", 3).await;
+    wait_count(&server, "purchases", 3).await;
+    let step = |c: &str| json!({"event_collection": c, "actor_property": "user.id"});
+    let funnel = |steps: Value| {
+        let server = &server;
+        async move {
+            let body = json!({"steps": steps, "timeframe": serde_json::from_str::<Value>(WEEK).unwrap(), "timezone": "UTC"});
+            let (status, answer) = status_json(query(server, "funnel", &body).await).await;
+            assert_eq!(status, 200, "{answer}");
+            answer
+        }
+    };
+    // Visitors "ann", "bob", "cid", "dee" and "" (an empty string is a value; a missing one is not).
+    let plain = funnel(json!([step("visits"), step("signups"), step("purchases")])).await;
+    assert_eq!(plain["result"], json!([5, 3, 1]));
+    assert_eq!(plain.get("actors"), None, "no step asked for actors");
+    assert_eq!(
+        plain["steps"][1],
+        json!({"event_collection": "signups", "actor_property": "user.id", "timeframe": serde_json::from_str::<Value>(WEEK).unwrap(),
+               "timezone": "UTC", "filters": [], "optional": false, "inverted": false, "with_actors": false})
+    );
+    // An optional step is counted but does not narrow the next one.
+    let mut optional = step("signups");
+    optional["optional"] = json!(true);
+    assert_eq!(
+        funnel(json!([step("visits"), optional, step("purchases")])).await["result"],
+        json!([5, 3, 2])
+    );
+    // Inverted: who signed up and did not buy.
+    let mut inverted = step("purchases");
+    inverted["inverted"] = json!(true);
+    inverted["with_actors"] = json!(true);
+    let answer = funnel(json!([step("visits"), step("signups"), inverted])).await;
+    assert_eq!(answer["result"], json!([5, 3, 2]));
+    assert_eq!(answer["actors"], json!([null, null, ["bob", "cid"]]));
+    // Step filters and a step's own timeframe.
+    let mut pricing = step("visits");
+    pricing["filters"] = json!([{"property_name": "page", "operator": "eq", "property_value": "/pricing"}]);
+    let mut later = step("purchases");
+    later["timeframe"] = json!({"start": "2026-03-07T00:00:00Z", "end": "2026-03-08T00:00:00Z"});
+    assert_eq!(
+        funnel(json!([pricing.clone(), step("signups")])).await["result"],
+        json!([3, 2])
+    );
+    assert_eq!(funnel(json!([pricing, later])).await["result"], json!([3, 0]));
+    // Bad steps are refused with Keen's error shape.
+    let bad = json!({"steps": [{"event_collection": "visits"}], "timeframe": "this_7_days"});
+    assert_error(
+        query(&server, "funnel", &bad).await,
+        400,
+        "MissingRequiredPropertyError",
+    )
+    .await;
+    let bad = json!({"steps": [], "timeframe": "this_7_days"});
+    assert_error(query(&server, "funnel", &bad).await, 400, "InvalidParameterError").await;
+}
+
+#[tokio::test]
+async fn multi_analysis_joins_labelled_results() {
+    let server = loaded().await;
+    let analyses = json!({"total": {"analysis_type": "count"}, "revenue": {"analysis_type": "sum", "target_property": "price"}});
+    let multi = |extra: Value| {
+        let server = &server;
+        let analyses = analyses.clone();
+        async move {
+            let mut body = json!({"event_collection": "purchases", "timeframe": serde_json::from_str::<Value>(WEEK).unwrap(), "analyses": analyses});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let (status, answer) = status_json(query(server, "multi_analysis", &body).await).await;
+            assert_eq!(status, 200, "{answer}");
+            answer["result"].clone()
+        }
+    };
+    assert_eq!(multi(json!({})).await, json!({"total": 6, "revenue": 105.5}));
+    assert_eq!(
+        multi(json!({"group_by": "user.plan"})).await,
+        json!([
+            {"user.plan": null, "total": 1, "revenue": 0},
+            {"user.plan": "free", "total": 2, "revenue": 25.5},
+            {"user.plan": "pro", "total": 3, "revenue": 80},
+        ])
+    );
+    let by_day = multi(json!({"interval": "daily", "timeframe": {"start": "2026-03-10T00:00:00Z", "end": "2026-03-12T00:00:00Z"}})).await;
+    assert_eq!(
+        by_day,
+        json!([
+            {"timeframe": {"start": "2026-03-10T00:00:00.000Z", "end": "2026-03-11T00:00:00.000Z"}, "value": {"total": 0, "revenue": 0}},
+            {"timeframe": {"start": "2026-03-11T00:00:00.000Z", "end": "2026-03-12T00:00:00.000Z"}, "value": {"total": 1, "revenue": 5.5}},
+        ])
+    );
+    let bad = json!({"event_collection": "purchases", "timeframe": "this_7_days", "analyses": {"x": {"analysis_type": "funnel"}}});
+    assert_error(
+        query(&server, "multi_analysis", &bad).await,
+        400,
+        "InvalidAnalysisTypeError",
+    )
+    .await;
+}

@@ -1362,3 +1362,84 @@ fn flatten_value(prefix: String, value: &Value, out: &mut Vec<(String, Value)>) 
         other => out.push((prefix, other.clone())),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Actors (funnels)
+
+/// The distinct non-null values of an actor property over some events; strings borrow from the
+/// segments, which the caller holds for the whole funnel.
+#[derive(Debug, Default)]
+pub struct ActorSet<'a>(UniqueSet<'a>);
+
+impl<'a> ActorSet<'a> {
+    /// How many actors.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The actors also in `other`.
+    pub fn intersect(&self, other: &ActorSet<'a>) -> ActorSet<'a> {
+        let (small, large) = if self.len() <= other.len() {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        ActorSet(small.0.iter().filter(|a| large.0.contains(a)).copied().collect())
+    }
+
+    /// The actors not in `other`.
+    pub fn without(&self, other: &ActorSet<'a>) -> ActorSet<'a> {
+        ActorSet(self.0.iter().filter(|a| !other.0.contains(a)).copied().collect())
+    }
+
+    /// The actors, sorted, as JSON values.
+    pub fn to_json(&self) -> Value {
+        let mut values: Vec<KeyValue> = self.0.iter().map(|h| h.value).collect();
+        values.sort();
+        Value::Array(values.into_iter().map(KeyValue::to_json).collect())
+    }
+}
+
+/// The distinct values of `actor_property` among the events of `segments` in `range` that pass
+/// `filters` (missing and null actors are not actors).
+pub fn actors<'a>(
+    segments: &'a [Arc<StoredSegment>],
+    actor_property: &str,
+    range: TimeRange,
+    filters: &[Filter],
+    limits: &Limits,
+) -> Result<ActorSet<'a>, ExecError> {
+    let mut global = Acc::Unique(UniqueSet::default());
+    for stored in segments {
+        check_deadline(limits)?;
+        let seg = &stored.segment;
+        let Some(target) = seg.column(actor_property) else {
+            continue;
+        };
+        if seg
+            .time_bounds()
+            .is_none_or(|(lo, hi)| hi < range.start_ms || lo >= range.end_ms)
+        {
+            continue;
+        }
+        let selection = Selection::of(seg, range, filters);
+        let mut local = Acc::LocalUnique {
+            codes: vec![false; target.dict().len()],
+            other: FxHashSet::default(),
+        };
+        selection.for_each(|row| accumulate(&mut local, Some(target), row));
+        global.absorb(local, Some(target));
+        if global.heap_bytes() > limits.max_memory_bytes {
+            return Err(too_big());
+        }
+    }
+    match global {
+        Acc::Unique(set) => Ok(ActorSet(set)),
+        _ => Ok(ActorSet::default()),
+    }
+}

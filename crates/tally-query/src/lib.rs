@@ -3,9 +3,11 @@
 //! A query arrives as HTTP parameters (GET query string or POST JSON body, section 0 of the
 //! reference). [`spec`] turns them into a typed [`QuerySpec`], refusing anything malformed with
 //! Keen's error codes; [`timeframe`] resolves time frames, time zones and interval buckets;
-//! [`exec`] runs a spec over the store's segments and shapes the result as Keen does.
+//! [`exec`] runs a spec over the store's segments and shapes the result as Keen does;
+//! [`funnel`] adds funnels and multi_analysis on top of it.
 
 pub mod exec;
+pub mod funnel;
 pub mod spec;
 pub mod timeframe;
 

@@ -134,7 +134,7 @@ impl SpecError {
         }
     }
 
-    fn invalid(message: impl Into<String>) -> SpecError {
+    pub(crate) fn invalid(message: impl Into<String>) -> SpecError {
         SpecError::new(ErrorCode::InvalidParameter, message)
     }
 
@@ -740,7 +740,7 @@ fn parse_uint(value: &Value, name: &str, min: u64) -> Result<u64, SpecError> {
     }
 }
 
-fn parse_bool(value: &Value, name: &str) -> Result<bool, SpecError> {
+pub(crate) fn parse_bool(value: &Value, name: &str) -> Result<bool, SpecError> {
     match value {
         Value::Bool(b) => Ok(*b),
         Value::String(s) if s.trim().eq_ignore_ascii_case("true") => Ok(true),
@@ -757,13 +757,13 @@ fn to_usize(n: u64) -> usize {
 }
 
 /// A parameter's value; absent and `null` are the same (saved queries echo `null`s).
-fn param<'a>(params: &'a Params, name: &str) -> Option<&'a Value> {
+pub(crate) fn param<'a>(params: &'a Params, name: &str) -> Option<&'a Value> {
     params.get(name).filter(|v| !v.is_null())
 }
 
 /// A name-like value as text: strings as they are, numbers and booleans as printed (a GET value
 /// `event_collection=2024` parses as the number 2024).
-fn text(value: &Value) -> Option<String> {
+pub(crate) fn text(value: &Value) -> Option<String> {
     match value {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),

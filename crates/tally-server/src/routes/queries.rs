@@ -108,7 +108,35 @@ pub async fn run_query(
 ) -> Result<Response, ApiError> {
     let params = gather_params(&state, &method, raw_query.as_deref(), &headers, body).await?;
     let project = authorize_params(&state, &project, &params, &headers, Access::Queries)?;
-    let spec = spec::parse_query(&analysis, &params, state.clock.now_ms())?;
+    let now_ms = state.clock.now_ms();
+    match analysis.as_str() {
+        "funnel" => {
+            let steps = tally_query::funnel::parse_funnel(&params, now_ms)?;
+            let snapshots: Vec<_> = steps
+                .iter()
+                .map(|s| state.store.snapshot(project, &s.event_collection))
+                .collect();
+            let (limits, timeout) = limits(&state);
+            let body = blocking(timeout, move || {
+                tally_query::funnel::run_funnel(&steps, &snapshots, &limits).map_err(ApiError::from)
+            })
+            .await?;
+            return Ok(json_ok(&body));
+        }
+        "multi_analysis" => {
+            let analyses = tally_query::funnel::parse_multi(&params)?;
+            let store = state.store.clone();
+            let (limits, timeout) = limits(&state);
+            let body = blocking(timeout, move || {
+                tally_query::funnel::run_multi(&analyses, now_ms, |c| store.snapshot(project, c), &limits)
+                    .map_err(ApiError::from)
+            })
+            .await?;
+            return Ok(json_ok(&body));
+        }
+        _ => {}
+    }
+    let spec = spec::parse_query(&analysis, &params, now_ms)?;
     let segments = state.store.snapshot(project, &spec.event_collection);
     let (limits, timeout) = limits(&state);
     let answer = blocking(timeout, move || {
