@@ -449,9 +449,6 @@ enum Acc<'a> {
         other: FxHashSet<(u8, u64)>,
     },
     Unique(UniqueSet<'a>),
-    /// Distinct values split by hash over threads: the sets are disjoint, so a count is the sum
-    /// of their sizes and no set has to be merged into another.
-    Disjoint(Vec<UniqueSet<'a>>),
 }
 
 /// A distinct value with its hash computed once: sets grow and merge without hashing strings
@@ -674,21 +671,6 @@ impl<'a> Acc<'a> {
                 values.sort();
                 Value::Array(values.into_iter().map(KeyValue::to_json).collect())
             }
-            (Analysis::CountUnique, Acc::Disjoint(sets)) => Value::from(
-                sets.iter()
-                    .map(|set| set.iter().filter(|v| v.value != KeyValue::Null).count())
-                    .sum::<usize>(),
-            ),
-            (_, Acc::Disjoint(sets)) => {
-                let mut values: Vec<KeyValue> = sets
-                    .into_iter()
-                    .flatten()
-                    .map(|v| v.value)
-                    .filter(|v| *v != KeyValue::Null)
-                    .collect();
-                values.sort();
-                Value::Array(values.into_iter().map(KeyValue::to_json).collect())
-            }
             (_, Acc::LocalUnique { .. }) => Value::Null,
         }
     }
@@ -752,10 +734,6 @@ fn aggregate(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(Va
         Some(interval) => Some(buckets(spec.range, interval, spec.zone)?),
         None => None,
     };
-    if matches!(spec.analysis, Analysis::CountUnique | Analysis::SelectUnique) && spec.group_by.is_empty() {
-        let (groups, scanned) = unique_by_partition(spec, segs, bucket_ranges.as_deref(), limits)?;
-        return Ok((shape(spec, groups, bucket_ranges.as_deref()), scanned));
-    }
     // Bigger segments first, dealt round-robin, so the threads get similar work.
     let mut segs = segs.to_vec();
     segs.sort_by_key(|s| std::cmp::Reverse(s.rows()));
@@ -793,86 +771,6 @@ fn aggregate(spec: &QuerySpec, segs: &[&Segment], limits: &Limits) -> Result<(Va
         merge_groups(&mut groups, part);
     }
     Ok((shape(spec, groups, bucket_ranges.as_deref()), scanned))
-}
-
-/// count_unique and select_unique without group_by: every thread reads every segment but keeps
-/// only the values whose hash falls in its share, so the threads' sets are disjoint and inserting
-/// into them — the costly part with many distinct strings — is split evenly, with no merge.
-fn unique_by_partition<'s>(
-    spec: &QuerySpec,
-    segs: &[&'s Segment],
-    bucket_ranges: Option<&[TimeRange]>,
-    limits: &Limits,
-) -> Result<(Groups<'s>, u64), ExecError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).max(1);
-    let buckets = bucket_ranges.map_or(1, <[TimeRange]>::len);
-    let share = |t: usize| -> Result<(Vec<UniqueSet<'s>>, u64), ExecError> {
-        let mut sets: Vec<UniqueSet<'s>> = (0..buckets).map(|_| UniqueSet::default()).collect();
-        let mut scanned = 0u64;
-        let mut memory = 0usize;
-        let mine = |h: &Hashed| ((h.hash >> 32) as usize) % threads == t;
-        for seg in segs {
-            check_deadline(limits)?;
-            scanned += seg.row_range(spec.range.start_ms, spec.range.end_ms).len() as u64;
-            let Some(target) = spec.target_property.as_deref().and_then(|p| seg.column(p)) else {
-                continue;
-            };
-            let selection = Selection::of(seg, spec.range, &spec.filters);
-            if selection.len() == 0 {
-                continue;
-            }
-            for ((bucket, _), local) in ungrouped(spec, seg, Some(target), &selection, bucket_ranges, limits)?
-            {
-                let Acc::LocalUnique { codes, other } = local else {
-                    continue;
-                };
-                let set = &mut sets[bucket];
-                for (code, _) in codes.iter().enumerate().filter(|(_, seen)| **seen) {
-                    let h = Hashed::new(KeyValue::Str(&target.dict()[code]));
-                    if mine(&h) {
-                        set.insert(h);
-                    }
-                }
-                for key in other {
-                    let h = Hashed::new(global_key(Some(target), key));
-                    if mine(&h) {
-                        set.insert(h);
-                    }
-                }
-                memory = sets.iter().map(|s| s.len() * 32).sum();
-            }
-            if memory.saturating_mul(threads) > limits.max_memory_bytes {
-                return Err(too_big());
-            }
-        }
-        Ok((sets, scanned))
-    };
-    let parts: Vec<Result<(Vec<UniqueSet<'s>>, u64), ExecError>> = if threads == 1 {
-        vec![share(0)]
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads).map(|t| scope.spawn(move || share(t))).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("query thread"))
-                .collect()
-        })
-    };
-    let mut per_bucket: Vec<Vec<UniqueSet<'s>>> = (0..buckets).map(|_| Vec::new()).collect();
-    let mut scanned = 0;
-    for part in parts {
-        let (sets, n) = part?;
-        scanned = n;
-        for (bucket, set) in sets.into_iter().enumerate() {
-            per_bucket[bucket].push(set);
-        }
-    }
-    let groups = per_bucket
-        .into_iter()
-        .enumerate()
-        .map(|(bucket, sets)| ((bucket, Vec::new()), Acc::Disjoint(sets)))
-        .collect();
-    Ok((groups, scanned))
 }
 
 fn merge_groups<'a>(into: &mut Groups<'a>, from: Groups<'a>) {
