@@ -27,6 +27,16 @@ impl Drop for Running {
     }
 }
 
+/// `tally project create crash`: `{"id", "master_key", "write_key", "read_key", ...}`.
+fn create_project(data_dir: &Path) -> Value {
+    let output = Command::new(tally_bin())
+        .args(["project", "create", "crash", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 fn start(data_dir: &Path) -> Running {
     start_with(data_dir, &[])
 }
@@ -54,12 +64,7 @@ fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Running {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_ingest_loses_and_duplicates_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(tally_bin())
-        .args(["project", "create", "crash", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let project: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let project = create_project(dir.path());
     let (id, key) = (
         project["id"].as_str().unwrap().to_string(),
         project["write_key"].as_str().unwrap().to_string(),
@@ -175,12 +180,7 @@ const BUSY_STORE: [(&str, &str); 3] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_store_flushes_and_merges_keeps_exactly_the_logged_events() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(tally_bin())
-        .args(["project", "create", "crash", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let project: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let project = create_project(dir.path());
     let id = project["id"].as_str().unwrap().to_string();
     let (write_key, read_key) = (
         project["write_key"].as_str().unwrap().to_string(),

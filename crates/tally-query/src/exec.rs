@@ -896,27 +896,7 @@ fn ungrouped<'s>(
                 bucket += 1;
             }
         }
-        let acc = &mut accs[bucket];
-        match acc {
-            Acc::Count(n) => *n += 1,
-            Acc::LocalUnique { codes, other } => {
-                if let Some(c) = target {
-                    let tag = c.tags()[row];
-                    if bitmap && tag == Tag::Str as u8 {
-                        codes[c.codes()[row] as usize] = true;
-                    } else if tag > Tag::Null as u8 {
-                        other.insert(local_key(target, row));
-                    }
-                }
-            }
-            _ => {
-                if let Some(c) = target
-                    && c.tags()[row] == Tag::Num as u8
-                {
-                    acc.add_num(c.nums()[row]);
-                }
-            }
-        }
+        accumulate(&mut accs[bucket], target, row);
     });
     if timed_out {
         return Err(ExecError::Timeout);
