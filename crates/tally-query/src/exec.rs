@@ -470,11 +470,6 @@ impl<'a> Hashed<'a> {
     }
 }
 
-/// The hash [`Hashed::new`] gives a string value (kept per dictionary entry by the columns).
-fn str_hash(s: &str) -> u64 {
-    Hashed::new(KeyValue::Str(s)).hash
-}
-
 impl PartialEq for Hashed<'_> {
     fn eq(&self, other: &Self) -> bool {
         self.hash == other.hash && self.value == other.value
@@ -617,15 +612,9 @@ impl<'a> Acc<'a> {
             (Acc::Unique(set), Acc::LocalUnique { codes, other }) => {
                 let seen = codes.iter().filter(|s| **s).count();
                 set.reserve(seen + other.len());
-                if let Some(c) = target
-                    && !codes.is_empty()
-                {
-                    let hashes = c.dict_hashes(str_hash);
+                if let Some(c) = target {
                     for (code, _) in codes.iter().enumerate().filter(|(_, seen)| **seen) {
-                        set.insert(Hashed {
-                            hash: hashes[code],
-                            value: KeyValue::Str(&c.dict()[code]),
-                        });
+                        set.insert(Hashed::new(KeyValue::Str(&c.dict()[code])));
                     }
                 }
                 set.extend(other.into_iter().map(|k| Hashed::new(global_key(target, k))));

@@ -92,9 +92,6 @@ pub struct Column {
     /// How many rows carry each tag (indexed by the tag byte): lets a query pick a plan (e.g.
     /// "only strings: group by dictionary code") without scanning.
     pub(crate) counts: [u64; 8],
-    /// A hash per dictionary entry, made by the first query that needs them (distinct strings
-    /// are hashed once per segment, not once per query).
-    hashes: std::sync::OnceLock<Box<[u64]>>,
 }
 
 /// Count, sum, minimum and maximum of a column's numbers (not datetimes).
@@ -150,15 +147,7 @@ impl Column {
             dict,
             stats,
             counts,
-            hashes: std::sync::OnceLock::new(),
         }
-    }
-
-    /// A hash of each dictionary entry, computed with `hash` on first use and kept. Callers must
-    /// always pass the same function (the query engine does).
-    pub fn dict_hashes(&self, hash: impl Fn(&str) -> u64) -> &[u64] {
-        self.hashes
-            .get_or_init(|| self.dict.iter().map(|s| hash(s)).collect())
     }
 
     /// Count, sum, minimum and maximum of the numbers.
