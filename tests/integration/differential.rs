@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use tally_core::time::{format_timestamp_ms, parse_timestamp_ms};
 
 use serde_json::{Map, Value, json};
 
@@ -927,47 +928,23 @@ fn random_query(rng: &mut Rng, timestamps: &[i64]) -> Query {
 
 /// `ms` as ISO 8601 with milliseconds, written at `offset_secs` from UTC (`Z` for 0).
 fn iso(ms: i64, offset_secs: i64) -> String {
-    let local = ms + offset_secs * 1000;
-    let (days, in_day) = (local.div_euclid(DAY_MS), local.rem_euclid(DAY_MS));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let zone = if offset_secs == 0 {
-        "Z".to_string()
-    } else {
-        let sign = if offset_secs < 0 { '-' } else { '+' };
-        let abs = offset_secs.abs();
-        format!("{sign}{:02}:{:02}", abs / 3600, abs / 60 % 60)
-    };
+    let local = format_timestamp_ms(ms + offset_secs * 1000);
+    if offset_secs == 0 {
+        return local;
+    }
+    let sign = if offset_secs < 0 { '-' } else { '+' };
+    let abs = offset_secs.abs();
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}{zone}",
-        in_day / HOUR_MS,
-        in_day / 60_000 % 60,
-        in_day / 1000 % 60,
-        in_day % 1000
+        "{}{sign}{:02}:{:02}",
+        local.trim_end_matches('Z'),
+        abs / 3600,
+        abs / 60 % 60
     )
 }
 
 /// Milliseconds since the epoch of the generator's `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 fn parse_ms(text: &str) -> i64 {
-    let n = |range: std::ops::Range<usize>| text[range].parse::<i64>().unwrap();
-    assert!(text.len() == 24 && text.ends_with('Z'), "{text}");
-    let (year, month, day) = (n(0..4), n(5..7), n(8..10));
-    // Howard Hinnant's days_from_civil.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    days * DAY_MS + n(11..13) * HOUR_MS + n(14..16) * 60_000 + n(17..19) * 1000 + n(20..23)
+    parse_timestamp_ms(text).unwrap_or_else(|| panic!("not a timestamp: {text}"))
 }
 
 #[test]

@@ -38,16 +38,6 @@ pub struct Limits {
     pub max_extraction_events: usize,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            deadline: None,
-            max_memory_bytes: usize::MAX,
-            max_extraction_events: 100_000,
-        }
-    }
-}
-
 /// Why a query did not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -856,8 +846,36 @@ fn from_statistics<'s>(
     })
 }
 
-/// No group_by: one state, or one per interval bucket (rows are time-sorted, so the bucket
-/// only moves forward).
+/// The interval bucket of each row in turn: rows are time-sorted, so it only moves forward.
+struct BucketCursor<'a> {
+    timestamps: &'a [i64],
+    ranges: Option<&'a [TimeRange]>,
+    current: usize,
+}
+
+impl<'a> BucketCursor<'a> {
+    fn new(seg: &'a Segment, ranges: Option<&'a [TimeRange]>) -> Self {
+        Self {
+            timestamps: seg.timestamps(),
+            ranges,
+            current: 0,
+        }
+    }
+
+    /// The bucket of `row` (0 without an interval); rows must come in ascending order.
+    #[inline]
+    fn at(&mut self, row: usize) -> usize {
+        if let Some(ranges) = self.ranges {
+            let ts = self.timestamps[row];
+            while self.current + 1 < ranges.len() && ts >= ranges[self.current].end_ms {
+                self.current += 1;
+            }
+        }
+        self.current
+    }
+}
+
+/// No group_by: one state, or one per interval bucket.
 fn ungrouped<'s>(
     spec: &QuerySpec,
     seg: &'s Segment,
@@ -881,8 +899,7 @@ fn ungrouped<'s>(
             }
         }
     }
-    let timestamps = seg.timestamps();
-    let mut bucket = 0usize;
+    let mut cursor = BucketCursor::new(seg, bucket_ranges);
     let mut seen = 0usize;
     let mut timed_out = false;
     selection.for_each(|row| {
@@ -890,12 +907,7 @@ fn ungrouped<'s>(
         if seen.is_multiple_of(1_048_576) && check_deadline(limits).is_err() {
             timed_out = true;
         }
-        if let Some(ranges) = bucket_ranges {
-            let ts = timestamps[row];
-            while bucket + 1 < ranges.len() && ts >= ranges[bucket].end_ms {
-                bucket += 1;
-            }
-        }
+        let bucket = cursor.at(row);
         accumulate(&mut accs[bucket], target, row);
     });
     if timed_out {
@@ -933,8 +945,7 @@ fn grouped<'s>(
     }
     let mut local = LocalGroups::default();
     let mut key_buf: Vec<(u8, u64)> = Vec::with_capacity(group_cols.len() + 1);
-    let mut bucket = 0usize;
-    let timestamps = seg.timestamps();
+    let mut cursor = BucketCursor::new(seg, bucket_ranges);
     let mut seen = 0usize;
     let mut failed = None;
     selection.for_each(|row| {
@@ -949,12 +960,7 @@ fn grouped<'s>(
                 failed = Some(too_big());
             }
         }
-        if let Some(ranges) = bucket_ranges {
-            let ts = timestamps[row];
-            while bucket + 1 < ranges.len() && ts >= ranges[bucket].end_ms {
-                bucket += 1;
-            }
-        }
+        let bucket = cursor.at(row);
         key_buf.clear();
         key_buf.push((u8::MAX, bucket as u64));
         key_buf.extend(group_cols.iter().map(|c| local_key(*c, row)));
@@ -1023,8 +1029,7 @@ fn grouped_dense<'s>(
     let target_dict = target.map_or(0, |c| c.dict().len());
     let mut table: Vec<Option<Acc<'s>>> = (0..slots).map(|_| None).collect();
     *memory += slots * 8;
-    let mut bucket = 0usize;
-    let timestamps = seg.timestamps();
+    let mut cursor = BucketCursor::new(seg, bucket_ranges);
     let mut seen = 0usize;
     let mut failed = None;
     let mut groups = 0usize;
@@ -1038,12 +1043,7 @@ fn grouped_dense<'s>(
         {
             failed = Some(e);
         }
-        if let Some(ranges) = bucket_ranges {
-            let ts = timestamps[row];
-            while bucket + 1 < ranges.len() && ts >= ranges[bucket].end_ms {
-                bucket += 1;
-            }
-        }
+        let bucket = cursor.at(row);
         let mut index = bucket;
         for (c, &dim) in group_cols.iter().zip(&dims) {
             let code = match c {

@@ -1,6 +1,6 @@
 //! Arrow rows as JSON objects, for the SQL endpoint's answer.
 
-use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::array::{Array, AsArray, GenericStringArray, OffsetSizeTrait};
 use datafusion::arrow::datatypes::{
     DataType, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, TimeUnit,
     TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType,
@@ -68,30 +68,8 @@ fn values(array: &dyn Array) -> Vec<Value> {
         DataType::Timestamp(TimeUnit::Nanosecond, _) => {
             prim!(TimestampNanosecondType, |v: i64| time(v / 1_000_000))
         }
-        DataType::Utf8 => {
-            let a = array.as_string::<i32>();
-            (0..a.len())
-                .map(|i| {
-                    if a.is_null(i) {
-                        Value::Null
-                    } else {
-                        Value::String(a.value(i).to_owned())
-                    }
-                })
-                .collect()
-        }
-        DataType::LargeUtf8 => {
-            let a = array.as_string::<i64>();
-            (0..a.len())
-                .map(|i| {
-                    if a.is_null(i) {
-                        Value::Null
-                    } else {
-                        Value::String(a.value(i).to_owned())
-                    }
-                })
-                .collect()
-        }
+        DataType::Utf8 => strings(array.as_string::<i32>()),
+        DataType::LargeUtf8 => strings(array.as_string::<i64>()),
         _ => {
             // Anything else (decimals, intervals, lists, dates): its display text.
             let options = FormatOptions::default();
@@ -113,4 +91,16 @@ fn values(array: &dyn Array) -> Vec<Value> {
 
 fn time(ms: i64) -> Value {
     Value::String(format_timestamp_ms(ms))
+}
+
+fn strings<O: OffsetSizeTrait>(a: &GenericStringArray<O>) -> Vec<Value> {
+    (0..a.len())
+        .map(|i| {
+            if a.is_null(i) {
+                Value::Null
+            } else {
+                Value::String(a.value(i).to_owned())
+            }
+        })
+        .collect()
 }

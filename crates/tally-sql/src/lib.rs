@@ -156,16 +156,7 @@ impl SchemaProvider for ProjectSchema {
 
 /// One Arrow type per property, from the tags it holds across segments.
 fn table_schema(segments: &[&Segment]) -> SchemaRef {
-    let mut counts: std::collections::BTreeMap<String, [u64; 8]> = std::collections::BTreeMap::new();
-    for seg in segments {
-        for (path, column) in seg.columns() {
-            let entry = counts.entry(path.to_owned()).or_default();
-            for (total, n) in entry.iter_mut().zip(column.tag_counts()) {
-                *total += n;
-            }
-        }
-    }
-    let fields: Vec<Field> = counts
+    let fields: Vec<Field> = tally_store::events::property_tag_counts(segments.iter().copied())
         .into_iter()
         .map(|(path, c)| {
             let kinds: Vec<usize> = (2..8).filter(|&t| c[t] > 0).collect();

@@ -72,6 +72,19 @@ fn authorize_params(
     Ok(authorize(state.catalog.as_ref(), project, key.as_deref(), access)?.project)
 }
 
+/// Parameters of a GET or DELETE (query string only) and the project the key opens for `access`.
+fn query_string_request(
+    state: &AppState,
+    project: &str,
+    raw_query: Option<&str>,
+    headers: &HeaderMap,
+    access: Access,
+) -> Result<(ProjectId, Params), ApiError> {
+    let params = spec::params_from_query_string(raw_query.unwrap_or(""));
+    let project = authorize_params(state, project, &params, headers, access)?;
+    Ok((project, params))
+}
+
 fn limits(state: &AppState) -> (Limits, Duration) {
     let timeout = Duration::from_millis(state.query.timeout_ms);
     (
@@ -171,16 +184,8 @@ fn collection_schema(
     project: ProjectId,
     collection: &str,
 ) -> BTreeMap<String, &'static str> {
-    let mut counts: BTreeMap<String, [u64; 8]> = BTreeMap::new();
-    for stored in state.store.snapshot(project, collection) {
-        for (path, column) in stored.segment.columns() {
-            let entry = counts.entry(path.to_owned()).or_default();
-            for (total, n) in entry.iter_mut().zip(column.tag_counts()) {
-                *total += n;
-            }
-        }
-    }
-    counts
+    let snapshot = state.store.snapshot(project, collection);
+    tally_store::events::property_tag_counts(snapshot.iter().map(|s| &s.segment))
         .into_iter()
         .map(|(path, c)| (path, tally_store::events::column::dominant_type(&c)))
         .collect()
@@ -198,8 +203,8 @@ pub async fn list_collections(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let params = spec::params_from_query_string(raw_query.as_deref().unwrap_or(""));
-    let project = authorize_params(&state, &project, &params, &headers, Access::Schema)?;
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
     let collections: Vec<Value> = state
         .store
         .collections(project)
@@ -224,8 +229,8 @@ pub async fn describe_collection(
     raw_query: Option<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let params = spec::params_from_query_string(raw_query.as_deref().unwrap_or(""));
-    let project = authorize_params(&state, &project, &params, &headers, Access::Schema)?;
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
     let properties = collection_schema(&state, project, &collection);
     if properties.is_empty() {
         return Err(ApiError::not_found());
@@ -240,8 +245,8 @@ pub async fn describe_property(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let params = spec::params_from_query_string(raw_query.as_deref().unwrap_or(""));
-    let project = authorize_params(&state, &project, &params, &headers, Access::Schema)?;
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
     let properties = collection_schema(&state, project, &collection);
     let Some(kind) = properties.get(&property) else {
         return Err(ApiError::not_found());
@@ -261,8 +266,8 @@ pub async fn delete_events(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let params = spec::params_from_query_string(raw_query.as_deref().unwrap_or(""));
-    let project = authorize_params(&state, &project, &params, &headers, Access::Master)?;
+    let (project, params) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
     let zone = spec::parse_timezone(params.get("timezone"))?;
     let range: Option<TimeRange> = match params.get("timeframe") {
         Some(v) => Some(spec::parse_timeframe(Some(v), zone, state.clock.now_ms())?),
@@ -306,8 +311,8 @@ pub async fn delete_property(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let params = spec::params_from_query_string(raw_query.as_deref().unwrap_or(""));
-    let project = authorize_params(&state, &project, &params, &headers, Access::Master)?;
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
     if property == "keen" || property.starts_with("keen.") {
         return Err(ApiError::new(
             ErrorCode::InvalidPropertyName,

@@ -35,6 +35,23 @@ use tally_core::fsutil::{sync_dir, write_atomically};
 use tally_core::ids::ProjectId;
 
 pub use column::{Cell, Column, NumStats, Tag};
+
+/// How many rows carry each tag, per property, summed over `segments`: a collection's schema
+/// (Keen's type names via [`column::dominant_type`], SQL column types) without a scan.
+pub fn property_tag_counts<'a>(
+    segments: impl IntoIterator<Item = &'a Segment>,
+) -> std::collections::BTreeMap<String, [u64; 8]> {
+    let mut counts: std::collections::BTreeMap<String, [u64; 8]> = std::collections::BTreeMap::new();
+    for seg in segments {
+        for (path, column) in seg.columns() {
+            let entry = counts.entry(path.to_owned()).or_default();
+            for (total, n) in entry.iter_mut().zip(column.tag_counts()) {
+                *total += n;
+            }
+        }
+    }
+    counts
+}
 pub use segment::{Segment, cell_value, number_value};
 
 /// Store settings.
@@ -238,14 +255,6 @@ impl EventStore {
         names
     }
 
-    /// Rows and approximate bytes in memory, over every collection.
-    pub fn stats(&self) -> (usize, usize) {
-        let tables = self.tables.read().expect("tables lock");
-        tables.values().flatten().fold((0, 0), |(rows, bytes), s| {
-            (rows + s.segment.rows(), bytes + s.segment.heap_bytes())
-        })
-    }
-
     /// Writes fresh segments to disk and commits them with their log position. Returns how many
     /// segments were written.
     pub fn flush(&self) -> Result<usize, StoreError> {
@@ -279,15 +288,11 @@ impl EventStore {
                 continue;
             }
             let stored = self.write_segment_file(merged)?;
-            made.push((
-                key.clone(),
-                stored,
-                parts.iter().map(|p| p.id).collect::<Vec<_>>(),
-            ));
+            made.push((key.clone(), stored));
         }
         let mut next = manifest.clone();
         next.position = position;
-        for (key, stored, _) in &made {
+        for (key, stored) in &made {
             next.segments.push(ManifestEntry {
                 id: stored.id,
                 project: key.0,
@@ -298,7 +303,7 @@ impl EventStore {
         self.commit_manifest(manifest, next)?;
         let mut tables = self.tables.write().expect("tables lock");
         for (key, parts) in &by_table {
-            let replacement = made.iter().find(|(k, _, _)| k == key).map(|(_, s, _)| s.clone());
+            let replacement = made.iter().find(|(k, _)| k == key).map(|(_, s)| s.clone());
             let table = tables.entry(key.clone()).or_default();
             let gone: Vec<u64> = parts.iter().map(|p| p.id).collect();
             let at = table.iter().position(|s| gone.contains(&s.id));
