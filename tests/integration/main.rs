@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cached;
 mod cli;
 mod crash;
 mod differential;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
-use tally_core::clock::SystemClock;
+use tally_core::clock::{Clock, SystemClock};
 use tally_core::config::Config;
 use tally_core::event::LoggedEvent;
 use tally_ingest::log::LogReader;
@@ -22,6 +22,8 @@ pub struct TestServer {
     pub project: NewProject,
     pub data_dir: PathBuf,
     pub http: reqwest::Client,
+    /// The server's clock (a manual one in tests that move time).
+    pub clock: Arc<dyn Clock>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -47,12 +49,17 @@ impl TestServer {
 
     /// A fresh server, with `adjust` applied to its configuration.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_clock(Arc::new(SystemClock), adjust).await
+    }
+
+    /// A fresh server on `clock`, with `adjust` applied to its configuration.
+    pub async fn start_with_clock(clock: Arc<dyn Clock>, adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(dir.path());
         adjust(&mut config);
-        let tally = Tally::start(config.clone(), Arc::new(SystemClock)).await.unwrap();
+        let tally = Tally::start(config.clone(), clock.clone()).await.unwrap();
         let project = tally.bootstrap().expect("first start creates a project").clone();
-        Self::wrap(tally, config, project, dir.path().to_path_buf(), Some(dir))
+        Self::wrap(tally, config, project, dir.path().to_path_buf(), Some(dir), clock)
     }
 
     fn wrap(
@@ -61,6 +68,7 @@ impl TestServer {
         project: NewProject,
         data_dir: PathBuf,
         dir: Option<tempfile::TempDir>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             base: format!("http://{}", tally.local_addr()),
@@ -69,6 +77,7 @@ impl TestServer {
             project,
             data_dir,
             http: reqwest::Client::new(),
+            clock,
             _dir: dir,
         }
     }
@@ -86,16 +95,17 @@ impl TestServer {
             project,
             data_dir,
             _dir,
+            clock,
             ..
         } = self;
         tally.shutdown().await.unwrap();
         adjust(&mut config);
-        let tally = Tally::start(config.clone(), Arc::new(SystemClock)).await.unwrap();
+        let tally = Tally::start(config.clone(), clock.clone()).await.unwrap();
         assert!(
             tally.bootstrap().is_none(),
             "a restart does not create another project"
         );
-        Self::wrap(tally, config, project, data_dir, _dir)
+        Self::wrap(tally, config, project, data_dir, _dir, clock)
     }
 
     /// `/3.0/projects/{id}` + `rest`.

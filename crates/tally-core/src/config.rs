@@ -35,6 +35,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Query limits.
     pub query: QueryConfig,
+    /// Cached answers: the `max_age` result cache, cached queries and datasets.
+    pub cache: CacheConfig,
     /// Log output format for Tally's own logs: `text` or `json`.
     pub log_format: LogFormat,
 }
@@ -52,6 +54,7 @@ impl Default for Config {
             process: ProcessConfig::default(),
             store: StoreConfig::default(),
             query: QueryConfig::default(),
+            cache: CacheConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -233,6 +236,33 @@ impl Default for QueryConfig {
             timeout_ms: 60_000,
             max_memory_bytes: 2 << 30,
             max_extraction_events: 100_000,
+        }
+    }
+}
+
+/// Cached answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of answers the `max_age` result cache keeps (0 turns it off).
+    pub result_cache_bytes: usize,
+    /// The shortest `refresh_rate` a cached query may have, in seconds. Keen's clients allow
+    /// 4 hours; a self-hosted Tally may refresh more often.
+    pub min_refresh_rate_secs: u64,
+    /// The longest `refresh_rate`, in seconds (Keen's Explorer: 48 hours).
+    pub max_refresh_rate_secs: u64,
+    /// How often the refresher looks for cached queries that are due and datasets whose data
+    /// changed, in milliseconds; a dataset is at most about this much behind its events.
+    pub refresh_tick_ms: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            result_cache_bytes: 256 << 20,
+            min_refresh_rate_secs: 60,
+            max_refresh_rate_secs: 172_800,
+            refresh_tick_ms: 2_000,
         }
     }
 }

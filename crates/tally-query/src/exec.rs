@@ -62,6 +62,12 @@ pub enum Answer {
     Csv(String),
 }
 
+/// The result of `analysis` over no events (0 for counts, null for averages, [] for
+/// select_unique): what an interval bucket without events shows.
+pub fn empty_result(analysis: Analysis) -> Value {
+    Acc::new(analysis, false).result(analysis)
+}
+
 /// Runs `spec` over `segments` (one collection's snapshot).
 pub fn run(spec: &QuerySpec, segments: &[Arc<StoredSegment>], limits: &Limits) -> Result<Answer, ExecError> {
     let started = Instant::now();

@@ -17,7 +17,7 @@ use tally_core::error::ErrorCode;
 use tally_store::events::StoredSegment;
 
 use crate::exec::{self, Answer, ExecError, Limits};
-use crate::spec::{self, Analysis, Filter, Params, SpecError, param, text};
+use crate::spec::{self, Analysis, Filter, Params, QuerySpec, SpecError, param, text};
 use crate::timeframe::{TimeRange, Zone};
 
 /// The most steps a funnel may have.
@@ -310,30 +310,38 @@ pub fn join_multi(results: Vec<(String, Value)>, group_by: &[String]) -> Value {
     )
 }
 
+/// Parses a `multi_analysis` into one validated spec per label (extraction is refused).
+pub fn parse_multi_specs(params: &Params, now_ms: i64) -> Result<Vec<(String, QuerySpec)>, SpecError> {
+    parse_multi(params)?
+        .into_iter()
+        .map(|l| {
+            let spec = spec::parse_query(&l.analysis, &l.params, now_ms)?;
+            if spec.analysis == Analysis::Extraction {
+                return Err(SpecError::new(
+                    ErrorCode::InvalidAnalysisType,
+                    "extraction cannot be part of a multi_analysis.",
+                ));
+            }
+            Ok((l.label, spec))
+        })
+        .collect()
+}
+
 /// Runs every labelled analysis over `segments_of(collection)` and joins the results.
 pub fn run_multi(
-    labelled: &[Labelled],
-    now_ms: i64,
+    specs: &[(String, QuerySpec)],
     segments_of: impl Fn(&str) -> Vec<Arc<StoredSegment>>,
     limits: &Limits,
 ) -> Result<Value, ExecError> {
-    let mut results = Vec::with_capacity(labelled.len());
-    let mut group_by = Vec::new();
-    for l in labelled {
-        let spec = spec::parse_query(&l.analysis, &l.params, now_ms)?;
-        if spec.analysis == Analysis::Extraction {
-            return Err(SpecError::new(
-                ErrorCode::InvalidAnalysisType,
-                "extraction cannot be part of a multi_analysis.",
-            )
-            .into());
-        }
-        group_by.clone_from(&spec.group_by);
+    let mut results = Vec::with_capacity(specs.len());
+    let mut group_by: &[String] = &[];
+    for (label, spec) in specs {
+        group_by = &spec.group_by;
         let segments = segments_of(&spec.event_collection);
-        let Answer::Json(body) = exec::run(&spec, &segments, limits)? else {
+        let Answer::Json(body) = exec::run(spec, &segments, limits)? else {
             unreachable!("only extraction answers CSV");
         };
-        results.push((l.label.clone(), body["result"].clone()));
+        results.push((label.clone(), body["result"].clone()));
     }
-    Ok(json!({ "result": join_multi(results, &group_by) }))
+    Ok(json!({ "result": join_multi(results, group_by) }))
 }

@@ -4,10 +4,16 @@
 //! reference). [`spec`] turns them into a typed [`QuerySpec`], refusing anything malformed with
 //! Keen's error codes; [`timeframe`] resolves time frames, time zones and interval buckets;
 //! [`exec`] runs a spec over the store's segments and shapes the result as Keen does;
-//! [`funnel`] adds funnels and multi_analysis on top of it.
+//! [`funnel`] adds funnels and multi_analysis on top of it. [`plan`] is the one entry point for
+//! a query of any analysis; [`cache`] keeps answers for `max_age`; [`saved`] and [`dataset`] are
+//! the definitions and incremental computation behind saved queries and cached datasets.
 
+pub mod cache;
+pub mod dataset;
 pub mod exec;
 pub mod funnel;
+pub mod plan;
+pub mod saved;
 pub mod spec;
 pub mod timeframe;
 

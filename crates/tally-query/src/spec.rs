@@ -721,7 +721,7 @@ fn parse_property_names(value: &Value) -> Result<Vec<String>, SpecError> {
 }
 
 /// A non-negative integer at least `min`, as a JSON number or a numeric string.
-fn parse_uint(value: &Value, name: &str, min: u64) -> Result<u64, SpecError> {
+pub(crate) fn parse_uint(value: &Value, name: &str, min: u64) -> Result<u64, SpecError> {
     let number = match value {
         Value::Number(n) => n.as_u64().or_else(|| {
             n.as_f64()

@@ -21,6 +21,7 @@ use tally_store::Catalog;
 use tally_store::events::EventStore;
 use tower_http::cors::{AllowHeaders, Any, CorsLayer};
 
+use crate::answers::CachedAnswers;
 use crate::error::ApiError;
 use crate::metrics::{ServerMetrics, count_requests};
 use crate::routes;
@@ -48,6 +49,8 @@ pub struct AppInner {
     pub store: Arc<EventStore>,
     /// Query limits.
     pub query: QueryConfig,
+    /// Cached answers: the `max_age` cache, cached queries and datasets.
+    pub answers: Arc<CachedAnswers>,
 }
 
 impl AppState {
@@ -102,6 +105,28 @@ pub fn router(state: AppState) -> Router {
             get(routes::queries::describe_property).delete(routes::queries::delete_property),
         )
         .route("/3.0/projects/{project}/sql", post(routes::queries::run_sql))
+        .route("/3.0/projects/{project}/queries/saved", get(routes::saved::list))
+        .route(
+            "/3.0/projects/{project}/queries/saved/{name}",
+            get(routes::saved::get)
+                .put(routes::saved::put)
+                .delete(routes::saved::delete),
+        )
+        .route(
+            "/3.0/projects/{project}/queries/saved/{name}/result",
+            get(routes::saved::result),
+        )
+        .route("/3.0/projects/{project}/datasets", get(routes::datasets::list))
+        .route(
+            "/3.0/projects/{project}/datasets/{name}",
+            get(routes::datasets::get)
+                .put(routes::datasets::put)
+                .delete(routes::datasets::delete),
+        )
+        .route(
+            "/3.0/projects/{project}/datasets/{name}/results",
+            get(routes::datasets::results),
+        )
         .route(
             "/3.0/projects/{project}/queries/{analysis}",
             get(routes::queries::run_query).post(routes::queries::run_query),

@@ -1,5 +1,6 @@
 //! Tally's HTTP server.
 //!
+//! * [`answers`]: the `max_age` cache, cached queries and datasets, and their refresher;
 //! * [`app`]: the shared state and the router (the whole API, testable with `oneshot`);
 //! * [`routes`]: the handlers;
 //! * [`auth`]: keys, projects and permissions;
@@ -8,6 +9,7 @@
 //! * [`metrics`]: Prometheus metrics;
 //! * [`server`]: start-up, serving and ordered shutdown of a [`Tally`].
 
+pub mod answers;
 pub mod app;
 pub mod auth;
 pub mod error;

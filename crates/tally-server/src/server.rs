@@ -9,6 +9,7 @@
 //! log/               the embedded event log
 //! dedupe.snapshot    the uniqueness-token table as of a log position
 //! store/             the columnar event store (manifest.json, segments/)
+//! results/           cached query results and dataset buckets (see `tally_store::results`)
 //! ```
 //!
 //! Shutdown (SIGTERM/SIGINT in the binary, [`Tally::shutdown`] in tests): stop accepting
@@ -32,11 +33,13 @@ use tally_ingest::dedupe::{self, Dedupe};
 use tally_ingest::{EmbeddedEventLog, Ingestor};
 use tally_process::{Enrichers, GeoIp, ProcessStage, StageConfig};
 use tally_store::events::{EventStore, Maintenance, StoreConfig};
+use tally_store::results::ResultFiles;
 use tally_store::{Catalog, CatalogError, EmbeddedCatalog, NewProject};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::answers::CachedAnswers;
 use crate::app::{AppInner, AppState, router};
 use crate::metrics::ServerMetrics;
 
@@ -134,6 +137,11 @@ impl DataDir {
     pub fn store_path(&self) -> PathBuf {
         self.path.join("store")
     }
+
+    /// Cached query results and dataset buckets.
+    pub fn results_path(&self) -> PathBuf {
+        self.path.join("results")
+    }
 }
 
 /// A running server.
@@ -153,6 +161,7 @@ pub struct Tally {
     store: Arc<EventStore>,
     store_maintenance: Option<Maintenance>,
     enrichers: Arc<Enrichers>,
+    answers: Arc<CachedAnswers>,
     data_dir: DataDir,
 }
 
@@ -250,6 +259,15 @@ impl Tally {
             config.ingest.clone(),
             &mut registry,
         ));
+        let answers = Arc::new(CachedAnswers::open(
+            catalog.clone() as Arc<dyn Catalog>,
+            store.clone(),
+            ResultFiles::new(&data_dir.results_path()),
+            clock.clone(),
+            config.query.clone(),
+            &config.cache,
+            &mut registry,
+        ));
         let state = AppState::new(AppInner {
             catalog: catalog.clone() as Arc<dyn Catalog>,
             ingestor: ingestor.clone(),
@@ -259,6 +277,7 @@ impl Tally {
             clock: clock.clone(),
             store: store.clone(),
             query: config.query.clone(),
+            answers: answers.clone(),
         });
 
         let listener = TcpListener::bind(config.listen)
@@ -297,7 +316,19 @@ impl Tally {
             ))
         };
 
-        let mut background = vec![snapshots];
+        let refresher = {
+            let answers = answers.clone();
+            tokio::spawn(every(
+                Duration::from_millis(config.cache.refresh_tick_ms.max(10)),
+                stop.subscribe(),
+                "cached query and dataset refresh",
+                move || {
+                    answers.run_due();
+                    Ok::<(), std::convert::Infallible>(())
+                },
+            ))
+        };
+        let mut background = vec![snapshots, refresher];
         if config.enrich.geoip_reload_secs > 0 && enrichers.geo().is_configured() {
             let enrichers = enrichers.clone();
             background.push(tokio::spawn(every(
@@ -324,6 +355,7 @@ impl Tally {
             store,
             store_maintenance,
             enrichers,
+            answers,
             data_dir,
         })
     }
@@ -346,6 +378,11 @@ impl Tally {
     /// The event store.
     pub fn store(&self) -> &Arc<EventStore> {
         &self.store
+    }
+
+    /// Cached queries and datasets (tests drive the refresher through it with a manual clock).
+    pub fn answers(&self) -> &Arc<CachedAnswers> {
+        &self.answers
     }
 
     /// Re-reads the GeoIP database files now (SIGHUP). A replacement that does not verify is

@@ -1,4 +1,5 @@
-//! The catalog: projects and their API keys.
+//! The catalog: projects, their API keys, and the named objects a project defines (saved
+//! queries, cached datasets).
 //!
 //! Keys are never stored, only their SHA-256 ([`KeyHash`]); a new project's keys are shown once,
 //! when it is created. [`Catalog::authenticate`] looks a presented key up by its hash and compares
@@ -9,7 +10,7 @@
 //! atomically on every change. Catalog changes are rare (project and key administration), so a
 //! whole-file rewrite is simple and cheap.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -28,6 +29,17 @@ pub enum KeyKind {
     Write,
     /// Runs queries and reads results and schema.
     Read,
+}
+
+/// The kinds of named definition a project keeps in the catalog. The catalog stores them as
+/// JSON, already validated by whoever puts them; their cached results live elsewhere
+/// ([`crate::results`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKind {
+    /// A saved (or cached) query.
+    SavedQuery,
+    /// A cached dataset.
+    Dataset,
 }
 
 /// What a presented key may do: which project, and as what kind of key.
@@ -106,6 +118,20 @@ pub trait Catalog: Send + Sync + std::fmt::Debug {
     fn authenticate(&self, key: &str) -> Option<KeyGrant>;
     /// Revokes (`false`) or restores (`true`) a key of `project`.
     fn set_key_active(&self, project: &ProjectId, key: &str, active: bool) -> Result<(), CatalogError>;
+    /// Creates or replaces a named definition; `true` when it is new.
+    fn put_object(
+        &self,
+        project: &ProjectId,
+        kind: ObjectKind,
+        name: &str,
+        definition: serde_json::Value,
+    ) -> Result<bool, CatalogError>;
+    /// The named definition.
+    fn object(&self, project: &ProjectId, kind: ObjectKind, name: &str) -> Option<serde_json::Value>;
+    /// The project's definitions of `kind`, sorted by name.
+    fn objects(&self, project: &ProjectId, kind: ObjectKind) -> Vec<(String, serde_json::Value)>;
+    /// Deletes the named definition; `false` if there was none.
+    fn delete_object(&self, project: &ProjectId, kind: ObjectKind, name: &str) -> Result<bool, CatalogError>;
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +146,26 @@ struct StoredProject {
     #[serde(flatten)]
     info: ProjectInfo,
     keys: Vec<StoredKey>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    saved_queries: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    datasets: BTreeMap<String, serde_json::Value>,
+}
+
+impl StoredProject {
+    fn objects(&self, kind: ObjectKind) -> &BTreeMap<String, serde_json::Value> {
+        match kind {
+            ObjectKind::SavedQuery => &self.saved_queries,
+            ObjectKind::Dataset => &self.datasets,
+        }
+    }
+
+    fn objects_mut(&mut self, kind: ObjectKind) -> &mut BTreeMap<String, serde_json::Value> {
+        match kind {
+            ObjectKind::SavedQuery => &mut self.saved_queries,
+            ObjectKind::Dataset => &mut self.datasets,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -262,6 +308,8 @@ impl Catalog for EmbeddedCatalog {
                     active: true,
                 })
                 .collect(),
+            saved_queries: BTreeMap::new(),
+            datasets: BTreeMap::new(),
         });
         self.persist(&file)?;
         *state = State::index(file, &self.path)?;
@@ -311,6 +359,67 @@ impl Catalog for EmbeddedCatalog {
         *state = State::index(file, &self.path)?;
         Ok(())
     }
+
+    fn put_object(
+        &self,
+        project: &ProjectId,
+        kind: ObjectKind,
+        name: &str,
+        definition: serde_json::Value,
+    ) -> Result<bool, CatalogError> {
+        let mut state = self.write();
+        let mut file = state.file.clone();
+        let stored = file
+            .projects
+            .iter_mut()
+            .find(|p| p.info.id == *project)
+            .ok_or(CatalogError::ProjectNotFound)?;
+        let created = stored
+            .objects_mut(kind)
+            .insert(name.to_owned(), definition)
+            .is_none();
+        self.persist(&file)?;
+        state.file = file;
+        Ok(created)
+    }
+
+    fn object(&self, project: &ProjectId, kind: ObjectKind, name: &str) -> Option<serde_json::Value> {
+        let state = self.read();
+        let stored = state.file.projects.iter().find(|p| p.info.id == *project)?;
+        stored.objects(kind).get(name).cloned()
+    }
+
+    fn objects(&self, project: &ProjectId, kind: ObjectKind) -> Vec<(String, serde_json::Value)> {
+        let state = self.read();
+        state
+            .file
+            .projects
+            .iter()
+            .find(|p| p.info.id == *project)
+            .map(|p| {
+                p.objects(kind)
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn delete_object(&self, project: &ProjectId, kind: ObjectKind, name: &str) -> Result<bool, CatalogError> {
+        let mut state = self.write();
+        let mut file = state.file.clone();
+        let stored = file
+            .projects
+            .iter_mut()
+            .find(|p| p.info.id == *project)
+            .ok_or(CatalogError::ProjectNotFound)?;
+        if stored.objects_mut(kind).remove(name).is_none() {
+            return Ok(false);
+        }
+        self.persist(&file)?;
+        state.file = file;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
@@ -359,6 +468,51 @@ mod tests {
                 .authenticate(&created.read_key),
             None
         );
+    }
+
+    #[test]
+    fn named_objects_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.json");
+        let catalog = EmbeddedCatalog::open(&path).unwrap();
+        let p = catalog.create_project("p", "t").unwrap().id;
+        let q = serde_json::json!({"query": {"analysis_type": "count"}});
+        assert!(
+            catalog
+                .put_object(&p, ObjectKind::SavedQuery, "b", q.clone())
+                .unwrap()
+        );
+        assert!(
+            catalog
+                .put_object(&p, ObjectKind::SavedQuery, "a", q.clone())
+                .unwrap()
+        );
+        assert!(
+            !catalog
+                .put_object(&p, ObjectKind::SavedQuery, "a", q.clone())
+                .unwrap()
+        );
+        assert!(catalog.object(&p, ObjectKind::Dataset, "a").is_none());
+        let reopened = EmbeddedCatalog::open(&path).unwrap();
+        let names: Vec<String> = reopened
+            .objects(&p, ObjectKind::SavedQuery)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(reopened.delete_object(&p, ObjectKind::SavedQuery, "a").unwrap());
+        assert!(!reopened.delete_object(&p, ObjectKind::SavedQuery, "a").unwrap());
+        assert_eq!(
+            EmbeddedCatalog::open(&path)
+                .unwrap()
+                .objects(&p, ObjectKind::SavedQuery)
+                .len(),
+            1
+        );
+        assert!(matches!(
+            reopened.put_object(&ProjectId::random(), ObjectKind::Dataset, "x", q),
+            Err(CatalogError::ProjectNotFound)
+        ));
     }
 
     #[test]

@@ -1,10 +1,17 @@
 //! Tally's storage.
 //!
-//! For now this is the [`catalog`]: projects and their keys. The columnar event store joins it
-//! in the storage issue; both have an embedded implementation (local files) and, later, a
-//! Cassandra one behind the same traits.
+//! - [`catalog`]: projects, their keys, and the named definitions (saved queries, datasets) a
+//!   project keeps;
+//! - [`events`]: the columnar event store, with the change tracking caches rely on;
+//! - [`results`]: cached answers on disk (cached query results, dataset buckets).
+//!
+//! Each has an embedded implementation (local files); the Cassandra one comes behind the same
+//! shapes.
 
 pub mod catalog;
 pub mod events;
+pub mod results;
 
-pub use catalog::{Catalog, CatalogError, EmbeddedCatalog, KeyGrant, KeyKind, NewProject, ProjectInfo};
+pub use catalog::{
+    Catalog, CatalogError, EmbeddedCatalog, KeyGrant, KeyKind, NewProject, ObjectKind, ProjectInfo,
+};

@@ -1,6 +1,8 @@
 //! HTTP handlers, one module per area of the API.
 
+pub mod datasets;
 pub mod events;
 pub mod ops;
 pub mod projects;
 pub mod queries;
+pub mod saved;

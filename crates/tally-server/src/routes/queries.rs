@@ -5,6 +5,7 @@
 //! configured time and memory limits, so a heavy query never stalls the async runtime.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -14,7 +15,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tally_core::error::ErrorCode;
 use tally_core::ids::ProjectId;
+use tally_query::cache::Read;
 use tally_query::exec::{self, Answer, ExecError, Limits};
+use tally_query::plan::Prepared;
 use tally_query::spec::{self, Params};
 use tally_query::{Filter, SpecError, TimeRange};
 use tally_store::events::Segment;
@@ -30,21 +33,8 @@ impl From<SpecError> for ApiError {
     }
 }
 
-impl From<ExecError> for ApiError {
-    fn from(e: ExecError) -> Self {
-        match e {
-            ExecError::Timeout => ApiError::new(
-                ErrorCode::QueryTimeout,
-                "The query did not finish within the time limit; narrow the timeframe or add filters.",
-            ),
-            ExecError::TooBig(message) => ApiError::new(ErrorCode::InvalidParameter, message),
-            ExecError::Spec(e) => e.into(),
-        }
-    }
-}
-
 /// Request parameters from the query string, and from a JSON body on POST (the body wins).
-async fn gather_params(
+pub(crate) async fn gather_params(
     state: &AppState,
     method: &Method,
     raw_query: Option<&str>,
@@ -73,7 +63,7 @@ fn authorize_params(
 }
 
 /// Parameters of a GET or DELETE (query string only) and the project the key opens for `access`.
-fn query_string_request(
+pub(crate) fn query_string_request(
     state: &AppState,
     project: &str,
     raw_query: Option<&str>,
@@ -85,7 +75,7 @@ fn query_string_request(
     Ok((project, params))
 }
 
-fn limits(state: &AppState) -> (Limits, Duration) {
+pub(crate) fn limits(state: &AppState) -> (Limits, Duration) {
     let timeout = Duration::from_millis(state.query.timeout_ms);
     (
         Limits {
@@ -98,7 +88,7 @@ fn limits(state: &AppState) -> (Limits, Duration) {
 }
 
 /// Runs `work` on the blocking pool, answering 504 if it outlives the query time limit.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     timeout: Duration,
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -110,7 +100,9 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// `GET|POST /3.0/projects/{project}/queries/{analysis}`.
+/// `GET|POST /3.0/projects/{project}/queries/{analysis}`. With `max_age`, an answer kept in
+/// the result cache is served if it is young enough and the data it read has not changed (see
+/// `tally_query::cache`); such answers carry an `Age` header.
 pub async fn run_query(
     State(state): State<AppState>,
     KeenPath((project, analysis)): KeenPath<(String, String)>,
@@ -122,42 +114,58 @@ pub async fn run_query(
     let params = gather_params(&state, &method, raw_query.as_deref(), &headers, body).await?;
     let project = authorize_params(&state, &project, &params, &headers, Access::Queries)?;
     let now_ms = state.clock.now_ms();
-    match analysis.as_str() {
-        "funnel" => {
-            let steps = tally_query::funnel::parse_funnel(&params, now_ms)?;
-            let snapshots: Vec<_> = steps
-                .iter()
-                .map(|s| state.store.snapshot(project, &s.event_collection))
-                .collect();
-            let (limits, timeout) = limits(&state);
-            let body = blocking(timeout, move || {
-                tally_query::funnel::run_funnel(&steps, &snapshots, &limits).map_err(ApiError::from)
-            })
-            .await?;
-            return Ok(json_ok(&body));
+    let prepared = Prepared::parse(&analysis, &params, now_ms)?;
+    let cache_key = prepared
+        .max_age
+        .filter(|&age| age > 0 && !prepared.is_csv())
+        .map(|age| (format!("{project}\n{}", prepared.cache_key()), age));
+    if let Some((key, max_age)) = &cache_key {
+        let store = &state.store;
+        let unchanged = |read: &Read| {
+            !store
+                .changes_since(project, &read.collection, read.version)
+                .touches(read.range.start_ms, read.range.end_ms)
+        };
+        let max_age_ms = i64::try_from(max_age.saturating_mul(1000)).unwrap_or(i64::MAX);
+        if let Some(hit) = state.answers.results.get(key, max_age_ms, now_ms, unchanged) {
+            let age_secs = ((now_ms - hit.computed_at_ms).max(0) / 1000).to_string();
+            let mut response = json_text(hit.body.as_str().to_owned());
+            if let Ok(age) = HeaderValue::from_str(&age_secs) {
+                response.headers_mut().insert(header::AGE, age);
+            }
+            return Ok(response);
         }
-        "multi_analysis" => {
-            let analyses = tally_query::funnel::parse_multi(&params)?;
-            let store = state.store.clone();
-            let (limits, timeout) = limits(&state);
-            let body = blocking(timeout, move || {
-                tally_query::funnel::run_multi(&analyses, now_ms, |c| store.snapshot(project, c), &limits)
-                    .map_err(ApiError::from)
-            })
-            .await?;
-            return Ok(json_ok(&body));
-        }
-        _ => {}
     }
-    let spec = spec::parse_query(&analysis, &params, now_ms)?;
-    let segments = state.store.snapshot(project, &spec.event_collection);
+    // Versions are read before the data, so a write racing the query only makes the cached
+    // answer expire sooner.
+    let reads: Vec<Read> = prepared
+        .reads()
+        .into_iter()
+        .map(|(collection, range)| Read {
+            version: state.store.data_version(project, &collection),
+            collection,
+            range,
+        })
+        .collect();
+    let store = state.store.clone();
     let (limits, timeout) = limits(&state);
     let answer = blocking(timeout, move || {
-        exec::run(&spec, &segments, &limits).map_err(ApiError::from)
+        prepared
+            .run(|c| store.snapshot(project, c), &limits)
+            .map_err(ApiError::from)
     })
     .await?;
     Ok(match answer {
-        Answer::Json(body) => json_ok(&body),
+        Answer::Json(body) => {
+            let text = body.to_string();
+            if let Some((key, _)) = cache_key {
+                state
+                    .answers
+                    .results
+                    .put(key, Arc::new(text.clone()), now_ms, reads);
+            }
+            json_text(text)
+        }
         Answer::Csv(text) => (
             [(
                 header::CONTENT_TYPE,
@@ -169,13 +177,18 @@ pub async fn run_query(
     })
 }
 
-fn json_ok(body: &Value) -> Response {
+fn json_text(text: String) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        body.to_string(),
+        text,
     )
         .into_response()
+}
+
+/// A 200 with a JSON body.
+pub(crate) fn json_ok(body: &Value) -> Response {
+    json_text(body.to_string())
 }
 
 /// The properties of a collection with their Keen types.

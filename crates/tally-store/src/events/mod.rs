@@ -17,6 +17,12 @@
 //!
 //! The log must not drop records the store has not made durable: the process stage reports
 //! [`EventSink::committed_position`] (the manifest's position) to the log as consumed.
+//!
+//! Caches of answers (the `max_age` result cache, cached datasets) need to know whether the data
+//! they were computed from changed, and where in time. Every write and every rewrite of a
+//! collection bumps its [`DataVersion`] and records the time range it touched;
+//! [`EventStore::changes_since`] answers "what changed since this version". Flushes and merges
+//! move data without changing it, so they record nothing.
 
 pub mod column;
 pub mod segment;
@@ -112,6 +118,52 @@ pub struct StoredSegment {
 /// A project's collection.
 pub type TableKey = (ProjectId, String);
 
+/// How far a collection's change history reaches back; older versions get
+/// [`Changes::Unknown`].
+const CHANGE_HISTORY: usize = 4096;
+
+/// A collection's data as of one moment, for caches: read it *before* taking the snapshot a
+/// cached answer is computed from, so a change racing the snapshot only makes the cache more
+/// cautious.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DataVersion {
+    /// Which opening of the store the sequence belongs to: a version from before a restart
+    /// cannot be compared with one after.
+    pub epoch: u64,
+    /// Changes to the collection in this epoch so far.
+    pub seq: u64,
+}
+
+/// What changed in a collection since a [`DataVersion`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Nothing.
+    None,
+    /// Events changed in these inclusive `keen.timestamp` ranges (ms), and nowhere else.
+    Ranges(Vec<(i64, i64)>),
+    /// The history does not reach back that far (or the store was reopened): assume anything.
+    Unknown,
+}
+
+impl Changes {
+    /// Whether anything changed in `[start_ms, end_ms)`.
+    pub fn touches(&self, start_ms: i64, end_ms: i64) -> bool {
+        match self {
+            Changes::None => false,
+            Changes::Ranges(ranges) => ranges.iter().any(|&(lo, hi)| hi >= start_ms && lo < end_ms),
+            Changes::Unknown => true,
+        }
+    }
+}
+
+/// One collection's recent changes.
+#[derive(Debug, Default)]
+struct ChangeHistory {
+    seq: u64,
+    /// `(seq after the change, min timestamp, max timestamp)`, oldest first.
+    recent: std::collections::VecDeque<(u64, i64, i64)>,
+}
+
 /// The segments of one collection at one moment; queries work on such a snapshot while writes,
 /// flushes and merges go on.
 pub type TableSnapshot = Vec<Arc<StoredSegment>>;
@@ -153,6 +205,10 @@ pub struct EventStore {
     next_id: AtomicU64,
     /// The manifest's position, readable without the maintenance lock.
     durable_position: Mutex<Option<u64>>,
+    /// Per collection, what changed recently (see [`EventStore::changes_since`]).
+    changes: Mutex<HashMap<TableKey, ChangeHistory>>,
+    /// Distinguishes this opening of the store from earlier ones (see [`DataVersion`]).
+    epoch: u64,
 }
 
 impl EventStore {
@@ -222,7 +278,68 @@ impl EventStore {
             next_id: AtomicU64::new(manifest.next_id),
             durable_position: Mutex::new(manifest.position),
             maintenance: Mutex::new(manifest),
+            changes: Mutex::new(HashMap::new()),
+            epoch: rand::random::<u64>() | 1,
         })
+    }
+
+    /// The collection's data version now.
+    pub fn data_version(&self, project: ProjectId, collection: &str) -> DataVersion {
+        let changes = self.changes.lock().expect("changes lock");
+        DataVersion {
+            epoch: self.epoch,
+            seq: changes
+                .get(&(project, collection.to_owned()))
+                .map_or(0, |h| h.seq),
+        }
+    }
+
+    /// What changed in the collection since `since`.
+    pub fn changes_since(&self, project: ProjectId, collection: &str, since: DataVersion) -> Changes {
+        if since.epoch != self.epoch {
+            return Changes::Unknown;
+        }
+        let changes = self.changes.lock().expect("changes lock");
+        let Some(history) = changes.get(&(project, collection.to_owned())) else {
+            return if since.seq == 0 {
+                Changes::None
+            } else {
+                Changes::Unknown
+            };
+        };
+        if since.seq >= history.seq {
+            return if since.seq == history.seq {
+                Changes::None
+            } else {
+                Changes::Unknown
+            };
+        }
+        // Entries with seq in (since.seq, history.seq] must all still be here.
+        match history.recent.front() {
+            Some(&(first, _, _)) if first <= since.seq + 1 => {}
+            _ => return Changes::Unknown,
+        }
+        Changes::Ranges(
+            history
+                .recent
+                .iter()
+                .filter(|(seq, _, _)| *seq > since.seq)
+                .map(|&(_, lo, hi)| (lo, hi))
+                .collect(),
+        )
+    }
+
+    /// Records that the collection's events changed within `[lo, hi]` (call after the change
+    /// is visible in `tables`).
+    fn record_change(&self, key: &TableKey, lo: i64, hi: i64) {
+        let mut changes = self.changes.lock().expect("changes lock");
+        let history = changes.entry(key.clone()).or_default();
+        history.seq += 1;
+        let seq = history.seq;
+        history.recent.push_back((seq, lo, hi));
+        while history.recent.len() > CHANGE_HISTORY {
+            history.recent.pop_front();
+        }
     }
 
     /// The segments of a collection now (empty if it has none).
@@ -373,15 +490,20 @@ impl EventStore {
         let mut gone = Vec::new();
         let mut made = Vec::new();
         let mut removed = 0;
+        let mut touched = Vec::new();
         for seg in snapshot.iter().filter(|s| s.durable) {
             if let Some(new) = change(&seg.segment) {
                 removed += seg.segment.rows() - new.rows().min(seg.segment.rows());
                 gone.push(seg.id);
+                touched.extend(seg.segment.time_bounds());
                 made.push(new);
             }
         }
         if !gone.is_empty() {
             self.replace_locked(&mut manifest, &key, &gone, made)?;
+        }
+        for (lo, hi) in touched {
+            self.record_change(&key, lo, hi);
         }
         Ok(removed)
     }
@@ -596,6 +718,11 @@ impl EventSink for EventStore {
                 tables.entry(key.clone()).or_default().push(seg.clone());
             }
         }
+        for (key, seg) in &made {
+            if let Some((lo, hi)) = seg.segment.time_bounds() {
+                self.record_change(key, lo, hi);
+            }
+        }
         writes.fresh.extend(made);
         writes.written_position = Some(log_position);
         Ok(())
@@ -678,6 +805,56 @@ mod tests {
         let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
         assert_eq!(store.committed_position().unwrap(), Some(10));
         assert!(!dir.path().join("segments/00000000000000ff.seg").exists());
+    }
+
+    #[test]
+    fn changes_are_tracked_by_time_range_and_not_by_flushes_or_merges() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = ProjectId::random();
+        let config = StoreConfig {
+            merge_min_segments: 2,
+            ..StoreConfig::default()
+        };
+        let store = EventStore::open(dir.path(), config.clone()).unwrap();
+        let v0 = store.data_version(p, "a");
+        assert_eq!(store.changes_since(p, "a", v0), Changes::None);
+        store
+            .write(&[event(p, "a", "2026-01-01T00:00:00Z", 1)], 10)
+            .unwrap();
+        store
+            .write(&[event(p, "a", "2026-01-03T00:00:00Z", 2)], 20)
+            .unwrap();
+        let jan1 = tally_core::time::parse_timestamp_ms("2026-01-01T00:00:00Z").unwrap();
+        let jan3 = tally_core::time::parse_timestamp_ms("2026-01-03T00:00:00Z").unwrap();
+        let v2 = store.data_version(p, "a");
+        assert_eq!(
+            store.changes_since(p, "a", v0),
+            Changes::Ranges(vec![(jan1, jan1), (jan3, jan3)])
+        );
+        assert!(store.changes_since(p, "a", v0).touches(jan3, jan3 + 1));
+        assert!(!store.changes_since(p, "a", v0).touches(jan1 + 1, jan3));
+        assert_eq!(
+            store.changes_since(p, "b", store.data_version(p, "b")),
+            Changes::None
+        );
+        store.flush().unwrap();
+        store
+            .write(&[event(p, "a", "2026-01-01T00:00:00Z", 3)], 30)
+            .unwrap();
+        store.flush().unwrap();
+        store.merge_small().unwrap();
+        assert_eq!(
+            store.changes_since(p, "a", v2),
+            Changes::Ranges(vec![(jan1, jan1)])
+        );
+        let v3 = store.data_version(p, "a");
+        store
+            .rewrite(p, "a", |seg| Some(seg.retain_rows(|_| false)))
+            .unwrap();
+        assert!(store.changes_since(p, "a", v3).touches(jan1, jan1 + 1));
+        drop(store);
+        let store = EventStore::open(dir.path(), config).unwrap();
+        assert_eq!(store.changes_since(p, "a", v3), Changes::Unknown, "another epoch");
     }
 
     #[test]

@@ -1,0 +1,538 @@
+//! Answers kept ready: the `max_age` result cache, cached queries and cached datasets, and the
+//! refresher that keeps them current.
+//!
+//! Definitions live in the catalog ([`ObjectKind`]); computed results live in memory here and on
+//! disk in [`ResultFiles`], so after a restart they are served at once (their age shown in
+//! `run_information`) and refreshed by the next tick. [`CachedAnswers::run_due`] is one tick of
+//! the refresher: the server calls it on a timer, tests call it with a manual clock.
+//!
+//! A refresh that fails keeps the last good result; the failure shows in the object's
+//! `run_information` and in `tally_cache_refreshes_total{outcome="failure"}`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tally_core::clock::Clock;
+use tally_core::config::{CacheConfig, QueryConfig};
+use tally_core::ids::ProjectId;
+use tally_query::cache::ResultCache;
+use tally_query::dataset::{Dataset, DatasetState, Update};
+use tally_query::exec::{ExecError, Limits};
+use tally_query::saved::{RefreshBounds, RunInfo, SavedQuery};
+use tally_store::events::EventStore;
+use tally_store::results::ResultFiles;
+use tally_store::{Catalog, ObjectKind};
+
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefreshLabels {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+/// A cached query's last result.
+#[derive(Debug, Clone, Default)]
+struct SavedEntry {
+    /// The saved object's `result` (for a funnel, `{"steps", "result"}`).
+    result: Option<Value>,
+    run: RunInfo,
+    /// When the next refresh is due (ms).
+    next_run_ms: i64,
+}
+
+/// A dataset's buckets and how its refreshes went.
+#[derive(Debug, Default)]
+struct DatasetEntry {
+    state: RwLock<DatasetState>,
+    /// Held for a whole refresh, so two never interleave; results are served from `state`
+    /// meanwhile.
+    refreshing: Mutex<()>,
+    run: Mutex<RunInfo>,
+}
+
+/// What one refresher tick did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TickReport {
+    /// Cached queries refreshed.
+    pub saved: usize,
+    /// Datasets that had buckets to recompute or drop.
+    pub datasets: usize,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct CachedAnswers {
+    catalog: Arc<dyn Catalog>,
+    store: Arc<EventStore>,
+    files: ResultFiles,
+    clock: Arc<dyn Clock>,
+    query: QueryConfig,
+    /// `refresh_rate` bounds for saved queries.
+    pub bounds: RefreshBounds,
+    /// The `max_age` cache of ad-hoc answers.
+    pub results: ResultCache,
+    saved: Mutex<HashMap<(ProjectId, String), SavedEntry>>,
+    datasets: Mutex<HashMap<(ProjectId, String), Arc<DatasetEntry>>>,
+    refreshes: Family<RefreshLabels, Counter>,
+}
+
+/// The saved query a catalog entry holds.
+pub fn stored_saved_query(stored: &Value) -> Option<SavedQuery> {
+    Some(SavedQuery {
+        refresh_rate: stored.get("refresh_rate")?.as_u64()?,
+        query: stored.get("query")?.as_object()?.clone(),
+        metadata: stored.get("metadata").cloned().unwrap_or(Value::Null),
+    })
+}
+
+/// The dataset a catalog entry holds.
+pub fn stored_dataset(stored: &Value) -> Option<Dataset> {
+    Some(Dataset {
+        display_name: stored.get("display_name")?.as_str()?.to_owned(),
+        query: stored.get("query")?.as_object()?.clone(),
+        index_by: stored
+            .get("index_by")?
+            .as_array()?
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()?,
+    })
+}
+
+fn bucket_part((start, end): (i64, i64)) -> String {
+    format!("b{start}_{end}")
+}
+
+impl CachedAnswers {
+    /// Loads the results kept on disk for every cached query and dataset in the catalog.
+    pub fn open(
+        catalog: Arc<dyn Catalog>,
+        store: Arc<EventStore>,
+        files: ResultFiles,
+        clock: Arc<dyn Clock>,
+        query: QueryConfig,
+        cache: &CacheConfig,
+        registry: &mut Registry,
+    ) -> Self {
+        let refreshes = Family::<RefreshLabels, Counter>::default();
+        registry.register(
+            "tally_cache_refreshes",
+            "Refreshes of cached queries and datasets, by kind and outcome",
+            refreshes.clone(),
+        );
+        let answers = Self {
+            catalog,
+            store,
+            files,
+            clock,
+            query,
+            bounds: RefreshBounds {
+                min_secs: cache.min_refresh_rate_secs,
+                max_secs: cache.max_refresh_rate_secs.max(cache.min_refresh_rate_secs),
+            },
+            results: ResultCache::new(cache.result_cache_bytes),
+            saved: Mutex::new(HashMap::new()),
+            datasets: Mutex::new(HashMap::new()),
+            refreshes,
+        };
+        answers.load();
+        answers
+    }
+
+    fn load(&self) {
+        let now = self.clock.now_ms();
+        for project in self.catalog.projects() {
+            let p = project.id;
+            for (name, stored) in self.catalog.objects(&p, ObjectKind::SavedQuery) {
+                if stored_saved_query(&stored).is_none_or(|s| s.refresh_rate == 0) {
+                    continue;
+                }
+                let parts = self
+                    .files
+                    .load(&p, ObjectKind::SavedQuery, &name)
+                    .unwrap_or_default();
+                if let Some((_, kept)) = parts.into_iter().find(|(part, _)| part == "result") {
+                    let entry = SavedEntry {
+                        result: kept.get("result").cloned(),
+                        run: serde_json::from_value(kept["run"].clone()).unwrap_or_default(),
+                        // Served as it is, refreshed by the next tick.
+                        next_run_ms: now,
+                    };
+                    self.saved.lock().expect("saved lock").insert((p, name), entry);
+                }
+            }
+            for (name, _) in self.catalog.objects(&p, ObjectKind::Dataset) {
+                let parts = self
+                    .files
+                    .load(&p, ObjectKind::Dataset, &name)
+                    .unwrap_or_default();
+                let parts: HashMap<String, Value> = parts.into_iter().collect();
+                let Some(kept) = parts.get("state") else { continue };
+                let mut state = DatasetState::default();
+                for pair in kept["buckets"].as_array().into_iter().flatten() {
+                    let (Some(start), Some(end)) = (pair[0].as_i64(), pair[1].as_i64()) else {
+                        continue;
+                    };
+                    if let Some(Value::Object(values)) = parts.get(&bucket_part((start, end))) {
+                        let values: HashMap<String, Value> = values.clone().into_iter().collect();
+                        state.buckets.insert((start, end), Arc::new(values));
+                    }
+                }
+                let entry = DatasetEntry {
+                    state: RwLock::new(state),
+                    refreshing: Mutex::new(()),
+                    run: Mutex::new(serde_json::from_value(kept["run"].clone()).unwrap_or_default()),
+                };
+                self.datasets
+                    .lock()
+                    .expect("datasets lock")
+                    .insert((p, name), Arc::new(entry));
+            }
+        }
+    }
+
+    /// Limits for one query started now.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            deadline: Some(Instant::now() + Duration::from_millis(self.query.timeout_ms)),
+            max_memory_bytes: self.query.max_memory_bytes,
+            max_extraction_events: self.query.max_extraction_events,
+        }
+    }
+
+    fn count(&self, kind: &'static str, ok: bool) {
+        self.refreshes
+            .get_or_create(&RefreshLabels {
+                kind,
+                outcome: if ok { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Saved and cached queries
+
+    /// Runs a saved query now: its `result` value.
+    pub fn run_saved(&self, project: ProjectId, saved: &SavedQuery, now_ms: i64) -> Result<Value, ApiError> {
+        let prepared = saved.prepare(now_ms)?;
+        let body = prepared
+            .run_json(|c| self.store.snapshot(project, c), &self.limits())
+            .map_err(ApiError::from)?;
+        Ok(if saved.analysis() == "funnel" {
+            body
+        } else {
+            body.get("result").cloned().unwrap_or(Value::Null)
+        })
+    }
+
+    /// Refreshes a cached query now, keeping the last good result if this run fails.
+    pub fn refresh_saved(&self, project: ProjectId, name: &str, saved: &SavedQuery) -> Result<(), ApiError> {
+        let now = self.clock.now_ms();
+        let outcome = self.run_saved(project, saved, now);
+        let key = (project, name.to_owned());
+        let mut all = self.saved.lock().expect("saved lock");
+        let entry = all.entry(key).or_default();
+        entry.run.last_run_ms = Some(now);
+        entry.next_run_ms = now + (saved.refresh_rate as i64) * 1000;
+        self.count("cached_query", outcome.is_ok());
+        match outcome {
+            Ok(result) => {
+                entry.result = Some(result);
+                entry.run.last_success_ms = Some(now);
+                entry.run.last_error = None;
+                entry.run.failures = 0;
+            }
+            Err(e) => {
+                tracing::warn!(%project, name, error = %e, "cached query refresh failed; the last result stays");
+                entry.run.last_error = Some(e.message.clone());
+                entry.run.failures += 1;
+            }
+        }
+        let kept = json!({"result": entry.result, "run": entry.run});
+        drop(all);
+        self.files
+            .save(&project, ObjectKind::SavedQuery, name, "result", &kept)
+            .map_err(ApiError::internal)
+    }
+
+    /// A cached query's result and run information (computing it first if it never ran).
+    pub fn cached_result(
+        &self,
+        project: ProjectId,
+        name: &str,
+        saved: &SavedQuery,
+    ) -> Result<(Value, Value), ApiError> {
+        let key = (project, name.to_owned());
+        let have = self
+            .saved
+            .lock()
+            .expect("saved lock")
+            .get(&key)
+            .is_some_and(|e| e.result.is_some());
+        if !have {
+            self.refresh_saved(project, name, saved)?;
+        }
+        let all = self.saved.lock().expect("saved lock");
+        let entry = all.get(&key).cloned().unwrap_or_default();
+        let Some(result) = entry.result else {
+            let message = entry.run.last_error.unwrap_or_else(|| "no result yet".into());
+            return Err(ApiError::new(
+                tally_core::error::ErrorCode::InvalidParameter,
+                format!("The cached query could not be computed: {message}"),
+            ));
+        };
+        Ok((
+            result,
+            entry.run.to_json(self.clock.now_ms(), Some(entry.next_run_ms)),
+        ))
+    }
+
+    /// The `run_information` of a cached query (null when it is not cached).
+    pub fn run_information(&self, project: ProjectId, name: &str, saved: &SavedQuery) -> Value {
+        if saved.refresh_rate == 0 {
+            return Value::Null;
+        }
+        let all = self.saved.lock().expect("saved lock");
+        let entry = all.get(&(project, name.to_owned())).cloned().unwrap_or_default();
+        entry.run.to_json(
+            self.clock.now_ms(),
+            entry.result.is_some().then_some(entry.next_run_ms),
+        )
+    }
+
+    /// Forgets a saved query's cached result (deleted or redefined).
+    pub fn forget_saved(&self, project: ProjectId, name: &str) {
+        self.saved
+            .lock()
+            .expect("saved lock")
+            .remove(&(project, name.to_owned()));
+        if let Err(e) = self.files.remove_all(&project, ObjectKind::SavedQuery, name) {
+            tracing::warn!(error = %e, "could not remove a cached query's files");
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Datasets
+
+    fn dataset_entry(&self, project: ProjectId, name: &str) -> Arc<DatasetEntry> {
+        self.datasets
+            .lock()
+            .expect("datasets lock")
+            .entry((project, name.to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    /// Brings a dataset up to date with the store; returns what the refresh recomputed.
+    pub fn refresh_dataset(
+        &self,
+        project: ProjectId,
+        name: &str,
+        dataset: &Dataset,
+    ) -> Result<Update, ApiError> {
+        let entry = self.dataset_entry(project, name);
+        let _one_at_a_time = entry.refreshing.lock().expect("refresh lock");
+        let now = self.clock.now_ms();
+        let planned = {
+            let state = entry.state.read().expect("dataset state");
+            state.plan_refresh(dataset, &self.store, project, now, &self.limits())
+        };
+        let mut run = entry.run.lock().expect("run lock");
+        run.last_run_ms = Some(now);
+        self.count("dataset", planned.is_ok());
+        let update = match planned {
+            Ok(update) => update,
+            Err(e) => {
+                let e = ApiError::from(e);
+                tracing::warn!(%project, name, error = %e, "dataset refresh failed; the last buckets stay");
+                run.last_error = Some(e.message.clone());
+                run.failures += 1;
+                return Err(e);
+            }
+        };
+        run.last_success_ms = Some(now);
+        run.last_error = None;
+        run.failures = 0;
+        let run_json = serde_json::to_value(&*run).expect("run info serialises");
+        drop(run);
+        let changed = !update.set.is_empty() || !update.removed.is_empty();
+        let persisted = if changed {
+            self.persist_dataset(project, name, &entry, &update, run_json)
+        } else {
+            Ok(())
+        };
+        entry.state.write().expect("dataset state").apply(update.clone());
+        persisted.map_err(ApiError::internal)?;
+        Ok(update)
+    }
+
+    fn persist_dataset(
+        &self,
+        project: ProjectId,
+        name: &str,
+        entry: &DatasetEntry,
+        update: &Update,
+        run: Value,
+    ) -> std::io::Result<()> {
+        for (key, bucket) in &update.set {
+            let values: serde_json::Map<String, Value> =
+                bucket.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            self.files.save(
+                &project,
+                ObjectKind::Dataset,
+                name,
+                &bucket_part(*key),
+                &Value::Object(values),
+            )?;
+        }
+        let mut keys: Vec<(i64, i64)> = entry
+            .state
+            .read()
+            .expect("dataset state")
+            .buckets
+            .keys()
+            .copied()
+            .collect();
+        keys.retain(|k| !update.removed.contains(k));
+        keys.extend(update.set.iter().map(|(k, _)| *k));
+        keys.sort_unstable();
+        keys.dedup();
+        self.files.save(
+            &project,
+            ObjectKind::Dataset,
+            name,
+            "state",
+            &json!({"buckets": keys, "run": run}),
+        )?;
+        for key in &update.removed {
+            self.files
+                .remove(&project, ObjectKind::Dataset, name, &bucket_part(*key))?;
+        }
+        Ok(())
+    }
+
+    /// A dataset's results for one index value and timeframe, refreshing first if a bucket the
+    /// timeframe needs was never computed.
+    pub fn dataset_results(
+        &self,
+        project: ProjectId,
+        name: &str,
+        dataset: &Dataset,
+        index: &Value,
+        timeframe: Option<&Value>,
+    ) -> Result<Value, ApiError> {
+        let entry = self.dataset_entry(project, name);
+        let now = self.clock.now_ms();
+        if let Some(result) = entry
+            .state
+            .read()
+            .expect("dataset state")
+            .results(dataset, index, timeframe, now)?
+        {
+            return Ok(result);
+        }
+        self.refresh_dataset(project, name, dataset)?;
+        let now = self.clock.now_ms();
+        entry
+            .state
+            .read()
+            .expect("dataset state")
+            .results(dataset, index, timeframe, now)?
+            .ok_or_else(|| ApiError::internal("dataset buckets missing right after a refresh"))
+    }
+
+    /// The dataset's refresh status for its definition echo: `(last refresh ms, end of the
+    /// newest computed bucket)`.
+    pub fn dataset_status(&self, project: ProjectId, name: &str) -> (Option<i64>, Option<i64>) {
+        let Some(entry) = self
+            .datasets
+            .lock()
+            .expect("datasets lock")
+            .get(&(project, name.to_owned()))
+            .cloned()
+        else {
+            return (None, None);
+        };
+        let last = entry.run.lock().expect("run lock").last_success_ms;
+        let newest = entry
+            .state
+            .read()
+            .expect("dataset state")
+            .buckets
+            .keys()
+            .next_back()
+            .map(|k| k.1);
+        (last, newest)
+    }
+
+    /// Forgets a dataset's buckets (deleted or redefined).
+    pub fn forget_dataset(&self, project: ProjectId, name: &str) {
+        self.datasets
+            .lock()
+            .expect("datasets lock")
+            .remove(&(project, name.to_owned()));
+        if let Err(e) = self.files.remove_all(&project, ObjectKind::Dataset, name) {
+            tracing::warn!(error = %e, "could not remove a dataset's files");
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The refresher
+
+    /// One refresher tick: refreshes every cached query that is due and brings every dataset
+    /// up to date with its events. Failures are recorded on the object and counted.
+    pub fn run_due(&self) -> TickReport {
+        let mut report = TickReport::default();
+        for project in self.catalog.projects() {
+            let p = project.id;
+            for (name, stored) in self.catalog.objects(&p, ObjectKind::SavedQuery) {
+                let Some(saved) = stored_saved_query(&stored).filter(|s| s.refresh_rate > 0) else {
+                    continue;
+                };
+                let due = self
+                    .saved
+                    .lock()
+                    .expect("saved lock")
+                    .get(&(p, name.clone()))
+                    .is_none_or(|e| e.next_run_ms <= self.clock.now_ms());
+                if due {
+                    let _ = self.refresh_saved(p, &name, &saved);
+                    report.saved += 1;
+                }
+            }
+            for (name, stored) in self.catalog.objects(&p, ObjectKind::Dataset) {
+                let Some(dataset) = stored_dataset(&stored) else {
+                    continue;
+                };
+                if let Ok(update) = self.refresh_dataset(p, &name, &dataset)
+                    && (!update.set.is_empty() || !update.removed.is_empty())
+                {
+                    report.datasets += 1;
+                }
+            }
+        }
+        report
+    }
+}
+
+impl From<ExecError> for ApiError {
+    fn from(e: ExecError) -> Self {
+        match e {
+            ExecError::Timeout => ApiError::new(
+                tally_core::error::ErrorCode::QueryTimeout,
+                "The query did not finish within the time limit; narrow the timeframe or add filters.",
+            ),
+            ExecError::TooBig(message) => {
+                ApiError::new(tally_core::error::ErrorCode::InvalidParameter, message)
+            }
+            ExecError::Spec(e) => e.into(),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Cached datasets (reference §4.2): `/3.0/projects/{PID}/datasets[/{name}[/results]]`.
+//!
+//! Definitions are validated by `tally_query::dataset` and kept in the catalog; buckets and
+//! results come from [`crate::answers::CachedAnswers`]. `PUT` and `DELETE` need the master key;
+//! reading definitions and results also opens to the read key.
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tally_core::error::ErrorCode;
+use tally_core::ids::ProjectId;
+use tally_query::dataset::{self, Dataset};
+use tally_query::saved::{check_name, format_date};
+use tally_store::ObjectKind;
+
+use crate::answers::stored_dataset;
+use crate::app::AppState;
+use crate::auth::Access;
+use crate::error::ApiError;
+use crate::request::KeenPath;
+use crate::routes::queries::{blocking, json_ok, limits, query_string_request};
+use crate::routes::saved::json_body;
+
+/// The most definitions one list page holds.
+const MAX_PAGE: usize = 100;
+
+fn definition(state: &AppState, project: ProjectId, name: &str, dataset: &Dataset) -> Value {
+    let (last, newest) = state.answers.dataset_status(project, name);
+    let now = state.clock.now_ms();
+    let zone = dataset.spec(now).map(|s| s.zone).ok();
+    let mut echo = dataset.to_json();
+    let fields = json!({
+        "project_id": project.to_string(),
+        "organization_id": null,
+        "dataset_name": name,
+        "last_scheduled_date": last.map(format_date),
+        "latest_subtimeframe_available": newest.zip(zone).map(|(ms, zone)| zone.format_ms(ms)),
+        "milliseconds_behind": last.map(|ms| (now - ms).max(0)),
+    });
+    if let (Value::Object(echo), Value::Object(fields)) = (&mut echo, fields) {
+        echo.extend(fields);
+    }
+    echo
+}
+
+fn lookup(state: &AppState, project: ProjectId, name: &str) -> Result<Dataset, ApiError> {
+    let stored = state
+        .catalog
+        .object(&project, ObjectKind::Dataset, name)
+        .ok_or_else(ApiError::not_found)?;
+    stored_dataset(&stored).ok_or_else(|| ApiError::internal("a stored dataset is damaged"))
+}
+
+/// `PUT /datasets/{name}` (master key): creates (201) or replaces (200) the definition; the
+/// first computation starts at once in the background.
+pub async fn put(
+    State(state): State<AppState>,
+    KeenPath((project, name)): KeenPath<(String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    check_name(&name)?;
+    let body = json_body(&state, &headers, body).await?;
+    let dataset = dataset::parse_dataset(&body, state.clock.now_ms())?;
+    state.answers.forget_dataset(project, &name);
+    let created = state
+        .catalog
+        .put_object(&project, ObjectKind::Dataset, &name, dataset.to_json())
+        .map_err(ApiError::internal)?;
+    {
+        let (answers, dataset, name) = (state.answers.clone(), dataset.clone(), name.clone());
+        tokio::task::spawn_blocking(move || answers.refresh_dataset(project, &name, &dataset));
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, json_ok(&definition(&state, project, &name, &dataset))).into_response())
+}
+
+/// `GET /datasets/{name}` (read or master key): the definition.
+pub async fn get(
+    State(state): State<AppState>,
+    KeenPath((project, name)): KeenPath<(String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Queries)?;
+    let dataset = lookup(&state, project, &name)?;
+    Ok(json_ok(&definition(&state, project, &name, &dataset)))
+}
+
+/// `GET /datasets?limit=&after_name=` (read or master key): definitions by name, a page at a
+/// time, with the next page's URL.
+pub async fn list(
+    State(state): State<AppState>,
+    KeenPath(project): KeenPath<String>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (project, params) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Queries)?;
+    let limit = match params.get("limit") {
+        None => 10,
+        Some(v) => match v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())) {
+            Some(n) if (1..=MAX_PAGE as u64).contains(&n) => n as usize,
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidParameter,
+                    format!("The 'limit' parameter must be a whole number from 1 to {MAX_PAGE}."),
+                ));
+            }
+        },
+    };
+    let after = params.get("after_name").map(|v| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    });
+    let all = state.catalog.objects(&project, ObjectKind::Dataset);
+    let mut page: Vec<Value> = Vec::new();
+    let mut more = false;
+    for (name, stored) in all.iter().filter(|(n, _)| after.as_ref().is_none_or(|a| n > a)) {
+        if page.len() == limit {
+            more = true;
+            break;
+        }
+        if let Some(dataset) = stored_dataset(stored) {
+            page.push(definition(&state, project, name, &dataset));
+        }
+    }
+    let next_page_url = if more {
+        let last = page
+            .last()
+            .and_then(|d| d["dataset_name"].as_str())
+            .unwrap_or_default();
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost");
+        json!(format!(
+            "http://{host}/3.0/projects/{project}/datasets?limit={limit}&after_name={last}"
+        ))
+    } else {
+        Value::Null
+    };
+    Ok(json_ok(
+        &json!({"datasets": page, "next_page_url": next_page_url}),
+    ))
+}
+
+/// `DELETE /datasets/{name}` (master key): 204.
+pub async fn delete(
+    State(state): State<AppState>,
+    KeenPath((project, name)): KeenPath<(String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let existed = state
+        .catalog
+        .delete_object(&project, ObjectKind::Dataset, &name)
+        .map_err(ApiError::internal)?;
+    if !existed {
+        return Err(ApiError::not_found());
+    }
+    state.answers.forget_dataset(project, &name);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /datasets/{name}/results?index_by=…&timeframe=…` (read or master key).
+pub async fn results(
+    State(state): State<AppState>,
+    KeenPath((project, name)): KeenPath<(String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (project, params) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Queries)?;
+    let dataset = lookup(&state, project, &name)?;
+    let Some(index) = params.get("index_by").cloned() else {
+        return Err(ApiError::new(
+            ErrorCode::MissingRequiredProperty,
+            format!(
+                "The 'index_by' parameter is required: a value of {:?}.",
+                dataset.index_by
+            ),
+        ));
+    };
+    let timeframe = params.get("timeframe").cloned();
+    let answers = state.answers.clone();
+    let (_, timeout) = limits(&state);
+    let body = blocking(timeout, move || {
+        answers.dataset_results(project, &name, &dataset, &index, timeframe.as_ref())
+    })
+    .await?;
+    Ok(json_ok(&body))
+}

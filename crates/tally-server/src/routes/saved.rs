@@ -1,0 +1,201 @@
+//! Saved and cached queries (reference §4.1): `…/queries/saved[/{name}[/result]]`.
+//!
+//! Definitions are validated by `tally_query::saved` and kept in the catalog; results of cached
+//! queries come from [`crate::answers::CachedAnswers`]. Everything but `/result` needs the master
+//! key; `/result` also opens to the read key.
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tally_core::error::ErrorCode;
+use tally_core::ids::ProjectId;
+use tally_query::saved::{self, SavedQuery, format_date};
+use tally_store::ObjectKind;
+
+use crate::answers::stored_saved_query;
+use crate::app::AppState;
+use crate::auth::Access;
+use crate::error::ApiError;
+use crate::request::{KeenPath, read_body};
+use crate::routes::queries::{blocking, json_ok, limits, query_string_request};
+
+/// A JSON request body, refused in Keen's shape when it is not JSON.
+pub(crate) async fn json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
+    let bytes = read_body(headers, body, state.ingestor.limits().max_body_bytes).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidParameter,
+            format!("The request body must be a JSON object: {e}."),
+        )
+    })
+}
+
+fn saved_object(
+    state: &AppState,
+    project: ProjectId,
+    name: &str,
+    stored: &Value,
+    saved: &SavedQuery,
+) -> Value {
+    let date = |field: &str| stored.get(field).and_then(Value::as_i64).map(format_date);
+    let url = format!("/3.0/projects/{project}/queries/saved/{name}");
+    json!({
+        "query_name": name,
+        "refresh_rate": saved.refresh_rate,
+        "created_date": date("created_ms"),
+        "last_modified_date": date("modified_ms"),
+        "user_last_modified_date": date("modified_ms"),
+        "urls": {
+            "cached_query_url": url,
+            "cached_query_results_url": format!("{url}/result"),
+        },
+        "query": saved.echoed_query(),
+        "metadata": saved.metadata,
+        "run_information": state.answers.run_information(project, name, saved),
+    })
+}
+
+fn lookup(state: &AppState, project: ProjectId, name: &str) -> Result<(Value, SavedQuery), ApiError> {
+    let stored = state
+        .catalog
+        .object(&project, ObjectKind::SavedQuery, name)
+        .ok_or_else(ApiError::not_found)?;
+    let saved =
+        stored_saved_query(&stored).ok_or_else(|| ApiError::internal("a stored saved query is damaged"))?;
+    Ok((stored, saved))
+}
+
+/// `GET …/queries/saved`: every saved query of the project.
+pub async fn list(
+    State(state): State<AppState>,
+    KeenPath(project): KeenPath<String>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let all: Vec<Value> = state
+        .catalog
+        .objects(&project, ObjectKind::SavedQuery)
+        .into_iter()
+        .filter_map(|(name, stored)| {
+            let saved = stored_saved_query(&stored)?;
+            Some(saved_object(&state, project, &name, &stored, &saved))
+        })
+        .collect();
+    Ok(json_ok(&Value::Array(all)))
+}
+
+/// `GET …/queries/saved/{name}`.
+pub async fn get(
+    State(state): State<AppState>,
+    KeenPath((project, name)): KeenPath<(String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let (stored, saved) = lookup(&state, project, &name)?;
+    Ok(json_ok(&saved_object(&state, project, &name, &stored, &saved)))
+}
+
+/// `PUT …/queries/saved/{name}`: creates (201) or replaces (200). A replaced cached query's old
+/// result is dropped; a cached query is computed at once in the background.
+pub async fn put(
+    State(state): State<AppState>,
+    KeenPath((project, name)): KeenPath<(String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    saved::check_name(&name)?;
+    let body = json_body(&state, &headers, body).await?;
+    let now = state.clock.now_ms();
+    let saved = saved::parse_saved_query(&body, now, state.answers.bounds)?;
+    let created_ms = state
+        .catalog
+        .object(&project, ObjectKind::SavedQuery, &name)
+        .and_then(|old| old.get("created_ms").and_then(Value::as_i64))
+        .unwrap_or(now);
+    let stored = json!({
+        "refresh_rate": saved.refresh_rate,
+        "query": Value::Object(saved.query.clone()),
+        "metadata": saved.metadata,
+        "created_ms": created_ms,
+        "modified_ms": now,
+    });
+    state.answers.forget_saved(project, &name);
+    let created = state
+        .catalog
+        .put_object(&project, ObjectKind::SavedQuery, &name, stored.clone())
+        .map_err(ApiError::internal)?;
+    if saved.refresh_rate > 0 {
+        let (answers, saved, name) = (state.answers.clone(), saved.clone(), name.clone());
+        tokio::task::spawn_blocking(move || answers.refresh_saved(project, &name, &saved));
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        json_ok(&saved_object(&state, project, &name, &stored, &saved)),
+    )
+        .into_response())
+}
+
+/// `DELETE …/queries/saved/{name}`: 204.
+pub async fn delete(
+    State(state): State<AppState>,
+    KeenPath((project, name)): KeenPath<(String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let existed = state
+        .catalog
+        .delete_object(&project, ObjectKind::SavedQuery, &name)
+        .map_err(ApiError::internal)?;
+    if !existed {
+        return Err(ApiError::not_found());
+    }
+    state.answers.forget_saved(project, &name);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET …/queries/saved/{name}/result` (read or master key): the object with its `result`,
+/// computed now for a plain saved query, from the cache for a cached one.
+pub async fn result(
+    State(state): State<AppState>,
+    KeenPath((project, name)): KeenPath<(String, String)>,
+    RawQuery(raw_query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (project, _) =
+        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Queries)?;
+    let (stored, saved) = lookup(&state, project, &name)?;
+    let mut object = saved_object(&state, project, &name, &stored, &saved);
+    let (_, timeout) = limits(&state);
+    let answers = state.answers.clone();
+    let (result, run_information) = {
+        let (saved, name) = (saved.clone(), name.clone());
+        let now = state.clock.now_ms();
+        blocking(timeout, move || {
+            if saved.refresh_rate == 0 {
+                answers.run_saved(project, &saved, now).map(|r| (r, Value::Null))
+            } else {
+                answers.cached_result(project, &name, &saved)
+            }
+        })
+        .await?
+    };
+    object["result"] = result;
+    object["run_information"] = run_information;
+    Ok(json_ok(&object))
+}
