@@ -435,7 +435,7 @@ fn shop_events() -> Vec<Value> {
             purchase(
                 &format!("2026-03-{day:02}T{hour:02}:15:00Z"),
                 customers[i % 4].clone(),
-                if i % 3 == 0 { "x" } else { "y" },
+                if i.is_multiple_of(3) { "x" } else { "y" },
                 (i % 5) as f64 + 0.5,
                 &format!("u{}", i % 6),
             )
