@@ -226,6 +226,7 @@ class Tally:
                              check=True, capture_output=True, text=True).stdout
         project = json.loads(out)
         self.project, self.write_key, self.read_key = project["id"], project["write_key"], project["read_key"]
+        self.master_key = project["master_key"]
         self.port = free_port()
         self.log_path = os.path.join(os.path.dirname(data_dir), "tally-server.log")
         self.log_file = open(self.log_path, "w")
