@@ -147,6 +147,19 @@ async fn saved_and_cached_queries_refresh_on_schedule_keep_good_results_and_surv
     // A cached query: served from the cache until its refresh is due.
     let sum = json!({"refresh_rate": 3600, "query": {"analysis_type": "sum", "event_collection": "purchases", "target_property": "price", "timeframe": "this_7_days"}});
     assert_eq!(put("revenue", sum).await.status(), 201);
+    // Requests racing the first computation wait for it (one refresh, no failed writes).
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let request = server
+                .http
+                .get(server.project_url("/queries/saved/revenue/result"))
+                .header("Authorization", &p.read_key);
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    for racer in racers {
+        assert_eq!(racer.await.unwrap(), 200);
+    }
     let first = saved_result(&server, "revenue", &p.read_key).await;
     assert_eq!(first["result"], 210);
     assert_eq!(first["run_information"]["last_run_status"], "success");

@@ -37,6 +37,15 @@ struct RefreshLabels {
     outcome: &'static str,
 }
 
+/// A cached query's result and the lock its refreshes take.
+#[derive(Debug, Default)]
+struct SavedSlot {
+    /// Held for a whole refresh, so two never interleave and a first request waits for a
+    /// refresh in flight instead of starting another.
+    refreshing: Mutex<()>,
+    entry: Mutex<SavedEntry>,
+}
+
 /// A cached query's last result.
 #[derive(Debug, Clone, Default)]
 struct SavedEntry {
@@ -78,7 +87,7 @@ pub struct CachedAnswers {
     pub bounds: RefreshBounds,
     /// The `max_age` cache of ad-hoc answers.
     pub results: ResultCache,
-    saved: Mutex<HashMap<(ProjectId, String), SavedEntry>>,
+    saved: Mutex<HashMap<(ProjectId, String), Arc<SavedSlot>>>,
     datasets: Mutex<HashMap<(ProjectId, String), Arc<DatasetEntry>>>,
     refreshes: Family<RefreshLabels, Counter>,
     /// Seconds spent computing dataset refreshes, and the events they read: the cost of keeping
@@ -183,7 +192,14 @@ impl CachedAnswers {
                         // Served as it is, refreshed by the next tick.
                         next_run_ms: now,
                     };
-                    self.saved.lock().expect("saved lock").insert((p, name), entry);
+                    let slot = SavedSlot {
+                        refreshing: Mutex::new(()),
+                        entry: Mutex::new(entry),
+                    };
+                    self.saved
+                        .lock()
+                        .expect("saved lock")
+                        .insert((p, name), Arc::new(slot));
                 }
             }
             for (name, _) in self.catalog.objects(&p, ObjectKind::Dataset) {
@@ -250,13 +266,50 @@ impl CachedAnswers {
         })
     }
 
+    fn saved_slot(&self, project: ProjectId, name: &str) -> Arc<SavedSlot> {
+        self.saved
+            .lock()
+            .expect("saved lock")
+            .entry((project, name.to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    fn is_current_saved(&self, project: ProjectId, name: &str, saved: &SavedQuery) -> bool {
+        self.catalog
+            .object(&project, ObjectKind::SavedQuery, name)
+            .and_then(|stored| stored_saved_query(&stored))
+            .is_some_and(|current| current == *saved)
+    }
+
     /// Refreshes a cached query now, keeping the last good result if this run fails.
     pub fn refresh_saved(&self, project: ProjectId, name: &str, saved: &SavedQuery) -> Result<(), ApiError> {
+        let slot = self.saved_slot(project, name);
+        let _one_at_a_time = slot.refreshing.lock().expect("refresh lock");
+        self.refresh_saved_locked(project, name, saved, &slot)
+    }
+
+    /// The refresh itself; the caller holds `slot.refreshing`.
+    fn refresh_saved_locked(
+        &self,
+        project: ProjectId,
+        name: &str,
+        saved: &SavedQuery,
+        slot: &Arc<SavedSlot>,
+    ) -> Result<(), ApiError> {
         let now = self.clock.now_ms();
         let outcome = self.run_saved(project, saved, now);
-        let key = (project, name.to_owned());
-        let mut all = self.saved.lock().expect("saved lock");
-        let entry = all.entry(key).or_default();
+        // Deleted or redefined meanwhile: this result belongs to nothing.
+        let registered = self
+            .saved
+            .lock()
+            .expect("saved lock")
+            .get(&(project, name.to_owned()))
+            .is_some_and(|s| Arc::ptr_eq(s, slot));
+        if !registered || !self.is_current_saved(project, name, saved) {
+            return Ok(());
+        }
+        let mut entry = slot.entry.lock().expect("saved entry");
         entry.run.last_run_ms = Some(now);
         entry.next_run_ms = now + (saved.refresh_rate as i64) * 1000;
         self.count("cached_query", outcome.is_ok());
@@ -274,31 +327,29 @@ impl CachedAnswers {
             }
         }
         let kept = json!({"result": entry.result, "run": entry.run});
-        drop(all);
+        drop(entry);
         self.files
             .save(&project, ObjectKind::SavedQuery, name, "result", &kept)
             .map_err(ApiError::internal)
     }
 
-    /// A cached query's result and run information (computing it first if it never ran).
+    /// A cached query's result and run information (computing it first if it never ran; a
+    /// request arriving while that first run is in flight waits for it).
     pub fn cached_result(
         &self,
         project: ProjectId,
         name: &str,
         saved: &SavedQuery,
     ) -> Result<(Value, Value), ApiError> {
-        let key = (project, name.to_owned());
-        let have = self
-            .saved
-            .lock()
-            .expect("saved lock")
-            .get(&key)
-            .is_some_and(|e| e.result.is_some());
-        if !have {
-            self.refresh_saved(project, name, saved)?;
+        let slot = self.saved_slot(project, name);
+        let have = |slot: &SavedSlot| slot.entry.lock().expect("saved entry").result.is_some();
+        if !have(&slot) {
+            let _one_at_a_time = slot.refreshing.lock().expect("refresh lock");
+            if !have(&slot) {
+                self.refresh_saved_locked(project, name, saved, &slot)?;
+            }
         }
-        let all = self.saved.lock().expect("saved lock");
-        let entry = all.get(&key).cloned().unwrap_or_default();
+        let entry = slot.entry.lock().expect("saved entry").clone();
         let Some(result) = entry.result else {
             let message = entry.run.last_error.unwrap_or_else(|| "no result yet".into());
             return Err(ApiError::new(
@@ -317,20 +368,29 @@ impl CachedAnswers {
         if saved.refresh_rate == 0 {
             return Value::Null;
         }
-        let all = self.saved.lock().expect("saved lock");
-        let entry = all.get(&(project, name.to_owned())).cloned().unwrap_or_default();
+        let slot = self
+            .saved
+            .lock()
+            .expect("saved lock")
+            .get(&(project, name.to_owned()))
+            .cloned();
+        let entry = slot
+            .map(|s| s.entry.lock().expect("saved entry").clone())
+            .unwrap_or_default();
         entry.run.to_json(
             self.clock.now_ms(),
             entry.result.is_some().then_some(entry.next_run_ms),
         )
     }
 
-    /// Forgets a saved query's cached result (deleted or redefined).
+    /// Forgets a saved query's cached result (deleted or redefined), after any refresh in flight.
     pub fn forget_saved(&self, project: ProjectId, name: &str) {
-        self.saved
+        let slot = self
+            .saved
             .lock()
             .expect("saved lock")
             .remove(&(project, name.to_owned()));
+        let _in_flight_done = slot.as_ref().map(|s| s.refreshing.lock().expect("refresh lock"));
         if let Err(e) = self.files.remove_all(&project, ObjectKind::SavedQuery, name) {
             tracing::warn!(error = %e, "could not remove a cached query's files");
         }
@@ -357,13 +417,29 @@ impl CachedAnswers {
     ) -> Result<Update, ApiError> {
         let entry = self.dataset_entry(project, name);
         let _one_at_a_time = entry.refreshing.lock().expect("refresh lock");
+        // Deleted or redefined while this waited: nothing to do.
+        let registered = self
+            .datasets
+            .lock()
+            .expect("datasets lock")
+            .get(&(project, name.to_owned()))
+            .is_some_and(|e| Arc::ptr_eq(e, &entry));
+        let current = self
+            .catalog
+            .object(&project, ObjectKind::Dataset, name)
+            .and_then(|stored| stored_dataset(&stored))
+            .is_some_and(|d| d == *dataset);
+        if !registered || !current {
+            return Err(ApiError::not_found());
+        }
         let now = self.clock.now_ms();
         let started = Instant::now();
         let planned = {
             let state = entry.state.read().expect("dataset state");
             state.plan_refresh(dataset, &self.store, project, now, &self.limits())
         };
-        self.dataset_refresh_seconds.inc_by(started.elapsed().as_secs_f64());
+        self.dataset_refresh_seconds
+            .inc_by(started.elapsed().as_secs_f64());
         if let Ok(update) = &planned {
             self.dataset_events_scanned.inc_by(update.events_scanned);
         }
@@ -519,12 +595,14 @@ impl CachedAnswers {
                 let Some(saved) = stored_saved_query(&stored).filter(|s| s.refresh_rate > 0) else {
                     continue;
                 };
-                let due = self
+                let slot = self
                     .saved
                     .lock()
                     .expect("saved lock")
                     .get(&(p, name.clone()))
-                    .is_none_or(|e| e.next_run_ms <= self.clock.now_ms());
+                    .cloned();
+                let due = slot
+                    .is_none_or(|s| s.entry.lock().expect("saved entry").next_run_ms <= self.clock.now_ms());
                 if due {
                     let _ = self.refresh_saved(p, &name, &saved);
                     report.saved += 1;

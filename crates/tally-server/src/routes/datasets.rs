@@ -67,11 +67,19 @@ pub async fn put(
     check_name(&name)?;
     let body = json_body(&state, &headers, body).await?;
     let dataset = dataset::parse_dataset(&body, state.clock.now_ms())?;
-    state.answers.forget_dataset(project, &name);
+    // Stored first, then the old answers dropped: a refresh of the old definition still in
+    // flight finds it replaced and keeps nothing.
     let created = state
         .catalog
         .put_object(&project, ObjectKind::Dataset, &name, dataset.to_json())
         .map_err(ApiError::internal)?;
+    {
+        // It waits for a refresh in flight: off the async runtime.
+        let (answers, name) = (state.answers.clone(), name.clone());
+        tokio::task::spawn_blocking(move || answers.forget_dataset(project, &name))
+            .await
+            .map_err(ApiError::internal)?;
+    }
     {
         let (answers, dataset, name) = (state.answers.clone(), dataset.clone(), name.clone());
         tokio::task::spawn_blocking(move || answers.refresh_dataset(project, &name, &dataset));
@@ -171,7 +179,13 @@ pub async fn delete(
     if !existed {
         return Err(ApiError::not_found());
     }
-    state.answers.forget_dataset(project, &name);
+    {
+        // It waits for a refresh in flight: off the async runtime.
+        let (answers, name) = (state.answers.clone(), name.clone());
+        tokio::task::spawn_blocking(move || answers.forget_dataset(project, &name))
+            .await
+            .map_err(ApiError::internal)?;
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

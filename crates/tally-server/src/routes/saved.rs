@@ -128,11 +128,19 @@ pub async fn put(
         "created_ms": created_ms,
         "modified_ms": now,
     });
-    state.answers.forget_saved(project, &name);
+    // Stored first, then the old answers dropped: a refresh of the old definition still in
+    // flight finds it replaced and keeps nothing.
     let created = state
         .catalog
         .put_object(&project, ObjectKind::SavedQuery, &name, stored.clone())
         .map_err(ApiError::internal)?;
+    {
+        // It waits for a refresh in flight: off the async runtime.
+        let (answers, name) = (state.answers.clone(), name.clone());
+        tokio::task::spawn_blocking(move || answers.forget_saved(project, &name))
+            .await
+            .map_err(ApiError::internal)?;
+    }
     if saved.refresh_rate > 0 {
         let (answers, saved, name) = (state.answers.clone(), saved.clone(), name.clone());
         tokio::task::spawn_blocking(move || answers.refresh_saved(project, &name, &saved));
@@ -165,7 +173,13 @@ pub async fn delete(
     if !existed {
         return Err(ApiError::not_found());
     }
-    state.answers.forget_saved(project, &name);
+    {
+        // It waits for a refresh in flight: off the async runtime.
+        let (answers, name) = (state.answers.clone(), name.clone());
+        tokio::task::spawn_blocking(move || answers.forget_saved(project, &name))
+            .await
+            .map_err(ApiError::internal)?;
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
