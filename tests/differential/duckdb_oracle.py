@@ -320,7 +320,38 @@ class Oracle:
                     f"[greatest(1, ceil(CAST(? AS DOUBLE) / 100.0 * count({x})))::BIGINT]")
         raise ValueError(f"unknown analysis {analysis}")
 
+    def funnel(self, q):
+        """Funnel counts with Tally's semantics: each step's distinct non-null actors (in its
+        timeframe, passing its filters), intersected with (inverted: minus) the actors of the
+        non-optional steps before it; all in SQL set operations."""
+        counts = []
+        base = None
+        for step in q["steps"]:
+            params = []
+            collection = step["collection"]
+            if collection in self.schema:
+                expr, kind = self.column(collection, step["actor_property"])
+                conditions = ["ts >= ?", "ts < ?"]
+                params += [step["start_ms"], step["end_ms"]]
+                for f in step.get("filters") or []:
+                    conditions.append(self.filter_sql(collection, f, params))
+                actors = (f"SELECT DISTINCT {expr} AS a FROM (SELECT * FROM {quote(collection)} "
+                          f"WHERE {' AND '.join(conditions)}) e WHERE {expr} IS NOT NULL")
+            else:
+                actors = "SELECT CAST(NULL AS VARCHAR) AS a WHERE false"
+            if base is None:
+                current = (actors, params)
+            else:
+                op = "EXCEPT" if step.get("inverted") else "INTERSECT"
+                current = (f"({base[0]}) {op} ({actors})", base[1] + params)
+            counts.append(self.con.execute(f"SELECT count(*) FROM ({current[0]})", current[1]).fetchone()[0])
+            if not step.get("optional"):
+                base = current
+        return counts
+
     def answer(self, q):
+        if q.get("analysis") == "funnel":
+            return self.funnel(q)
         collection = q["collection"]
         if collection not in self.schema:
             raise ValueError(f"no collection {collection}")

@@ -10,6 +10,10 @@
 //! that Tally's analyses follow reference sections 3.3 and 9 on data and queries nobody wrote
 //! expected answers for.
 //!
+//! Random funnels (2–6 steps over the three collections, string or numeric actors, per-step
+//! timeframes and filters, optional and inverted steps) are compared with the same question
+//! answered by DuckDB set operations (`INTERSECT`/`EXCEPT` of each step's distinct actors).
+//!
 //! Before the random queries, a sweep runs every filter operator, with a value of the right JSON
 //! type and of a wrong one, on the properties where absence, null, mixed types and lists matter.
 //!
@@ -29,6 +33,7 @@ use crate::support::{TestServer, status_json};
 
 const EVENTS: usize = 20_000;
 const QUERIES: usize = 300;
+const FUNNELS: usize = 40;
 const SEED: u64 = 0x5eed_d1ff;
 /// The generator's events lie in the 30 days before 2026-11-01T00:00:00Z.
 const DATA_END: &str = "2026-11-01T00:00:00Z";
@@ -105,6 +110,41 @@ async fn random_queries_agree_with_duckdb() {
     queries.extend((0..n).map(|_| random_query(&mut rng, &timestamps)));
     let mut mismatches = Vec::new();
     let mut shapes = Shapes::default();
+    let funnels: Vec<Funnel> = (0..FUNNELS).map(|_| random_funnel(&mut rng)).collect();
+    let mut funnels_non_trivial = 0;
+    for funnel in &funnels {
+        let (status, answer) = status_json(
+            server
+                .http
+                .post(server.project_url("/queries/funnel"))
+                .header("Authorization", &server.project.read_key)
+                .json(&funnel.tally)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        let expected = oracle.ask(&funnel.oracle);
+        if expected
+            .as_array()
+            .is_some_and(|counts| counts.iter().filter(|c| c.as_u64() > Some(0)).count() >= 2)
+        {
+            funnels_non_trivial += 1;
+        }
+        if status != 200 || answer["result"] != expected {
+            mismatches.push(format!(
+                "POST /queries/funnel {}\n  tally:  {}\n  oracle: {}",
+                funnel.tally,
+                truncate(&answer.to_string()),
+                truncate(&expected.to_string())
+            ));
+        }
+    }
+    println!(
+        "differential: compared {FUNNELS} random funnels with DuckDB set operations; {funnels_non_trivial} \
+         with two or more non-empty steps"
+    );
+    assert!(funnels_non_trivial >= FUNNELS / 2, "{funnels_non_trivial}");
     for q in &queries {
         let body = q.tally_body();
         let (status, answer) = status_json(
@@ -732,6 +772,48 @@ impl Query {
             "group_by": self.group_by,
             "percentile": self.percentile,
         })
+    }
+}
+
+/// A random funnel: the Tally request body and the oracle's request.
+struct Funnel {
+    tally: Value,
+    oracle: Value,
+}
+
+/// 2–6 steps over random collections, with one actor property (a string or a number), day- or
+/// hour-aligned timeframes per step, a filter now and then, and optional and inverted steps
+/// after the first.
+fn random_funnel(rng: &mut Rng) -> Funnel {
+    let actor = *rng.pick(&["user.id", "user.id", "user.id", "user.age"]);
+    let steps = rng.int(2, 6);
+    let (mut tally, mut oracle) = (Vec::new(), Vec::new());
+    for i in 0..steps {
+        let collection = *rng.pick(&["pageviews", "pageviews", "purchases", "signups"]);
+        let days = rng.int(1, 30);
+        let start = DOMAIN_START_MS + rng.int(0, (DOMAIN_END_MS - DOMAIN_START_MS) / DAY_MS - days) * DAY_MS;
+        let start = start + rng.int(0, 23) * HOUR_MS;
+        let end = (start + days * DAY_MS).min(DOMAIN_END_MS);
+        let filters: Vec<Value> = if rng.chance(0.4) {
+            vec![random_filter(rng, collection)]
+        } else {
+            vec![]
+        };
+        let optional = i > 0 && rng.chance(0.2);
+        let inverted = i > 0 && rng.chance(0.15);
+        tally.push(json!({
+            "event_collection": collection, "actor_property": actor,
+            "timeframe": {"start": iso(start, 0), "end": iso(end, 0)},
+            "filters": filters, "optional": optional, "inverted": inverted,
+        }));
+        oracle.push(json!({
+            "collection": collection, "actor_property": actor, "start_ms": start, "end_ms": end,
+            "filters": filters, "optional": optional, "inverted": inverted,
+        }));
+    }
+    Funnel {
+        tally: json!({ "steps": tally }),
+        oracle: json!({"analysis": "funnel", "steps": oracle}),
     }
 }
 
