@@ -5,7 +5,7 @@
 //! who do not), and so on; an `optional` step is counted but does not narrow the steps after it.
 //! Order in time is not enforced, as in Keen. Each step's actors are gathered with the same scan
 //! as `count_unique` (dictionary bitmaps, values hashed once), so memory grows with distinct
-//! actors, not events.
+//! actors (per step), not events; steps are gathered in parallel, one thread per core.
 //!
 //! `multi_analysis` runs each labelled analysis with the shared parameters and joins the results
 //! by group and bucket.
@@ -137,10 +137,48 @@ pub fn run_funnel(
 ) -> Result<Value, ExecError> {
     let mut counts = Vec::with_capacity(steps.len());
     let mut actors = Vec::with_capacity(steps.len());
+    // Each step's actors are independent of the others: gathered in parallel, one thread per
+    // core taking every n-th step, then combined in order.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(steps.len())
+        .max(1);
+    let gathered: Vec<Vec<(usize, Result<exec::ActorSet, ExecError>)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    (t..steps.len())
+                        .step_by(threads)
+                        .map(|i| {
+                            let step = &steps[i];
+                            (
+                                i,
+                                exec::actors(
+                                    &snapshots[i],
+                                    &step.actor_property,
+                                    step.range,
+                                    &step.filters,
+                                    limits,
+                                ),
+                            )
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("funnel step thread"))
+            .collect()
+    });
+    let mut per_step: Vec<Option<exec::ActorSet>> = (0..steps.len()).map(|_| None).collect();
+    for (i, matched) in gathered.into_iter().flatten() {
+        per_step[i] = Some(matched?);
+    }
     // The actors later steps are measured against.
     let mut base: Option<exec::ActorSet> = None;
-    for (step, snapshot) in steps.iter().zip(snapshots) {
-        let matched = exec::actors(snapshot, &step.actor_property, step.range, &step.filters, limits)?;
+    for (step, matched) in steps.iter().zip(per_step) {
+        let matched = matched.expect("every step gathered");
         let current = match &base {
             None => matched,
             Some(base) if step.inverted => base.without(&matched),

@@ -237,7 +237,7 @@ mod tests {
         );
         assert_eq!(
             refused(json!({"query": {"analysis_type": "count", "event_collection": "a"}})),
-            ErrorCode::TimeframeDefinition
+            ErrorCode::MissingRequiredProperty
         );
         for rate in [
             json!(-1),

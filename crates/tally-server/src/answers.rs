@@ -582,6 +582,14 @@ impl CachedAnswers {
         }
     }
 
+    /// Forgets the cached answers of a deleted or redefined definition of `kind`.
+    pub fn forget(&self, project: ProjectId, kind: ObjectKind, name: &str) {
+        match kind {
+            ObjectKind::SavedQuery => self.forget_saved(project, name),
+            ObjectKind::Dataset => self.forget_dataset(project, name),
+        }
+    }
+
     // -----------------------------------------------------------------------------------------
     // The refresher
 

@@ -21,7 +21,7 @@ use crate::auth::Access;
 use crate::error::ApiError;
 use crate::request::KeenPath;
 use crate::routes::queries::{blocking, json_ok, limits, query_string_request};
-use crate::routes::saved::json_body;
+use crate::routes::saved::{delete_definition, forget, json_body};
 
 /// The most definitions one list page holds.
 const MAX_PAGE: usize = 100;
@@ -73,13 +73,7 @@ pub async fn put(
         .catalog
         .put_object(&project, ObjectKind::Dataset, &name, dataset.to_json())
         .map_err(ApiError::internal)?;
-    {
-        // It waits for a refresh in flight: off the async runtime.
-        let (answers, name) = (state.answers.clone(), name.clone());
-        tokio::task::spawn_blocking(move || answers.forget_dataset(project, &name))
-            .await
-            .map_err(ApiError::internal)?;
-    }
+    forget(&state, project, ObjectKind::Dataset, &name).await?;
     {
         let (answers, dataset, name) = (state.answers.clone(), dataset.clone(), name.clone());
         tokio::task::spawn_blocking(move || answers.refresh_dataset(project, &name, &dataset));
@@ -170,23 +164,15 @@ pub async fn delete(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
-    let existed = state
-        .catalog
-        .delete_object(&project, ObjectKind::Dataset, &name)
-        .map_err(ApiError::internal)?;
-    if !existed {
-        return Err(ApiError::not_found());
-    }
-    {
-        // It waits for a refresh in flight: off the async runtime.
-        let (answers, name) = (state.answers.clone(), name.clone());
-        tokio::task::spawn_blocking(move || answers.forget_dataset(project, &name))
-            .await
-            .map_err(ApiError::internal)?;
-    }
-    Ok(StatusCode::NO_CONTENT.into_response())
+    delete_definition(
+        &state,
+        &project,
+        ObjectKind::Dataset,
+        &name,
+        raw_query.as_deref(),
+        &headers,
+    )
+    .await
 }
 
 /// `GET /datasets/{name}/results?index_by=…&timeframe=…` (read or master key).

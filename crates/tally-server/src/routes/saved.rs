@@ -32,6 +32,41 @@ pub(crate) async fn json_body(state: &AppState, headers: &HeaderMap, body: Body)
     })
 }
 
+/// Forgets a definition's cached answers; off the async runtime, since it waits for a refresh
+/// in flight.
+pub(crate) async fn forget(
+    state: &AppState,
+    project: ProjectId,
+    kind: ObjectKind,
+    name: &str,
+) -> Result<(), ApiError> {
+    let (answers, name) = (state.answers.clone(), name.to_owned());
+    tokio::task::spawn_blocking(move || answers.forget(project, kind, &name))
+        .await
+        .map_err(ApiError::internal)
+}
+
+/// `DELETE` of a saved query or dataset (master key): 204, or 404 if there is none.
+pub(crate) async fn delete_definition(
+    state: &AppState,
+    project: &str,
+    kind: ObjectKind,
+    name: &str,
+    raw_query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let (project, _) = query_string_request(state, project, raw_query, headers, Access::Master)?;
+    let existed = state
+        .catalog
+        .delete_object(&project, kind, name)
+        .map_err(ApiError::internal)?;
+    if !existed {
+        return Err(ApiError::not_found());
+    }
+    forget(state, project, kind, name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 fn saved_object(
     state: &AppState,
     project: ProjectId,
@@ -134,13 +169,7 @@ pub async fn put(
         .catalog
         .put_object(&project, ObjectKind::SavedQuery, &name, stored.clone())
         .map_err(ApiError::internal)?;
-    {
-        // It waits for a refresh in flight: off the async runtime.
-        let (answers, name) = (state.answers.clone(), name.clone());
-        tokio::task::spawn_blocking(move || answers.forget_saved(project, &name))
-            .await
-            .map_err(ApiError::internal)?;
-    }
+    forget(&state, project, ObjectKind::SavedQuery, &name).await?;
     if saved.refresh_rate > 0 {
         let (answers, saved, name) = (state.answers.clone(), saved.clone(), name.clone());
         tokio::task::spawn_blocking(move || answers.refresh_saved(project, &name, &saved));
@@ -164,23 +193,15 @@ pub async fn delete(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
-    let existed = state
-        .catalog
-        .delete_object(&project, ObjectKind::SavedQuery, &name)
-        .map_err(ApiError::internal)?;
-    if !existed {
-        return Err(ApiError::not_found());
-    }
-    {
-        // It waits for a refresh in flight: off the async runtime.
-        let (answers, name) = (state.answers.clone(), name.clone());
-        tokio::task::spawn_blocking(move || answers.forget_saved(project, &name))
-            .await
-            .map_err(ApiError::internal)?;
-    }
-    Ok(StatusCode::NO_CONTENT.into_response())
+    delete_definition(
+        &state,
+        &project,
+        ObjectKind::SavedQuery,
+        &name,
+        raw_query.as_deref(),
+        &headers,
+    )
+    .await
 }
 
 /// `GET …/queries/saved/{name}/result` (read or master key): the object with its `result`,
