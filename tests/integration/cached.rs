@@ -569,6 +569,7 @@ async fn datasets_answer_like_the_ad_hoc_query_and_refresh_only_the_buckets_that
         assert_eq!(echo["dataset_name"], name);
         assert_eq!(echo["project_id"], p.id.to_string());
         assert!(echo["index_by"].is_array());
+        assert!(echo["run_information"].is_object(), "{echo}");
     }
     let customers = [json!("a"), json!("b"), json!("c"), json!(7), json!("nobody")];
     let timeframes = [
@@ -669,6 +670,15 @@ async fn datasets_answer_like_the_ad_hoc_query_and_refresh_only_the_buckets_that
     assert!(server.tally.answers().run_due().datasets >= 3);
     check_all().await;
 
+    let (_, echo) = get_json(&server, "/datasets/by-customer", &p.read_key).await;
+    assert_eq!(echo["run_information"]["last_run_status"], "success", "{echo}");
+    assert!(
+        echo["latest_subtimeframe_available"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-03-13T00:00:00"),
+        "{echo}"
+    );
     // The window moves with the clock: a day drops out, a new one comes in.
     clock.advance_ms(86_400_000);
     post_events(

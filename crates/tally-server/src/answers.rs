@@ -547,9 +547,9 @@ impl CachedAnswers {
             .ok_or_else(|| ApiError::internal("dataset buckets missing right after a refresh"))
     }
 
-    /// The dataset's refresh status for its definition echo: `(last refresh ms, end of the
-    /// newest computed bucket)`.
-    pub fn dataset_status(&self, project: ProjectId, name: &str) -> (Option<i64>, Option<i64>) {
+    /// The dataset's refresh status for its definition echo: how its refreshes went, and the
+    /// end of the newest computed bucket.
+    pub fn dataset_status(&self, project: ProjectId, name: &str) -> (RunInfo, Option<i64>) {
         let Some(entry) = self
             .datasets
             .lock()
@@ -557,9 +557,9 @@ impl CachedAnswers {
             .get(&(project, name.to_owned()))
             .cloned()
         else {
-            return (None, None);
+            return (RunInfo::default(), None);
         };
-        let last = entry.run.lock().expect("run lock").last_success_ms;
+        let run = entry.run.lock().expect("run lock").clone();
         let newest = entry
             .state
             .read()
@@ -568,7 +568,7 @@ impl CachedAnswers {
             .keys()
             .next_back()
             .map(|k| k.1);
-        (last, newest)
+        (run, newest)
     }
 
     /// Forgets a dataset's buckets (deleted or redefined).

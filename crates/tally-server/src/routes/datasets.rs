@@ -27,7 +27,8 @@ use crate::routes::saved::{delete_definition, forget, json_body};
 const MAX_PAGE: usize = 100;
 
 fn definition(state: &AppState, project: ProjectId, name: &str, dataset: &Dataset) -> Value {
-    let (last, newest) = state.answers.dataset_status(project, name);
+    let (run, newest) = state.answers.dataset_status(project, name);
+    let last = run.last_success_ms;
     let now = state.clock.now_ms();
     let zone = dataset.spec(now).map(|s| s.zone).ok();
     let mut echo = dataset.to_json();
@@ -38,6 +39,7 @@ fn definition(state: &AppState, project: ProjectId, name: &str, dataset: &Datase
         "last_scheduled_date": last.map(format_date),
         "latest_subtimeframe_available": newest.zip(zone).map(|(ms, zone)| zone.format_ms(ms)),
         "milliseconds_behind": last.map(|ms| (now - ms).max(0)),
+        "run_information": run.to_json(now, None),
     });
     if let (Value::Object(echo), Value::Object(fields)) = (&mut echo, fields) {
         echo.extend(fields);
