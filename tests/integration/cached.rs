@@ -855,5 +855,5 @@ pub fn stored(server: &TestServer, name: &str) -> tally_query::dataset::Dataset 
         name,
     )
     .unwrap();
-    tally_server::answers::stored_dataset(&stored).unwrap()
+    tally_query::dataset::Dataset::from_stored(&stored).unwrap()
 }

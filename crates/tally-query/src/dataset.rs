@@ -27,6 +27,7 @@ use tally_core::ids::ProjectId;
 use tally_store::events::{Changes, DataVersion, EventStore, number_value};
 
 use crate::exec::{self, Answer, ExecError, Limits};
+use crate::saved::{analysis_type, definition_query};
 use crate::spec::{self, Params, QuerySpec, SpecError};
 use crate::timeframe::{TimeRange, buckets};
 
@@ -55,17 +56,10 @@ const ANALYSES: &[&str] = &[
     "select_unique",
 ];
 
-fn invalid(code: ErrorCode, message: impl Into<String>) -> SpecError {
-    SpecError::new(code, message)
-}
-
 impl Dataset {
     /// The analysis.
     pub fn analysis(&self) -> &str {
-        self.query
-            .get("analysis_type")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
+        analysis_type(&self.query)
     }
 
     /// The dataset's query as of `now_ms` (its window, zone and interval).
@@ -82,49 +76,26 @@ impl Dataset {
         })
     }
 
-    /// Reads a stored definition back.
-    pub fn from_json(value: &Value, now_ms: i64) -> Result<Self, SpecError> {
-        parse_dataset(value, now_ms)
+    /// Reads the stored form ([`Dataset::to_json`]) back (`None` if it is damaged).
+    pub fn from_stored(stored: &Value) -> Option<Dataset> {
+        Some(Dataset {
+            display_name: stored.get("display_name")?.as_str()?.to_owned(),
+            query: stored.get("query")?.as_object()?.clone(),
+            index_by: stored
+                .get("index_by")?
+                .as_array()?
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()?,
+        })
     }
 }
 
 /// Validates a `PUT /datasets/{name}` body.
 pub fn parse_dataset(body: &Value, now_ms: i64) -> Result<Dataset, SpecError> {
-    let Some(body) = body.as_object() else {
-        return Err(invalid(
-            ErrorCode::InvalidParameter,
-            "The body must be a JSON object with 'query' and 'index_by'.",
-        ));
-    };
-    let Some(query) = body.get("query") else {
-        return Err(invalid(
-            ErrorCode::MissingRequiredProperty,
-            "The 'query' property is required.",
-        ));
-    };
-    let Some(query) = query.as_object().cloned() else {
-        return Err(invalid(
-            ErrorCode::InvalidParameter,
-            "The 'query' property must be an object.",
-        ));
-    };
-    let analysis = match query.get("analysis_type") {
-        Some(Value::String(a)) => a.clone(),
-        Some(_) => {
-            return Err(invalid(
-                ErrorCode::InvalidAnalysisType,
-                "The query's 'analysis_type' must be a string.",
-            ));
-        }
-        None => {
-            return Err(invalid(
-                ErrorCode::MissingRequiredProperty,
-                "The query's 'analysis_type' is required.",
-            ));
-        }
-    };
+    let (body, query, analysis) = definition_query(body)?;
     if !ANALYSES.contains(&analysis.as_str()) {
-        return Err(invalid(
+        return Err(SpecError::new(
             ErrorCode::InvalidAnalysisType,
             format!(
                 "A dataset cannot keep '{analysis}' queries; it supports {}.",
@@ -138,20 +109,20 @@ pub fn parse_dataset(body: &Value, now_ms: i64) -> Result<Dataset, SpecError> {
             .iter()
             .map(|v| match v {
                 Value::String(s) if !s.is_empty() => Ok(s.clone()),
-                _ => Err(invalid(
+                _ => Err(SpecError::new(
                     ErrorCode::InvalidParameter,
                     "Each 'index_by' entry must be a property name.",
                 )),
             })
             .collect::<Result<Vec<_>, _>>()?,
         Some(_) => {
-            return Err(invalid(
+            return Err(SpecError::new(
                 ErrorCode::InvalidParameter,
                 "The 'index_by' property must be a property name or a non-empty list of them.",
             ));
         }
         None => {
-            return Err(invalid(
+            return Err(SpecError::new(
                 ErrorCode::MissingRequiredProperty,
                 "The 'index_by' property is required: the properties results are looked up by.",
             ));
@@ -159,23 +130,23 @@ pub fn parse_dataset(body: &Value, now_ms: i64) -> Result<Dataset, SpecError> {
     };
     for p in &index_by {
         tally_core::names::check_property_path(p)
-            .map_err(|e| invalid(ErrorCode::InvalidParameter, format!("'index_by' {p:?}: {e}")))?;
+            .map_err(|e| SpecError::new(ErrorCode::InvalidParameter, format!("'index_by' {p:?}: {e}")))?;
     }
     if query.get("interval").is_none_or(Value::is_null) {
-        return Err(invalid(
+        return Err(SpecError::new(
             ErrorCode::IntervalDefinition,
             "A dataset's query needs an 'interval': results are kept per interval bucket.",
         ));
     }
     if query.get("timeframe").is_none_or(Value::is_null) {
-        return Err(invalid(
+        return Err(SpecError::new(
             ErrorCode::TimeframeDefinition,
             "A dataset's query needs a 'timeframe'.",
         ));
     }
     for refused in ["order_by", "limit"] {
         if query.get(refused).is_some_and(|v| !v.is_null()) {
-            return Err(invalid(
+            return Err(SpecError::new(
                 ErrorCode::InvalidParameter,
                 format!("A dataset's query cannot use '{refused}'."),
             ));
@@ -193,13 +164,13 @@ pub fn parse_dataset(body: &Value, now_ms: i64) -> Result<Dataset, SpecError> {
     let spec = dataset.spec(now_ms)?;
     let overlap = spec.group_by.iter().find(|g| dataset.index_by.contains(g));
     if let Some(g) = overlap {
-        return Err(invalid(
+        return Err(SpecError::new(
             ErrorCode::InvalidParameter,
             format!("'{g}' cannot be both in 'index_by' and in the query's 'group_by'."),
         ));
     }
     if spec.group_by.len() + dataset.index_by.len() > spec::MAX_GROUP_BY {
-        return Err(invalid(
+        return Err(SpecError::new(
             ErrorCode::InvalidParameter,
             format!(
                 "'index_by' and 'group_by' together may name at most {} properties.",
@@ -357,7 +328,7 @@ impl DatasetState {
             None => spec.range,
         };
         if range.start_ms < spec.range.start_ms || range.end_ms > spec.range.end_ms {
-            return Err(invalid(
+            return Err(SpecError::new(
                 ErrorCode::TimeframeDefinition,
                 format!(
                     "The 'timeframe' must lie inside the dataset's timeframe ({} to {}).",
@@ -375,7 +346,7 @@ impl DatasetState {
         for b in &wanted {
             let key = (b.start_ms, b.end_ms);
             if !window.contains(&key) {
-                return Err(invalid(
+                return Err(SpecError::new(
                     ErrorCode::TimeframeDefinition,
                     "The 'timeframe' must start and end on the dataset's interval boundaries.",
                 ));
@@ -420,7 +391,7 @@ impl DatasetState {
                 .iter()
                 .map(|p| {
                     map.get(p).cloned().ok_or_else(|| {
-                        invalid(
+                        SpecError::new(
                             ErrorCode::InvalidParameter,
                             format!("The 'index_by' parameter must give a value for '{p}'."),
                         )
@@ -431,7 +402,7 @@ impl DatasetState {
         };
         let single = |v: &Value| -> Result<Vec<String>, SpecError> {
             if dataset.index_by.len() != 1 {
-                return Err(invalid(
+                return Err(SpecError::new(
                     ErrorCode::InvalidParameter,
                     format!(
                         "This dataset is indexed by {:?}: give 'index_by' as an object with a value for each.",
@@ -456,7 +427,7 @@ impl DatasetState {
                 Ok(Value::Object(map)) => from_object(&map),
                 _ => single(index),
             },
-            Value::Null | Value::Array(_) => Err(invalid(
+            Value::Null | Value::Array(_) => Err(SpecError::new(
                 ErrorCode::InvalidParameter,
                 "The 'index_by' parameter must be a value or an object of index property values.",
             )),

@@ -38,6 +38,17 @@ pub struct Limits {
     pub max_extraction_events: usize,
 }
 
+impl Limits {
+    /// The configured limits for a query starting now.
+    pub fn starting_now(config: &tally_core::config::QueryConfig) -> Limits {
+        Limits {
+            deadline: Some(Instant::now() + std::time::Duration::from_millis(config.timeout_ms)),
+            max_memory_bytes: config.max_memory_bytes,
+            max_extraction_events: config.max_extraction_events,
+        }
+    }
+}
+
 /// Why a query did not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {

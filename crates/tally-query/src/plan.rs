@@ -38,15 +38,13 @@ impl Prepared {
     /// Parses `analysis` (the URL's last segment or a saved query's `analysis_type`) with its
     /// parameters.
     pub fn parse(analysis: &str, params: &Params, now_ms: i64) -> Result<Self, SpecError> {
-        let max_age = match spec::param(params, "max_age") {
-            None => None,
-            Some(value) => Some(spec::parse_uint(value, "max_age", 0)?),
-        };
+        let max_age = spec::parse_max_age(params)?;
         let plan = match analysis {
             "funnel" => Plan::Funnel(funnel::parse_funnel(params, now_ms)?),
             "multi_analysis" => Plan::Multi(funnel::parse_multi_specs(params, now_ms)?),
             _ => {
                 let mut single = spec::parse_query(analysis, params, now_ms)?;
+                // Not part of the question: two requests differing only in max_age share a key.
                 single.max_age = None;
                 Plan::Single(Box::new(single))
             }

@@ -56,10 +56,27 @@ pub struct SavedQuery {
 impl SavedQuery {
     /// The analysis (`analysis_type`).
     pub fn analysis(&self) -> &str {
-        self.query
-            .get("analysis_type")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
+        analysis_type(&self.query)
+    }
+
+    /// The catalog's form of the definition, with its creation and modification times (ms).
+    pub fn to_stored(&self, created_ms: i64, modified_ms: i64) -> Value {
+        json!({
+            "refresh_rate": self.refresh_rate,
+            "query": Value::Object(self.query.clone()),
+            "metadata": self.metadata,
+            "created_ms": created_ms,
+            "modified_ms": modified_ms,
+        })
+    }
+
+    /// Reads the catalog's form back (`None` if it is damaged).
+    pub fn from_stored(stored: &Value) -> Option<SavedQuery> {
+        Some(SavedQuery {
+            refresh_rate: stored.get("refresh_rate")?.as_u64()?,
+            query: stored.get("query")?.as_object()?.clone(),
+            metadata: stored.get("metadata").cloned().unwrap_or(Value::Null),
+        })
     }
 
     /// Parses the query as of `now_ms`.
@@ -85,9 +102,18 @@ impl SavedQuery {
     }
 }
 
-/// Validates a `PUT …/queries/saved/{name}` body. The body's own `query_name`, `urls`, dates,
-/// `run_information` and `result` (clients send back what they got) are ignored.
-pub fn parse_saved_query(body: &Value, now_ms: i64, bounds: RefreshBounds) -> Result<SavedQuery, SpecError> {
+/// The `analysis_type` of a definition's query ("" if it has none; definitions are validated
+/// before they are kept).
+pub(crate) fn analysis_type(query: &Params) -> &str {
+    query
+        .get("analysis_type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// The parts every definition body (saved query, dataset) shares: the body object, its `query`
+/// object and the query's `analysis_type`.
+pub(crate) fn definition_query(body: &Value) -> Result<(&Map<String, Value>, Params, String), SpecError> {
     let Some(body) = body.as_object() else {
         return Err(SpecError::new(
             ErrorCode::InvalidParameter,
@@ -124,6 +150,13 @@ pub fn parse_saved_query(body: &Value, now_ms: i64, bounds: RefreshBounds) -> Re
             ));
         }
     };
+    Ok((body, query, analysis))
+}
+
+/// Validates a `PUT …/queries/saved/{name}` body. The body's own `query_name`, `urls`, dates,
+/// `run_information` and `result` (clients send back what they got) are ignored.
+pub fn parse_saved_query(body: &Value, now_ms: i64, bounds: RefreshBounds) -> Result<SavedQuery, SpecError> {
+    let (body, query, analysis) = definition_query(body)?;
     let refresh_rate = parse_refresh_rate(body.get("refresh_rate"), bounds)?;
     let saved = SavedQuery {
         refresh_rate,
@@ -174,6 +207,23 @@ pub struct RunInfo {
 }
 
 impl RunInfo {
+    /// Records a refresh attempted at `now_ms`: success moves the result's time on; failure keeps
+    /// it and says why.
+    pub fn record(&mut self, now_ms: i64, failure: Option<&str>) {
+        self.last_run_ms = Some(now_ms);
+        match failure {
+            None => {
+                self.last_success_ms = Some(now_ms);
+                self.last_error = None;
+                self.failures = 0;
+            }
+            Some(message) => {
+                self.last_error = Some(message.to_owned());
+                self.failures += 1;
+            }
+        }
+    }
+
     /// Keen-style `run_information`, with the result's age at `now_ms`.
     pub fn to_json(&self, now_ms: i64, next_run_ms: Option<i64>) -> Value {
         let date = |ms: Option<i64>| ms.map_or(Value::Null, |ms| Value::String(format_date(ms)));

@@ -301,10 +301,7 @@ pub fn parse_query(analysis_name: &str, params: &Params, now_ms: i64) -> Result<
             }
         },
     };
-    let max_age = match param(params, "max_age") {
-        None => None,
-        Some(value) => Some(parse_uint(value, "max_age", 0)?),
-    };
+    let max_age = parse_max_age(params)?;
 
     Ok(QuerySpec {
         analysis,
@@ -721,7 +718,14 @@ fn parse_property_names(value: &Value) -> Result<Vec<String>, SpecError> {
 }
 
 /// A non-negative integer at least `min`, as a JSON number or a numeric string.
-pub(crate) fn parse_uint(value: &Value, name: &str, min: u64) -> Result<u64, SpecError> {
+/// `max_age`: seconds a cached answer may be old.
+pub(crate) fn parse_max_age(params: &Params) -> Result<Option<u64>, SpecError> {
+    param(params, "max_age")
+        .map(|value| parse_uint(value, "max_age", 0))
+        .transpose()
+}
+
+fn parse_uint(value: &Value, name: &str, min: u64) -> Result<u64, SpecError> {
     let number = match value {
         Value::Number(n) => n.as_u64().or_else(|| {
             n.as_f64()

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -23,7 +23,7 @@ use tally_core::config::{CacheConfig, QueryConfig};
 use tally_core::ids::ProjectId;
 use tally_query::cache::ResultCache;
 use tally_query::dataset::{Dataset, DatasetState, Update};
-use tally_query::exec::{ExecError, Limits};
+use tally_query::exec::Limits;
 use tally_query::saved::{RefreshBounds, RunInfo, SavedQuery};
 use tally_store::events::EventStore;
 use tally_store::results::ResultFiles;
@@ -96,29 +96,6 @@ pub struct CachedAnswers {
     dataset_events_scanned: Counter,
 }
 
-/// The saved query a catalog entry holds.
-pub fn stored_saved_query(stored: &Value) -> Option<SavedQuery> {
-    Some(SavedQuery {
-        refresh_rate: stored.get("refresh_rate")?.as_u64()?,
-        query: stored.get("query")?.as_object()?.clone(),
-        metadata: stored.get("metadata").cloned().unwrap_or(Value::Null),
-    })
-}
-
-/// The dataset a catalog entry holds.
-pub fn stored_dataset(stored: &Value) -> Option<Dataset> {
-    Some(Dataset {
-        display_name: stored.get("display_name")?.as_str()?.to_owned(),
-        query: stored.get("query")?.as_object()?.clone(),
-        index_by: stored
-            .get("index_by")?
-            .as_array()?
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()?,
-    })
-}
-
 fn bucket_part((start, end): (i64, i64)) -> String {
     format!("b{start}_{end}")
 }
@@ -178,7 +155,7 @@ impl CachedAnswers {
         for project in self.catalog.projects() {
             let p = project.id;
             for (name, stored) in self.catalog.objects(&p, ObjectKind::SavedQuery) {
-                if stored_saved_query(&stored).is_none_or(|s| s.refresh_rate == 0) {
+                if SavedQuery::from_stored(&stored).is_none_or(|s| s.refresh_rate == 0) {
                     continue;
                 }
                 let parts = self
@@ -233,12 +210,8 @@ impl CachedAnswers {
     }
 
     /// Limits for one query started now.
-    pub fn limits(&self) -> Limits {
-        Limits {
-            deadline: Some(Instant::now() + Duration::from_millis(self.query.timeout_ms)),
-            max_memory_bytes: self.query.max_memory_bytes,
-            max_extraction_events: self.query.max_extraction_events,
-        }
+    fn limits(&self) -> Limits {
+        Limits::starting_now(&self.query)
     }
 
     fn count(&self, kind: &'static str, ok: bool) {
@@ -278,7 +251,7 @@ impl CachedAnswers {
     fn is_current_saved(&self, project: ProjectId, name: &str, saved: &SavedQuery) -> bool {
         self.catalog
             .object(&project, ObjectKind::SavedQuery, name)
-            .and_then(|stored| stored_saved_query(&stored))
+            .and_then(|stored| SavedQuery::from_stored(&stored))
             .is_some_and(|current| current == *saved)
     }
 
@@ -310,20 +283,16 @@ impl CachedAnswers {
             return Ok(());
         }
         let mut entry = slot.entry.lock().expect("saved entry");
-        entry.run.last_run_ms = Some(now);
         entry.next_run_ms = now + (saved.refresh_rate as i64) * 1000;
         self.count("cached_query", outcome.is_ok());
         match outcome {
             Ok(result) => {
                 entry.result = Some(result);
-                entry.run.last_success_ms = Some(now);
-                entry.run.last_error = None;
-                entry.run.failures = 0;
+                entry.run.record(now, None);
             }
             Err(e) => {
                 tracing::warn!(%project, name, error = %e, "cached query refresh failed; the last result stays");
-                entry.run.last_error = Some(e.message.clone());
-                entry.run.failures += 1;
+                entry.run.record(now, Some(&e.message));
             }
         }
         let kept = json!({"result": entry.result, "run": entry.run});
@@ -427,7 +396,7 @@ impl CachedAnswers {
         let current = self
             .catalog
             .object(&project, ObjectKind::Dataset, name)
-            .and_then(|stored| stored_dataset(&stored))
+            .and_then(|stored| Dataset::from_stored(&stored))
             .is_some_and(|d| d == *dataset);
         if !registered || !current {
             return Err(ApiError::not_found());
@@ -444,21 +413,17 @@ impl CachedAnswers {
             self.dataset_events_scanned.inc_by(update.events_scanned);
         }
         let mut run = entry.run.lock().expect("run lock");
-        run.last_run_ms = Some(now);
         self.count("dataset", planned.is_ok());
         let update = match planned {
             Ok(update) => update,
             Err(e) => {
                 let e = ApiError::from(e);
                 tracing::warn!(%project, name, error = %e, "dataset refresh failed; the last buckets stay");
-                run.last_error = Some(e.message.clone());
-                run.failures += 1;
+                run.record(now, Some(&e.message));
                 return Err(e);
             }
         };
-        run.last_success_ms = Some(now);
-        run.last_error = None;
-        run.failures = 0;
+        run.record(now, None);
         let run_json = serde_json::to_value(&*run).expect("run info serialises");
         drop(run);
         let changed = !update.set.is_empty() || !update.removed.is_empty();
@@ -600,7 +565,7 @@ impl CachedAnswers {
         for project in self.catalog.projects() {
             let p = project.id;
             for (name, stored) in self.catalog.objects(&p, ObjectKind::SavedQuery) {
-                let Some(saved) = stored_saved_query(&stored).filter(|s| s.refresh_rate > 0) else {
+                let Some(saved) = SavedQuery::from_stored(&stored).filter(|s| s.refresh_rate > 0) else {
                     continue;
                 };
                 let slot = self
@@ -617,7 +582,7 @@ impl CachedAnswers {
                 }
             }
             for (name, stored) in self.catalog.objects(&p, ObjectKind::Dataset) {
-                let Some(dataset) = stored_dataset(&stored) else {
+                let Some(dataset) = Dataset::from_stored(&stored) else {
                     continue;
                 };
                 if let Ok(update) = self.refresh_dataset(p, &name, &dataset)
@@ -628,20 +593,5 @@ impl CachedAnswers {
             }
         }
         report
-    }
-}
-
-impl From<ExecError> for ApiError {
-    fn from(e: ExecError) -> Self {
-        match e {
-            ExecError::Timeout => ApiError::new(
-                tally_core::error::ErrorCode::QueryTimeout,
-                "The query did not finish within the time limit; narrow the timeframe or add filters.",
-            ),
-            ExecError::TooBig(message) => {
-                ApiError::new(tally_core::error::ErrorCode::InvalidParameter, message)
-            }
-            ExecError::Spec(e) => e.into(),
-        }
     }
 }

@@ -136,3 +136,25 @@ impl From<IngestError> for ApiError {
         }
     }
 }
+
+impl From<tally_query::SpecError> for ApiError {
+    fn from(e: tally_query::SpecError) -> Self {
+        ApiError::new(e.code, e.message)
+    }
+}
+
+impl From<tally_query::exec::ExecError> for ApiError {
+    fn from(e: tally_query::exec::ExecError) -> Self {
+        use tally_query::exec::ExecError;
+        match e {
+            ExecError::Timeout => ApiError::new(
+                tally_core::error::ErrorCode::QueryTimeout,
+                "The query did not finish within the time limit; narrow the timeframe or add filters.",
+            ),
+            ExecError::TooBig(message) => {
+                ApiError::new(tally_core::error::ErrorCode::InvalidParameter, message)
+            }
+            ExecError::Spec(e) => e.into(),
+        }
+    }
+}

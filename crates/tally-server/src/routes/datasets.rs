@@ -15,7 +15,6 @@ use tally_query::dataset::{self, Dataset};
 use tally_query::saved::{check_name, format_date};
 use tally_store::ObjectKind;
 
-use crate::answers::stored_dataset;
 use crate::app::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
@@ -52,7 +51,7 @@ fn lookup(state: &AppState, project: ProjectId, name: &str) -> Result<Dataset, A
         .catalog
         .object(&project, ObjectKind::Dataset, name)
         .ok_or_else(ApiError::not_found)?;
-    stored_dataset(&stored).ok_or_else(|| ApiError::internal("a stored dataset is damaged"))
+    Dataset::from_stored(&stored).ok_or_else(|| ApiError::internal("a stored dataset is damaged"))
 }
 
 /// `PUT /datasets/{name}` (master key): creates (201) or replaces (200) the definition; the
@@ -135,7 +134,7 @@ pub async fn list(
             more = true;
             break;
         }
-        if let Some(dataset) = stored_dataset(stored) {
+        if let Some(dataset) = Dataset::from_stored(stored) {
             page.push(definition(&state, project, name, &dataset));
         }
     }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -19,19 +19,13 @@ use tally_query::cache::Read;
 use tally_query::exec::{self, Answer, ExecError, Limits};
 use tally_query::plan::Prepared;
 use tally_query::spec::{self, Params};
-use tally_query::{Filter, SpecError, TimeRange};
+use tally_query::{Filter, TimeRange};
 use tally_store::events::Segment;
 
 use crate::app::AppState;
 use crate::auth::{Access, authorize, presented_key};
 use crate::error::ApiError;
 use crate::request::{KeenPath, read_body};
-
-impl From<SpecError> for ApiError {
-    fn from(e: SpecError) -> Self {
-        ApiError::new(e.code, e.message)
-    }
-}
 
 /// Request parameters from the query string, and from a JSON body on POST (the body wins).
 pub(crate) async fn gather_params(
@@ -75,15 +69,11 @@ pub(crate) fn query_string_request(
     Ok((project, params))
 }
 
+/// The limits of a query starting now, and its time limit.
 pub(crate) fn limits(state: &AppState) -> (Limits, Duration) {
-    let timeout = Duration::from_millis(state.query.timeout_ms);
     (
-        Limits {
-            deadline: Some(Instant::now() + timeout),
-            max_memory_bytes: state.query.max_memory_bytes,
-            max_extraction_events: state.query.max_extraction_events,
-        },
-        timeout,
+        Limits::starting_now(&state.query),
+        Duration::from_millis(state.query.timeout_ms),
     )
 }
 
@@ -138,15 +128,18 @@ pub async fn run_query(
     }
     // Versions are read before the data, so a write racing the query only makes the cached
     // answer expire sooner.
-    let reads: Vec<Read> = prepared
-        .reads()
-        .into_iter()
-        .map(|(collection, range)| Read {
-            version: state.store.data_version(project, &collection),
-            collection,
-            range,
-        })
-        .collect();
+    let reads: Vec<Read> = match cache_key {
+        Some(_) => prepared
+            .reads()
+            .into_iter()
+            .map(|(collection, range)| Read {
+                version: state.store.data_version(project, &collection),
+                collection,
+                range,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let store = state.store.clone();
     let (limits, timeout) = limits(&state);
     let answer = blocking(timeout, move || {

@@ -14,7 +14,6 @@ use tally_core::ids::ProjectId;
 use tally_query::saved::{self, SavedQuery, format_date};
 use tally_store::ObjectKind;
 
-use crate::answers::stored_saved_query;
 use crate::app::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
@@ -97,8 +96,8 @@ fn lookup(state: &AppState, project: ProjectId, name: &str) -> Result<(Value, Sa
         .catalog
         .object(&project, ObjectKind::SavedQuery, name)
         .ok_or_else(ApiError::not_found)?;
-    let saved =
-        stored_saved_query(&stored).ok_or_else(|| ApiError::internal("a stored saved query is damaged"))?;
+    let saved = SavedQuery::from_stored(&stored)
+        .ok_or_else(|| ApiError::internal("a stored saved query is damaged"))?;
     Ok((stored, saved))
 }
 
@@ -116,7 +115,7 @@ pub async fn list(
         .objects(&project, ObjectKind::SavedQuery)
         .into_iter()
         .filter_map(|(name, stored)| {
-            let saved = stored_saved_query(&stored)?;
+            let saved = SavedQuery::from_stored(&stored)?;
             Some(saved_object(&state, project, &name, &stored, &saved))
         })
         .collect();
@@ -156,13 +155,7 @@ pub async fn put(
         .object(&project, ObjectKind::SavedQuery, &name)
         .and_then(|old| old.get("created_ms").and_then(Value::as_i64))
         .unwrap_or(now);
-    let stored = json!({
-        "refresh_rate": saved.refresh_rate,
-        "query": Value::Object(saved.query.clone()),
-        "metadata": saved.metadata,
-        "created_ms": created_ms,
-        "modified_ms": now,
-    });
+    let stored = saved.to_stored(created_ms, now);
     // Stored first, then the old answers dropped: a refresh of the old definition still in
     // flight finds it replaced and keeps nothing.
     let created = state
