@@ -37,6 +37,8 @@ pub struct Config {
     pub query: QueryConfig,
     /// Cached answers: the `max_age` result cache, cached queries and datasets.
     pub cache: CacheConfig,
+    /// Per-key request rate limits.
+    pub rate_limits: RateLimitConfig,
     /// Log output format for Tally's own logs: `text` or `json`.
     pub log_format: LogFormat,
 }
@@ -55,6 +57,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             query: QueryConfig::default(),
             cache: CacheConfig::default(),
+            rate_limits: RateLimitConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -228,6 +231,15 @@ pub struct QueryConfig {
     /// The most events one extraction returns (Keen: 100,000); more is refused, asking for
     /// `latest` or a narrower timeframe.
     pub max_extraction_events: usize,
+    /// The most queries of one project that run at once; more wait in the project's queue. This
+    /// is what keeps one project's heavy queries from taking every core from the others. 0 (the
+    /// default): the number of cores.
+    pub max_concurrent_per_project: usize,
+    /// The most queries of one project waiting for a slot; one more is refused at once (429).
+    pub max_queued_per_project: usize,
+    /// How long a query may wait in its project's queue before it is refused (429), in
+    /// milliseconds. Keen failed a query fast when it could not start within 10 seconds.
+    pub queue_timeout_ms: u64,
 }
 
 impl Default for QueryConfig {
@@ -236,6 +248,35 @@ impl Default for QueryConfig {
             timeout_ms: 60_000,
             max_memory_bytes: 2 << 30,
             max_extraction_events: 100_000,
+            max_concurrent_per_project: 0,
+            max_queued_per_project: 32,
+            queue_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Per-key request rate limits, in requests per minute for each key (0: unlimited). Each key has
+/// a bucket per class that holds a minute's worth of requests and refills continuously; an
+/// empty bucket answers 429 with `Retry-After`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests that compute over events: analyses, funnels, extractions, SQL, schema, and saved
+    /// query or dataset results computed on request (Keen: 200 a minute). Results served from a
+    /// cache do not count.
+    pub queries_per_minute: u32,
+    /// Requests to master-key endpoints: keys, deletes, saved query and dataset definitions.
+    pub admin_per_minute: u32,
+    /// Requests that record events (Keen: no limit).
+    pub writes_per_minute: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            queries_per_minute: 1_200,
+            admin_per_minute: 600,
+            writes_per_minute: 0,
         }
     }
 }

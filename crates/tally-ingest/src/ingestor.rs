@@ -14,7 +14,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tally_core::clock::Clock;
 use tally_core::config::IngestConfig;
 use tally_core::error::{ErrorCode, EventError};
@@ -40,6 +40,9 @@ pub struct RequestMeta {
     pub client_ip: Option<IpAddr>,
     /// The request's `User-Agent`, for `${keen.user_agent}`.
     pub user_agent: Option<String>,
+    /// Properties the writing key fills into every event (an access key's `writes.autofill`):
+    /// deep-merged, the key's values winning.
+    pub autofill: Option<Arc<Map<String, Value>>>,
 }
 
 /// What happened to one event.
@@ -293,8 +296,11 @@ impl Ingestor {
         stamp: &Stamp,
     ) -> Result<AcceptedEvent, EventError> {
         let valid = validate_event(raw, &self.limits)?;
-        let (valid, body) = if valid.has_placeholders {
+        let (valid, body) = if valid.has_placeholders || meta.autofill.is_some() {
             let mut value: Value = serde_json::from_slice(raw).map_err(|e| json_error(&e))?;
+            if let (Some(fill), Value::Object(event)) = (&meta.autofill, &mut value) {
+                deep_merge(event, fill);
+            }
             substitute_placeholders(&mut value, meta);
             let substituted = serde_json::to_vec(&value).map_err(|e| json_error(&e))?;
             (
@@ -391,6 +397,19 @@ impl Ingestor {
 }
 
 /// Replaces string values that are exactly `${keen.ip}` or `${keen.user_agent}`, at any depth.
+/// Merges `fill` into `event`: objects present in both merge property by property, anything
+/// else in `fill` replaces what the event had.
+pub fn deep_merge(event: &mut Map<String, Value>, fill: &Map<String, Value>) {
+    for (name, value) in fill {
+        match (event.get_mut(name), value) {
+            (Some(Value::Object(inner)), Value::Object(fill_inner)) => deep_merge(inner, fill_inner),
+            _ => {
+                event.insert(name.clone(), value.clone());
+            }
+        }
+    }
+}
+
 fn substitute_placeholders(value: &mut Value, meta: &RequestMeta) {
     match value {
         Value::String(s) if s == IP_PLACEHOLDER => {
@@ -404,5 +423,25 @@ fn substitute_placeholders(value: &mut Value, meta: &RequestMeta) {
         Value::Array(items) => items.iter_mut().for_each(|v| substitute_placeholders(v, meta)),
         Value::Object(map) => map.values_mut().for_each(|v| substitute_placeholders(v, meta)),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn autofill_merges_deeply_and_the_keys_values_win() {
+        let mut event = json!({"customer": {"id": "forged", "plan": "pro"}, "page": "/a", "tags": [1]})
+            .as_object()
+            .unwrap()
+            .clone();
+        let fill = json!({"customer": {"id": "c1", "name": "Ada"}, "tags": {"x": 1}, "source": "key"});
+        deep_merge(&mut event, fill.as_object().unwrap());
+        assert_eq!(
+            Value::Object(event),
+            json!({"customer": {"id": "c1", "plan": "pro", "name": "Ada"}, "page": "/a", "tags": {"x": 1}, "source": "key"})
+        );
     }
 }

@@ -28,7 +28,7 @@ use tally_store::events::{Changes, DataVersion, EventStore, number_value};
 
 use crate::exec::{self, Answer, ExecError, Limits};
 use crate::saved::{analysis_type, definition_query};
-use crate::spec::{self, Params, QuerySpec, SpecError};
+use crate::spec::{self, Filter, FilterOp, Params, QuerySpec, SpecError};
 use crate::timeframe::{TimeRange, buckets};
 
 /// A validated dataset definition.
@@ -311,52 +311,30 @@ impl DatasetState {
         self.version = Some(update.version);
     }
 
-    /// The interval result for one index value over `timeframe` (default: the dataset's),
+    /// The interval result for one index value (given as [`Dataset::index_candidates`]) over
+    /// `timeframe` (default: the dataset's),
     /// `Ok(None)` when a bucket the timeframe needs is inside the dataset's window but not
     /// computed yet (refresh, then ask again).
     pub fn results(
         &self,
         dataset: &Dataset,
-        index: &Value,
+        candidates: &[Vec<Value>],
         timeframe: Option<&Value>,
         now_ms: i64,
     ) -> Result<Option<Value>, SpecError> {
         let spec = dataset.spec(now_ms)?;
-        let interval = spec.interval.expect("validated at PUT");
-        let range = match timeframe {
-            Some(t) => spec::parse_timeframe(Some(t), spec.zone, now_ms)?,
-            None => spec.range,
-        };
-        if range.start_ms < spec.range.start_ms || range.end_ms > spec.range.end_ms {
-            return Err(SpecError::new(
-                ErrorCode::TimeframeDefinition,
-                format!(
-                    "The 'timeframe' must lie inside the dataset's timeframe ({} to {}).",
-                    spec.zone.format_ms(spec.range.start_ms),
-                    spec.zone.format_ms(spec.range.end_ms)
-                ),
-            ));
-        }
-        let wanted = buckets(range, interval, spec.zone)?;
-        let window: std::collections::HashSet<(i64, i64)> = buckets(spec.range, interval, spec.zone)?
-            .iter()
-            .map(|b| (b.start_ms, b.end_ms))
-            .collect();
+        let (_, wanted) = window_buckets(&spec, timeframe, now_ms)?;
         let mut picked = Vec::with_capacity(wanted.len());
         for b in &wanted {
-            let key = (b.start_ms, b.end_ms);
-            if !window.contains(&key) {
-                return Err(SpecError::new(
-                    ErrorCode::TimeframeDefinition,
-                    "The 'timeframe' must start and end on the dataset's interval boundaries.",
-                ));
-            }
-            match self.buckets.get(&key) {
+            match self.buckets.get(&(b.start_ms, b.end_ms)) {
                 Some(bucket) => picked.push((b, bucket)),
                 None => return Ok(None),
             }
         }
-        let keys = self.index_keys(dataset, index)?;
+        if candidates.is_empty() {
+            return Err(no_index_value());
+        }
+        let keys: Vec<String> = candidates.iter().map(|values| index_key(values)).collect();
         let key = keys
             .iter()
             .find(|k| picked.iter().any(|(_, bucket)| bucket.contains_key(*k)))
@@ -380,13 +358,17 @@ impl DatasetState {
             .collect();
         Ok(Some(json!({ "result": result })))
     }
+}
 
-    /// The index keys an `index_by` parameter may mean, most likely first. Accepted: an object
-    /// `{"prop": value, …}` naming every index property, that object JSON-encoded in a string,
-    /// or (one index property) the bare value.
-    fn index_keys(&self, dataset: &Dataset, index: &Value) -> Result<Vec<String>, SpecError> {
-        let from_object = |map: &Map<String, Value>| -> Result<Vec<String>, SpecError> {
-            let values = dataset
+impl Dataset {
+    /// The index values an `index_by` parameter may mean, most likely first: each candidate
+    /// holds one value per `index_by` property. Accepted: an object `{"prop": value, …}` naming
+    /// every index property, that object JSON-encoded in a string, or (one index property) the
+    /// bare value; a bare non-string also stands for its text (`index_by=123` in a query string
+    /// arrives as a number, the stored value may be the string "123").
+    pub fn index_candidates(&self, index: &Value) -> Result<Vec<Vec<Value>>, SpecError> {
+        let from_object = |map: &Map<String, Value>| -> Result<Vec<Vec<Value>>, SpecError> {
+            let values = self
                 .index_by
                 .iter()
                 .map(|p| {
@@ -398,28 +380,26 @@ impl DatasetState {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(vec![index_key(&values)])
+            Ok(vec![values])
         };
-        let single = |v: &Value| -> Result<Vec<String>, SpecError> {
-            if dataset.index_by.len() != 1 {
+        let single = |v: &Value| -> Result<Vec<Vec<Value>>, SpecError> {
+            if self.index_by.len() != 1 {
                 return Err(SpecError::new(
                     ErrorCode::InvalidParameter,
                     format!(
                         "This dataset is indexed by {:?}: give 'index_by' as an object with a value for each.",
-                        dataset.index_by
+                        self.index_by
                     ),
                 ));
             }
-            let mut keys = vec![index_key(std::slice::from_ref(v))];
-            // A bare `index_by=123` in a query string arrives as a number; the stored value
-            // may be the string "123".
+            let mut candidates = vec![vec![v.clone()]];
             if !v.is_string() {
-                keys.push(index_key(&[Value::String(match v {
+                candidates.push(vec![Value::String(match v {
                     Value::Number(n) => n.to_string(),
                     other => other.to_string(),
-                })]));
+                })]);
             }
-            Ok(keys)
+            Ok(candidates)
         };
         match index {
             Value::Object(map) => from_object(map),
@@ -434,6 +414,83 @@ impl DatasetState {
             other => single(other),
         }
     }
+
+    /// The ad-hoc query whose answer [`DatasetState::results`] gives for the index value
+    /// `candidates` over `timeframe`, with `extra` filters AND-ed in: the dataset's query
+    /// restricted to the index value and the timeframe. Used when results must honour filters
+    /// the buckets were not computed with (an access key's).
+    pub fn results_query(
+        &self,
+        candidates: &[Vec<Value>],
+        timeframe: Option<&Value>,
+        extra: &[Filter],
+        now_ms: i64,
+    ) -> Result<QuerySpec, SpecError> {
+        let mut spec = self.spec(now_ms)?;
+        let (range, _) = window_buckets(&spec, timeframe, now_ms)?;
+        if candidates.is_empty() {
+            return Err(no_index_value());
+        }
+        for (i, property) in self.index_by.iter().enumerate() {
+            let mut values: Vec<Value> = candidates.iter().map(|c| c[i].clone()).collect();
+            values.dedup();
+            let op = if values.len() == 1 {
+                FilterOp::Eq(values.remove(0))
+            } else {
+                FilterOp::In(values)
+            };
+            spec.filters.push(Filter::Property {
+                property: property.clone(),
+                op,
+            });
+        }
+        spec.filters.extend(extra.iter().cloned());
+        spec.range = range;
+        Ok(spec)
+    }
+}
+
+fn no_index_value() -> SpecError {
+    SpecError::new(
+        ErrorCode::InvalidParameter,
+        "The 'index_by' value given is not one this key may retrieve.",
+    )
+}
+
+/// The range `timeframe` (default: the dataset's window) names and its buckets, refused unless
+/// it lies inside the window and on its bucket boundaries.
+fn window_buckets(
+    spec: &QuerySpec,
+    timeframe: Option<&Value>,
+    now_ms: i64,
+) -> Result<(TimeRange, Vec<TimeRange>), SpecError> {
+    let interval = spec.interval.expect("validated at PUT");
+    let range = match timeframe {
+        Some(t) => spec::parse_timeframe(Some(t), spec.zone, now_ms)?,
+        None => spec.range,
+    };
+    if range.start_ms < spec.range.start_ms || range.end_ms > spec.range.end_ms {
+        return Err(SpecError::new(
+            ErrorCode::TimeframeDefinition,
+            format!(
+                "The 'timeframe' must lie inside the dataset's timeframe ({} to {}).",
+                spec.zone.format_ms(spec.range.start_ms),
+                spec.zone.format_ms(spec.range.end_ms)
+            ),
+        ));
+    }
+    let wanted = buckets(range, interval, spec.zone)?;
+    let window: std::collections::HashSet<(i64, i64)> = buckets(spec.range, interval, spec.zone)?
+        .iter()
+        .map(|b| (b.start_ms, b.end_ms))
+        .collect();
+    if wanted.iter().any(|b| !window.contains(&(b.start_ms, b.end_ms))) {
+        return Err(SpecError::new(
+            ErrorCode::TimeframeDefinition,
+            "The 'timeframe' must start and end on the dataset's interval boundaries.",
+        ));
+    }
+    Ok((range, wanted))
 }
 
 type Computed = (Vec<((i64, i64), Bucket)>, u64);

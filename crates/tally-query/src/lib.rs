@@ -8,6 +8,7 @@
 //! a query of any analysis; [`cache`] keeps answers for `max_age`; [`saved`] and [`dataset`] are
 //! the definitions and incremental computation behind saved queries and cached datasets.
 
+pub mod access;
 pub mod cache;
 pub mod dataset;
 pub mod exec;

@@ -52,6 +52,28 @@ impl Prepared {
         Ok(Self { plan, max_age })
     }
 
+    /// AND-s `filters` into everything the query reads: the analysis, every funnel step, every
+    /// labelled analysis. How an access key's `queries.filters` apply; call it before
+    /// [`Prepared::cache_key`], so the restricted query has its own key.
+    pub fn restrict(&mut self, filters: &[crate::spec::Filter]) {
+        if filters.is_empty() {
+            return;
+        }
+        match &mut self.plan {
+            Plan::Single(s) => s.filters.extend(filters.iter().cloned()),
+            Plan::Funnel(steps) => {
+                for step in steps {
+                    step.filters.extend(filters.iter().cloned());
+                }
+            }
+            Plan::Multi(specs) => {
+                for (_, spec) in specs {
+                    spec.filters.extend(filters.iter().cloned());
+                }
+            }
+        }
+    }
+
     /// The collections and time ranges the query reads: its answer changes only if events there
     /// change.
     pub fn reads(&self) -> Vec<(String, TimeRange)> {

@@ -232,11 +232,7 @@ impl CachedAnswers {
         let body = prepared
             .run_json(|c| self.store.snapshot(project, c), &self.limits())
             .map_err(ApiError::from)?;
-        Ok(if saved.analysis() == "funnel" {
-            body
-        } else {
-            body.get("result").cloned().unwrap_or(Value::Null)
-        })
+        Ok(saved_result(saved, body))
     }
 
     fn saved_slot(&self, project: ProjectId, name: &str) -> Arc<SavedSlot> {
@@ -482,14 +478,14 @@ impl CachedAnswers {
         Ok(())
     }
 
-    /// A dataset's results for one index value and timeframe, refreshing first if a bucket the
+    /// A dataset's results for one index value (as `Dataset::index_candidates`) and timeframe, refreshing first if a bucket the
     /// timeframe needs was never computed.
     pub fn dataset_results(
         &self,
         project: ProjectId,
         name: &str,
         dataset: &Dataset,
-        index: &Value,
+        candidates: &[Vec<Value>],
         timeframe: Option<&Value>,
     ) -> Result<Value, ApiError> {
         let entry = self.dataset_entry(project, name);
@@ -498,7 +494,7 @@ impl CachedAnswers {
             .state
             .read()
             .expect("dataset state")
-            .results(dataset, index, timeframe, now)?
+            .results(dataset, candidates, timeframe, now)?
         {
             return Ok(result);
         }
@@ -508,7 +504,7 @@ impl CachedAnswers {
             .state
             .read()
             .expect("dataset state")
-            .results(dataset, index, timeframe, now)?
+            .results(dataset, candidates, timeframe, now)?
             .ok_or_else(|| ApiError::internal("dataset buckets missing right after a refresh"))
     }
 
@@ -595,3 +591,14 @@ impl CachedAnswers {
         report
     }
 }
+
+/// A saved query's `result` value from its query's answer: a funnel's whole answer (its
+/// `result` and `steps`), any other analysis' `result`.
+pub fn saved_result(saved: &SavedQuery, body: Value) -> Value {
+    if saved.analysis() == "funnel" {
+        body
+    } else {
+        body.get("result").cloned().unwrap_or(Value::Null)
+    }
+}
+

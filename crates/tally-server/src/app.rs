@@ -23,6 +23,7 @@ use tower_http::cors::{AllowHeaders, Any, CorsLayer};
 
 use crate::answers::CachedAnswers;
 use crate::error::ApiError;
+use crate::limits::{QueryGate, RateLimiter};
 use crate::metrics::{ServerMetrics, count_requests};
 use crate::routes;
 
@@ -37,6 +38,10 @@ pub struct AppInner {
     pub catalog: Arc<dyn Catalog>,
     /// The ingest pipeline.
     pub ingestor: Arc<Ingestor>,
+    /// Per-key request rate limits.
+    pub rate_limiter: RateLimiter,
+    /// Per-project query slots.
+    pub query_gate: QueryGate,
     /// Metrics, encoded by `/metrics`.
     pub metrics: Arc<ServerMetrics>,
     /// The hash of the server-wide admin key, if one is configured.
@@ -105,6 +110,24 @@ pub fn router(state: AppState) -> Router {
             get(routes::queries::describe_property).delete(routes::queries::delete_property),
         )
         .route("/3.0/projects/{project}/sql", post(routes::queries::run_sql))
+        .route(
+            "/3.0/projects/{project}/keys",
+            get(routes::keys::list).post(routes::keys::create),
+        )
+        .route(
+            "/3.0/projects/{project}/keys/{key}",
+            get(routes::keys::get)
+                .post(routes::keys::update)
+                .delete(routes::keys::delete),
+        )
+        .route(
+            "/3.0/projects/{project}/keys/{key}/revoke",
+            post(routes::keys::revoke),
+        )
+        .route(
+            "/3.0/projects/{project}/keys/{key}/unrevoke",
+            post(routes::keys::unrevoke),
+        )
         .route("/3.0/projects/{project}/queries/saved", get(routes::saved::list))
         .route(
             "/3.0/projects/{project}/queries/saved/{name}",

@@ -1,38 +1,154 @@
 //! Who is calling, and what they may do.
 //!
 //! Keen clients put the key raw in the `Authorization` header or in the `api_key` query
-//! parameter; the header wins. A project that does not exist is a 404 whatever the key; an
-//! unknown or revoked key, or a key of another project, is `InvalidApiKeyError`; a key without the
-//! needed permission is `InsufficientPermissionsError` (all 401).
+//! parameter; the header wins. [`authorize`] resolves the project in the path and the key into a
+//! [`Caller`], or refuses:
+//!
+//! * a project that does not exist is a 404 whatever the key;
+//! * no key, an unknown or revoked key, or a key of another project: `InvalidApiKeyError`;
+//! * a master-only endpoint with any other key: `AdminOnlyEndpointError`;
+//! * a key without the needed permission: `InsufficientPermissionsError` (all 401).
+//!
+//! The project's write key may record events; its read key may run queries and read results,
+//! datasets and schema; an access key may do what its `permitted` list says, within its scope
+//! ([`tally_query::access`]), which the [`Caller`] carries to the handler: the filters it ANDs
+//! into every read, the saved queries and datasets it may see, the properties it fills in.
+//! Every successful authorization also takes a token from the key's rate-limit bucket for the
+//! endpoint's class ([`crate::limits`]).
 
 use axum::http::{HeaderMap, header};
 use tally_core::error::ErrorCode;
 use tally_core::ids::{KeyHash, ProjectId};
-use tally_store::{Catalog, KeyGrant, KeyKind};
+use tally_query::Filter;
+use tally_query::access::{AccessScope, DatasetOp, Permission};
+use tally_store::KeyKind;
 
+use crate::app::AppState;
 use crate::error::ApiError;
+use crate::limits::RateClass;
 
 /// What an endpoint needs from the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     /// Recording events.
     Writes,
-    /// Running queries (read or master key).
+    /// Running queries and SQL.
     Queries,
-    /// Reading collections and properties (read or master key).
+    /// Reading collections and properties.
     Schema,
-    /// Project administration and deletes (master key only).
+    /// Reading a saved or cached query's result; which of the two is checked once the query is
+    /// looked up ([`Caller::check_saved`]).
+    SavedResults,
+    /// Reading datasets.
+    Datasets(DatasetOp),
+    /// Project administration, deletes, definitions (master key only).
     Master,
 }
 
 impl Access {
-    fn allows(self, kind: KeyKind) -> bool {
+    /// The rate-limit bucket a request for this access draws from (`None`: not limited here;
+    /// saved and dataset results count as queries only when they are computed on request).
+    fn rate_class(self) -> Option<RateClass> {
         match self {
-            Access::Writes => matches!(kind, KeyKind::Master | KeyKind::Write),
-            Access::Queries | Access::Schema => matches!(kind, KeyKind::Master | KeyKind::Read),
-            Access::Master => kind == KeyKind::Master,
+            Access::Writes => Some(RateClass::Writes),
+            Access::Queries | Access::Schema => Some(RateClass::Queries),
+            Access::Master => Some(RateClass::Admin),
+            Access::SavedResults | Access::Datasets(_) => None,
         }
     }
+}
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The project the key belongs to (and the path names).
+    pub project: ProjectId,
+    /// The kind of key.
+    pub kind: KeyKind,
+    /// The key's hash: its identity for rate limits.
+    pub key: KeyHash,
+    /// An access key's scope.
+    pub scope: Option<AccessScope>,
+}
+
+impl Caller {
+    fn permits(&self, access: Access) -> bool {
+        match (self.kind, &self.scope) {
+            (KeyKind::Master, _) => true,
+            (KeyKind::Write, _) => access == Access::Writes,
+            (KeyKind::Read, _) => !matches!(access, Access::Writes | Access::Master),
+            (KeyKind::Access, None) => false,
+            (KeyKind::Access, Some(scope)) => match access {
+                Access::Writes => scope.permits(Permission::Writes),
+                Access::Queries => scope.permits(Permission::Queries),
+                Access::Schema => scope.permits(Permission::Schema),
+                Access::SavedResults => {
+                    scope.permits(Permission::SavedQueries) || scope.permits(Permission::CachedQueries)
+                }
+                Access::Datasets(op) => scope.permits(Permission::Datasets) && scope.datasets.permits_op(op),
+                Access::Master => false,
+            },
+        }
+    }
+
+    /// The filters AND-ed into everything this caller reads (empty: no restriction).
+    pub fn query_filters(&self) -> &[Filter] {
+        self.scope.as_ref().map_or(&[], |s| &s.query_filters)
+    }
+
+    /// Whether the caller reads through row filters (answers computed for other callers, such as
+    /// cached results, cannot be handed to it).
+    pub fn is_filtered(&self) -> bool {
+        !self.query_filters().is_empty()
+    }
+
+    /// The filters AND-ed into a saved or cached query's result for this caller.
+    pub fn saved_filters(&self) -> Vec<Filter> {
+        self.scope.as_ref().map(AccessScope::saved_filters).unwrap_or_default()
+    }
+
+    /// Whether the caller may read the result of the saved query `name` (`cached`: a cached
+    /// query).
+    pub fn check_saved(&self, name: &str, cached: bool) -> Result<(), ApiError> {
+        let Some(scope) = &self.scope else {
+            return Ok(());
+        };
+        let (permission, rules, what) = if cached {
+            (Permission::CachedQueries, &scope.cached_queries, "cached query")
+        } else {
+            (Permission::SavedQueries, &scope.saved_queries, "saved query")
+        };
+        if !scope.permits(permission) {
+            return Err(insufficient(format!(
+                "This key may not read {what} results (it lacks the '{}' permission).",
+                permission.as_str()
+            )));
+        }
+        if !rules.permits(name) {
+            return Err(insufficient(format!("This key may not read the {what} '{name}'.")));
+        }
+        Ok(())
+    }
+
+    /// Whether the caller may do `op` on the dataset `name`.
+    pub fn check_dataset(&self, op: DatasetOp, name: &str) -> Result<(), ApiError> {
+        match &self.scope {
+            Some(scope) if !scope.datasets.permits(op, name) => Err(insufficient(format!(
+                "This key may not {} the dataset '{name}'.",
+                op.as_str()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the caller may see the dataset `name` in a listing.
+    pub fn sees_dataset(&self, name: &str) -> bool {
+        self.check_dataset(DatasetOp::Read, name).is_ok() || self.check_dataset(DatasetOp::Retrieve, name).is_ok()
+    }
+}
+
+fn insufficient(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InsufficientPermissions, message)
 }
 
 /// The key presented with a request: the `Authorization` header, else `api_key`.
@@ -47,15 +163,11 @@ pub fn presented_key(headers: &HeaderMap, api_key_param: Option<&str>) -> Option
         .map(str::to_string)
 }
 
-/// Resolves the project in the path and checks the key against it.
-pub fn authorize(
-    catalog: &dyn Catalog,
-    project: &str,
-    key: Option<&str>,
-    access: Access,
-) -> Result<KeyGrant, ApiError> {
+/// Resolves the project in the path and checks the key against it and `access`, then takes a
+/// token from the key's rate-limit bucket.
+pub fn authorize(state: &AppState, project: &str, key: Option<&str>, access: Access) -> Result<Caller, ApiError> {
     let project: ProjectId = project.parse().map_err(|_| ApiError::not_found())?;
-    if !catalog.has_project(&project) {
+    if !state.catalog.has_project(&project) {
         return Err(ApiError::not_found());
     }
     let Some(key) = key else {
@@ -64,7 +176,8 @@ pub fn authorize(
             "An API key is required: send it in the Authorization header or the api_key parameter.",
         ));
     };
-    let grant = catalog
+    let grant = state
+        .catalog
         .authenticate(key)
         .filter(|grant| grant.project == project)
         .ok_or_else(|| {
@@ -73,19 +186,36 @@ pub fn authorize(
                 "The API key is invalid for this project, or has been revoked.",
             )
         })?;
-    if access == Access::Master && grant.kind != KeyKind::Master {
+    let scope = match &grant.access {
+        // Validated when stored; a definition that no longer parses opens nothing.
+        Some(definition) => Some(
+            AccessScope::parse(&definition.permitted, &definition.options)
+                .map_err(|e| ApiError::internal(format!("stored access key does not parse: {e}")))?,
+        ),
+        None => None,
+    };
+    let caller = Caller {
+        project,
+        kind: grant.kind,
+        key: grant.hash,
+        scope,
+    };
+    if access == Access::Master && caller.kind != KeyKind::Master {
         return Err(ApiError::new(
             ErrorCode::AdminOnlyEndpoint,
             "This endpoint needs the project's master key.",
         ));
     }
-    if !access.allows(grant.kind) {
-        return Err(ApiError::new(
-            ErrorCode::InsufficientPermissions,
-            format!("This key may not be used for {access:?}."),
-        ));
+    if !caller.permits(access) {
+        return Err(insufficient(match access {
+            Access::Datasets(op) => format!("This key may not {} datasets.", op.as_str()),
+            other => format!("This key may not be used for {other:?}."),
+        }));
     }
-    Ok(grant)
+    if let Some(class) = access.rate_class() {
+        state.rate_limiter.take(&caller.key, class)?;
+    }
+    Ok(caller)
 }
 
 /// Checks the server-wide admin key (for creating projects).

@@ -42,6 +42,7 @@ use tokio::task::JoinHandle;
 use crate::answers::CachedAnswers;
 use crate::app::{AppInner, AppState, router};
 use crate::metrics::ServerMetrics;
+use crate::limits::{FairnessMetrics, QueryGate, RateLimiter};
 
 /// Why Tally could not start.
 #[derive(Debug, thiserror::Error)]
@@ -268,9 +269,13 @@ impl Tally {
             &config.cache,
             &mut registry,
         ));
+        let fairness = FairnessMetrics::default();
+        fairness.register(&mut registry);
         let state = AppState::new(AppInner {
             catalog: catalog.clone() as Arc<dyn Catalog>,
             ingestor: ingestor.clone(),
+            rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone(), fairness.clone()),
+            query_gate: QueryGate::new(&config.query, fairness),
             metrics: Arc::new(ServerMetrics::new(registry)),
             admin_key: config.admin_key.as_deref().map(KeyHash::of),
             http: config.http.clone(),

@@ -8,6 +8,9 @@
 //!   ([`ProjectSchema`]); no default catalog, no `information_schema`;
 //! * **no writes and no files**: DDL, DML (`INSERT`, `COPY`) and statements (`SET`) are refused
 //!   before planning, so `CREATE EXTERNAL TABLE` cannot reach the file system;
+//! * **scoped rows**: an access key's filters apply as if they were part of every table: the
+//!   caller passes a [`RowScope`] and each table holds only the rows it keeps (its columns too
+//!   come only from those rows, so not even another tenant's property names show);
 //! * **limits**: a memory pool of `max_memory_bytes` (DataFusion fails an operator past it) and a
 //!   deadline (504), the same limits as Keen queries.
 //!
@@ -71,11 +74,15 @@ impl From<DataFusionError> for SqlError {
     }
 }
 
-/// Runs a read-only SQL query over `project`'s collections; answers `{"result": [row, ...]}`,
-/// each row an object by column name.
+/// The rows of a segment a caller may see: given a segment, the segment of just those rows.
+pub type RowScope = Arc<dyn Fn(&Segment) -> Segment + Send + Sync>;
+
+/// Runs a read-only SQL query over `project`'s collections (only the rows `scope` keeps, when
+/// given); answers `{"result": [row, ...]}`, each row an object by column name.
 pub async fn run(
     store: Arc<EventStore>,
     project: ProjectId,
+    scope: Option<RowScope>,
     sql: &str,
     limits: &SqlLimits,
 ) -> Result<Value, SqlError> {
@@ -88,7 +95,14 @@ pub async fn run(
         .with_default_catalog_and_schema("tally", "events");
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     let catalog = MemoryCatalogProvider::new();
-    catalog.register_schema("events", Arc::new(ProjectSchema { store, project }))?;
+    catalog.register_schema(
+        "events",
+        Arc::new(ProjectSchema {
+            store,
+            project,
+            scope,
+        }),
+    )?;
     ctx.register_catalog("tally", Arc::new(catalog));
     let options = SQLOptions::new()
         .with_allow_ddl(false)
@@ -116,10 +130,20 @@ pub async fn run(
 }
 
 /// The project's collections as tables.
-#[derive(Debug)]
 pub struct ProjectSchema {
     store: Arc<EventStore>,
     project: ProjectId,
+    /// The rows the caller may see (all, when `None`).
+    scope: Option<RowScope>,
+}
+
+impl std::fmt::Debug for ProjectSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectSchema")
+            .field("project", &self.project)
+            .field("scoped", &self.scope.is_some())
+            .finish()
+    }
 }
 
 #[async_trait]
@@ -134,8 +158,16 @@ impl SchemaProvider for ProjectSchema {
             return Ok(None);
         }
         // Building Arrow columns is a scan of the whole collection: on the blocking pool.
+        let scope = self.scope.clone();
         let (schema, partitions) = tokio::task::spawn_blocking(move || {
-            let segments: Vec<&Segment> = snapshot.iter().map(|s| &s.segment).collect();
+            let scoped: Vec<Segment> = match &scope {
+                Some(scope) => snapshot.iter().map(|s| scope(&s.segment)).collect(),
+                None => Vec::new(),
+            };
+            let segments: Vec<&Segment> = match &scope {
+                Some(_) => scoped.iter().collect(),
+                None => snapshot.iter().map(|s| &s.segment).collect(),
+            };
             let schema = table_schema(&segments);
             let partitions = segments
                 .iter()

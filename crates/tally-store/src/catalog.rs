@@ -1,10 +1,17 @@
 //! The catalog: projects, their API keys, and the named objects a project defines (saved
 //! queries, cached datasets).
 //!
-//! Keys are never stored, only their SHA-256 ([`KeyHash`]); a new project's keys are shown once,
-//! when it is created. [`Catalog::authenticate`] looks a presented key up by its hash and compares
-//! the stored hash in constant time; a revoked key (`active: false`) authenticates as nothing, at
-//! once.
+//! Keys are never stored, only their SHA-256 ([`KeyHash`]); a new project's keys, and a new
+//! access key, are shown once, when they are created. [`Catalog::authenticate`] looks a presented
+//! key up by its hash and compares the stored hash in constant time; a revoked key
+//! (`active: false`) authenticates as nothing, at once.
+//!
+//! Besides the master, write and read keys every project has, a project may have any number of
+//! **access keys** (reference §6): each carries an [`AccessKeyDefinition`] (name, permissions,
+//! options) that the server validated before storing it and applies on every request the key
+//! makes. The catalog only keeps it; it does not interpret it. An access key is named in the keys
+//! API either by the key itself or by its id, the first 16 hex digits of its hash (what a
+//! listing shows, since the key itself is not kept).
 //!
 //! [`EmbeddedCatalog`] keeps the catalog in memory and writes it to one JSON file, replaced
 //! atomically on every change. Catalog changes are rare (project and key administration), so a
@@ -13,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use tally_core::fsutil::write_atomically;
@@ -29,6 +36,35 @@ pub enum KeyKind {
     Write,
     /// Runs queries and reads results and schema.
     Read,
+    /// An access key: what it may do is in its [`AccessKeyDefinition`].
+    Access,
+}
+
+/// An access key's definition, as the keys API accepted it (validated by the server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccessKeyDefinition {
+    /// A name for people.
+    pub name: String,
+    /// The permissions (`writes`, `queries`, `saved_queries`, `cached_queries`, `datasets`,
+    /// `schema`).
+    pub permitted: Vec<String>,
+    /// The options object: `writes`, `queries`, `saved_queries`, `cached_queries`, `datasets`.
+    pub options: serde_json::Value,
+}
+
+/// An access key as the keys API shows it (never the key itself: only its id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessKeyInfo {
+    /// The first 16 hex digits of the key's hash: names the key without revealing it.
+    pub id: String,
+    /// The key's project.
+    pub project: ProjectId,
+    /// False once revoked.
+    pub active: bool,
+    /// Creation time, ISO 8601.
+    pub created_at: String,
+    /// What the key may do.
+    pub definition: Arc<AccessKeyDefinition>,
 }
 
 /// The kinds of named definition a project keeps in the catalog. The catalog stores them as
@@ -43,12 +79,16 @@ pub enum ObjectKind {
 }
 
 /// What a presented key may do: which project, and as what kind of key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KeyGrant {
     /// The key's project.
     pub project: ProjectId,
     /// The key's kind.
     pub kind: KeyKind,
+    /// The presented key's hash (rate limits count per key).
+    pub hash: KeyHash,
+    /// For an access key, its definition.
+    pub access: Option<Arc<AccessKeyDefinition>>,
 }
 
 /// A project as the catalog describes it.
@@ -89,6 +129,9 @@ pub enum CatalogError {
     /// No such key in the project.
     #[error("key not found")]
     KeyNotFound,
+    /// The project already has as many access keys as it may.
+    #[error("a project may have at most {0} access keys")]
+    TooManyKeys(usize),
     /// The catalog could not be read or written.
     #[error("catalog storage error: {0}")]
     Io(#[from] io::Error),
@@ -116,8 +159,30 @@ pub trait Catalog: Send + Sync + std::fmt::Debug {
     fn projects(&self) -> Vec<ProjectInfo>;
     /// What the presented key may do; `None` for an unknown or revoked key.
     fn authenticate(&self, key: &str) -> Option<KeyGrant>;
-    /// Revokes (`false`) or restores (`true`) a key of `project`.
+    /// Revokes (`false`) or restores (`true`) a key of `project`, named by the key itself or,
+    /// for an access key, its id.
     fn set_key_active(&self, project: &ProjectId, key: &str, active: bool) -> Result<(), CatalogError>;
+    /// Creates an access key: the key in the clear (shown only now) and how it is listed.
+    fn create_access_key(
+        &self,
+        project: &ProjectId,
+        definition: AccessKeyDefinition,
+        created_at: &str,
+    ) -> Result<(String, AccessKeyInfo), CatalogError>;
+    /// The project's access keys, oldest first.
+    fn access_keys(&self, project: &ProjectId) -> Vec<AccessKeyInfo>;
+    /// One access key, named by the key or its id.
+    fn access_key(&self, project: &ProjectId, key: &str) -> Option<AccessKeyInfo>;
+    /// Replaces an access key's definition and, when given, whether it is active.
+    fn update_access_key(
+        &self,
+        project: &ProjectId,
+        key: &str,
+        definition: AccessKeyDefinition,
+        active: Option<bool>,
+    ) -> Result<AccessKeyInfo, CatalogError>;
+    /// Deletes an access key; `false` if there was none.
+    fn delete_access_key(&self, project: &ProjectId, key: &str) -> Result<bool, CatalogError>;
     /// Creates or replaces a named definition; `true` when it is new.
     fn put_object(
         &self,
@@ -139,7 +204,36 @@ struct StoredKey {
     hash: String,
     kind: KeyKind,
     active: bool,
+    /// Access keys only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access: Option<Arc<AccessKeyDefinition>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created_at: Option<String>,
 }
+
+impl StoredKey {
+    /// Whether `key` (a presented key, or an access key's id) names this key.
+    fn named_by(&self, key: &str, presented: &str) -> bool {
+        self.hash == presented
+            || (self.access.is_some() && key.len() == ACCESS_KEY_ID_LEN && self.hash.starts_with(key))
+    }
+
+    fn access_info(&self, project: ProjectId) -> Option<AccessKeyInfo> {
+        Some(AccessKeyInfo {
+            id: self.hash[..ACCESS_KEY_ID_LEN].to_owned(),
+            project,
+            active: self.active,
+            created_at: self.created_at.clone().unwrap_or_default(),
+            definition: self.access.clone()?,
+        })
+    }
+}
+
+/// Hex digits of an access key's id.
+const ACCESS_KEY_ID_LEN: usize = 16;
+
+/// The most access keys one project may have.
+pub const MAX_ACCESS_KEYS: usize = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredProject {
@@ -174,9 +268,8 @@ struct CatalogFile {
     projects: Vec<StoredProject>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct KeyEntry {
-    hash: KeyHash,
     grant: KeyGrant,
     active: bool,
 }
@@ -199,10 +292,11 @@ impl State {
                 keys.insert(
                     hash,
                     KeyEntry {
-                        hash,
                         grant: KeyGrant {
                             project: project.info.id,
                             kind: key.kind,
+                            hash,
+                            access: key.access.clone(),
                         },
                         active: key.active,
                     },
@@ -260,6 +354,36 @@ impl EmbeddedCatalog {
     }
 }
 
+impl EmbeddedCatalog {
+    /// Changes one key of `project` (named by the key or an access key's id), persists, and
+    /// re-indexes, so the change applies to the very next request.
+    fn change_key(
+        &self,
+        project: &ProjectId,
+        key: &str,
+        change: impl FnOnce(&mut StoredKey) -> Result<(), CatalogError>,
+    ) -> Result<Option<AccessKeyInfo>, CatalogError> {
+        let presented = KeyHash::of(key).to_hex();
+        let mut state = self.write();
+        let mut file = state.file.clone();
+        let stored = file
+            .projects
+            .iter_mut()
+            .find(|p| p.info.id == *project)
+            .ok_or(CatalogError::ProjectNotFound)?;
+        let stored_key = stored
+            .keys
+            .iter_mut()
+            .find(|k| k.named_by(key, &presented))
+            .ok_or(CatalogError::KeyNotFound)?;
+        change(stored_key)?;
+        let info = stored_key.access_info(*project);
+        self.persist(&file)?;
+        *state = State::index(file, &self.path)?;
+        Ok(info)
+    }
+}
+
 fn check_project_name(name: &str) -> Result<(), CatalogError> {
     if name.trim().is_empty() {
         return Err(CatalogError::InvalidName("a project needs a name".into()));
@@ -306,6 +430,8 @@ impl Catalog for EmbeddedCatalog {
                     hash: KeyHash::of(key).to_hex(),
                     kind: *kind,
                     active: true,
+                    access: None,
+                    created_at: None,
                 })
                 .collect(),
             saved_queries: BTreeMap::new(),
@@ -337,11 +463,24 @@ impl Catalog for EmbeddedCatalog {
         let presented = KeyHash::of(key);
         let state = self.read();
         let entry = state.keys.get(&presented)?;
-        (entry.active && entry.hash.ct_eq(&presented)).then_some(entry.grant)
+        (entry.active && entry.grant.hash.ct_eq(&presented)).then(|| entry.grant.clone())
     }
 
     fn set_key_active(&self, project: &ProjectId, key: &str, active: bool) -> Result<(), CatalogError> {
-        let hash = KeyHash::of(key).to_hex();
+        self.change_key(project, key, |stored| {
+            stored.active = active;
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    fn create_access_key(
+        &self,
+        project: &ProjectId,
+        definition: AccessKeyDefinition,
+        created_at: &str,
+    ) -> Result<(String, AccessKeyInfo), CatalogError> {
+        let key = new_api_key();
         let mut state = self.write();
         let mut file = state.file.clone();
         let stored = file
@@ -349,15 +488,85 @@ impl Catalog for EmbeddedCatalog {
             .iter_mut()
             .find(|p| p.info.id == *project)
             .ok_or(CatalogError::ProjectNotFound)?;
-        let stored_key = stored
-            .keys
-            .iter_mut()
-            .find(|k| k.hash == hash)
-            .ok_or(CatalogError::KeyNotFound)?;
-        stored_key.active = active;
+        if stored.keys.iter().filter(|k| k.access.is_some()).count() >= MAX_ACCESS_KEYS {
+            return Err(CatalogError::TooManyKeys(MAX_ACCESS_KEYS));
+        }
+        let new = StoredKey {
+            hash: KeyHash::of(&key).to_hex(),
+            kind: KeyKind::Access,
+            active: true,
+            access: Some(Arc::new(definition)),
+            created_at: Some(created_at.to_owned()),
+        };
+        let info = new.access_info(*project).expect("an access key");
+        stored.keys.push(new);
         self.persist(&file)?;
         *state = State::index(file, &self.path)?;
-        Ok(())
+        Ok((key, info))
+    }
+
+    fn access_keys(&self, project: &ProjectId) -> Vec<AccessKeyInfo> {
+        let state = self.read();
+        state
+            .file
+            .projects
+            .iter()
+            .find(|p| p.info.id == *project)
+            .map(|p| p.keys.iter().filter_map(|k| k.access_info(*project)).collect())
+            .unwrap_or_default()
+    }
+
+    fn access_key(&self, project: &ProjectId, key: &str) -> Option<AccessKeyInfo> {
+        let presented = KeyHash::of(key).to_hex();
+        let state = self.read();
+        let stored = state.file.projects.iter().find(|p| p.info.id == *project)?;
+        stored
+            .keys
+            .iter()
+            .find(|k| k.access.is_some() && k.named_by(key, &presented))
+            .and_then(|k| k.access_info(*project))
+    }
+
+    fn update_access_key(
+        &self,
+        project: &ProjectId,
+        key: &str,
+        definition: AccessKeyDefinition,
+        active: Option<bool>,
+    ) -> Result<AccessKeyInfo, CatalogError> {
+        let definition = Arc::new(definition);
+        self.change_key(project, key, |stored| {
+            if stored.access.is_none() {
+                return Err(CatalogError::KeyNotFound);
+            }
+            stored.access = Some(definition.clone());
+            if let Some(active) = active {
+                stored.active = active;
+            }
+            Ok(())
+        })
+        .map(|info| info.expect("an access key"))
+    }
+
+    fn delete_access_key(&self, project: &ProjectId, key: &str) -> Result<bool, CatalogError> {
+        let presented = KeyHash::of(key).to_hex();
+        let mut state = self.write();
+        let mut file = state.file.clone();
+        let stored = file
+            .projects
+            .iter_mut()
+            .find(|p| p.info.id == *project)
+            .ok_or(CatalogError::ProjectNotFound)?;
+        let before = stored.keys.len();
+        stored
+            .keys
+            .retain(|k| !(k.access.is_some() && k.named_by(key, &presented)));
+        if stored.keys.len() == before {
+            return Ok(false);
+        }
+        self.persist(&file)?;
+        *state = State::index(file, &self.path)?;
+        Ok(true)
     }
 
     fn put_object(
@@ -438,7 +647,9 @@ mod tests {
             catalog.authenticate(&created.write_key),
             Some(KeyGrant {
                 project: created.id,
-                kind: KeyKind::Write
+                kind: KeyKind::Write,
+                hash: KeyHash::of(&created.write_key),
+                access: None,
             })
         );
         assert_eq!(catalog.authenticate("nope"), None);
@@ -533,5 +744,54 @@ mod tests {
             EmbeddedCatalog::open(&path),
             Err(CatalogError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn access_keys_are_named_by_key_or_id_and_changes_apply_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.json");
+        let catalog = EmbeddedCatalog::open(&path).unwrap();
+        let p = catalog.create_project("p", "t").unwrap();
+        let definition = AccessKeyDefinition {
+            name: "customer a".into(),
+            permitted: vec!["queries".into()],
+            options: serde_json::json!({"queries": {"filters": []}}),
+        };
+        let (key, info) = catalog
+            .create_access_key(&p.id, definition.clone(), "2026-01-01T00:00:00.000Z")
+            .unwrap();
+        assert!(!std::fs::read_to_string(&path).unwrap().contains(&key));
+        let grant = catalog.authenticate(&key).unwrap();
+        assert_eq!(grant.kind, KeyKind::Access);
+        assert_eq!(grant.access.as_deref(), Some(&definition));
+        assert_eq!(catalog.access_key(&p.id, &info.id), Some(info.clone()));
+        assert_eq!(catalog.access_key(&p.id, &key), Some(info.clone()));
+        assert_eq!(catalog.access_keys(&p.id), vec![info.clone()]);
+        // The project's own keys are not access keys.
+        assert!(catalog.access_key(&p.id, &p.read_key).is_none());
+        assert!(matches!(
+            catalog.update_access_key(&p.id, &p.read_key, definition.clone(), None),
+            Err(CatalogError::KeyNotFound)
+        ));
+
+        catalog.set_key_active(&p.id, &info.id, false).unwrap();
+        assert!(catalog.authenticate(&key).is_none(), "revoked at once");
+        let renamed = AccessKeyDefinition {
+            name: "renamed".into(),
+            ..definition
+        };
+        let updated = catalog
+            .update_access_key(&p.id, &key, renamed.clone(), Some(true))
+            .unwrap();
+        assert!(updated.active);
+        let reopened = EmbeddedCatalog::open(&path).unwrap();
+        assert_eq!(
+            reopened.authenticate(&key).unwrap().access.as_deref(),
+            Some(&renamed)
+        );
+        assert!(reopened.delete_access_key(&p.id, &key).unwrap());
+        assert!(!reopened.delete_access_key(&p.id, &key).unwrap());
+        assert!(reopened.authenticate(&key).is_none(), "deleted at once");
+        assert!(reopened.authenticate(&p.master_key).is_some());
     }
 }

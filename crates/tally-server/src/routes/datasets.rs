@@ -2,7 +2,8 @@
 //!
 //! Definitions are validated by `tally_query::dataset` and kept in the catalog; buckets and
 //! results come from [`crate::answers::CachedAnswers`]. `PUT` and `DELETE` need the master key;
-//! reading definitions and results also opens to the read key.
+//! reading definitions (`read`), listing them (`list`) and results (`retrieve`) also open to the
+//! read key and to access keys with the `datasets` permission, within their `datasets` option.
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -11,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tally_core::error::ErrorCode;
 use tally_core::ids::ProjectId;
+use tally_query::access::DatasetOp;
 use tally_query::dataset::{self, Dataset};
+use tally_query::plan::{Plan, Prepared};
 use tally_query::saved::{check_name, format_date};
 use tally_store::ObjectKind;
 
@@ -19,7 +22,8 @@ use crate::app::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
 use crate::request::KeenPath;
-use crate::routes::queries::{blocking, json_ok, limits, query_string_request};
+use crate::limits::RateClass;
+use crate::routes::queries::{Answered, answer, blocking, json_ok, json_text, limits, query_string_request};
 use crate::routes::saved::{delete_definition, forget, json_body};
 
 /// The most definitions one list page holds.
@@ -63,8 +67,9 @@ pub async fn put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let project = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?
+        .0
+        .project;
     check_name(&name)?;
     let body = json_body(&state, &headers, body).await?;
     let dataset = dataset::parse_dataset(&body, state.clock.now_ms())?;
@@ -94,8 +99,15 @@ pub async fn get(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Queries)?;
+    let (caller, _) = query_string_request(
+        &state,
+        &project,
+        raw_query.as_deref(),
+        &headers,
+        Access::Datasets(DatasetOp::Read),
+    )?;
+    caller.check_dataset(DatasetOp::Read, &name)?;
+    let project = caller.project;
     let dataset = lookup(&state, project, &name)?;
     Ok(json_ok(&definition(&state, project, &name, &dataset)))
 }
@@ -108,8 +120,14 @@ pub async fn list(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, params) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Queries)?;
+    let (caller, params) = query_string_request(
+        &state,
+        &project,
+        raw_query.as_deref(),
+        &headers,
+        Access::Datasets(DatasetOp::List),
+    )?;
+    let project = caller.project;
     let limit = match params.get("limit") {
         None => 10,
         Some(v) => match v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())) {
@@ -129,7 +147,10 @@ pub async fn list(
     let all = state.catalog.objects(&project, ObjectKind::Dataset);
     let mut page: Vec<Value> = Vec::new();
     let mut more = false;
-    for (name, stored) in all.iter().filter(|(n, _)| after.as_ref().is_none_or(|a| n > a)) {
+    let listed = all
+        .iter()
+        .filter(|(n, _)| after.as_ref().is_none_or(|a| n > a) && caller.sees_dataset(n));
+    for (name, stored) in listed {
         if page.len() == limit {
             more = true;
             break;
@@ -176,17 +197,27 @@ pub async fn delete(
     .await
 }
 
-/// `GET /datasets/{name}/results?index_by=…&timeframe=…` (read or master key).
+/// `GET /datasets/{name}/results?index_by=…&timeframe=…` (read or master key, or an access key
+/// that may `retrieve` this dataset). An access key limited to some `index_by` values gets only
+/// those; an access key with filters gets the equivalent ad-hoc query with its filters AND-ed in
+/// (kept in the result cache until its data changes), never the shared buckets.
 pub async fn results(
     State(state): State<AppState>,
     KeenPath((project, name)): KeenPath<(String, String)>,
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, params) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Queries)?;
+    let (caller, params) = query_string_request(
+        &state,
+        &project,
+        raw_query.as_deref(),
+        &headers,
+        Access::Datasets(DatasetOp::Retrieve),
+    )?;
+    caller.check_dataset(DatasetOp::Retrieve, &name)?;
+    let project = caller.project;
     let dataset = lookup(&state, project, &name)?;
-    let Some(index) = params.get("index_by").cloned() else {
+    let Some(index) = params.get("index_by") else {
         return Err(ApiError::new(
             ErrorCode::MissingRequiredProperty,
             format!(
@@ -195,12 +226,42 @@ pub async fn results(
             ),
         ));
     };
+    let mut candidates = dataset.index_candidates(index)?;
+    if let Some(scope) = &caller.scope {
+        candidates = scope
+            .datasets
+            .allowed_candidates(&name, &dataset.index_by, candidates);
+        if candidates.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::InsufficientPermissions,
+                format!("This key may not retrieve that 'index_by' value of the dataset '{name}'."),
+            ));
+        }
+    }
     let timeframe = params.get("timeframe").cloned();
+    if caller.is_filtered() {
+        state.rate_limiter.take(&caller.key, RateClass::Queries)?;
+        let now = state.clock.now_ms();
+        let spec = dataset.results_query(&candidates, timeframe.as_ref(), caller.query_filters(), now)?;
+        let prepared = Prepared {
+            plan: Plan::Single(Box::new(spec)),
+            max_age: None,
+        };
+        // Kept until the events it read change: the change tracking makes any age correct.
+        return Ok(match answer(&state, project, prepared, Some(UNTIL_CHANGED_SECS)).await? {
+            Answered::Cached { body, .. } => json_text(body.as_str().to_owned()),
+            Answered::Json(text) => json_text(text),
+            Answered::Csv(_) => return Err(ApiError::internal("a dataset query answered CSV")),
+        });
+    }
     let answers = state.answers.clone();
     let (_, timeout) = limits(&state);
     let body = blocking(timeout, move || {
-        answers.dataset_results(project, &name, &dataset, &index, timeframe.as_ref())
+        answers.dataset_results(project, &name, &dataset, &candidates, timeframe.as_ref())
     })
     .await?;
     Ok(json_ok(&body))
 }
+
+/// How long a scoped dataset answer may be kept: a day, or until the events it read change.
+const UNTIL_CHANGED_SECS: u64 = 86_400;

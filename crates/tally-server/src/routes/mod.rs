@@ -2,6 +2,7 @@
 
 pub mod datasets;
 pub mod events;
+pub mod keys;
 pub mod ops;
 pub mod projects;
 pub mod queries;

@@ -23,7 +23,7 @@ use tally_query::{Filter, TimeRange};
 use tally_store::events::Segment;
 
 use crate::app::AppState;
-use crate::auth::{Access, authorize, presented_key};
+use crate::auth::{Access, Caller, authorize, presented_key};
 use crate::error::ApiError;
 use crate::request::{KeenPath, read_body};
 
@@ -44,29 +44,30 @@ pub(crate) async fn gather_params(
     Ok(spec::merge(query, body))
 }
 
-fn authorize_params(
+/// The caller, from the key in the headers or the `api_key` parameter, authorized for `access`.
+pub(crate) fn authorize_params(
     state: &AppState,
     project: &str,
     params: &Params,
     headers: &HeaderMap,
     access: Access,
-) -> Result<ProjectId, ApiError> {
+) -> Result<Caller, ApiError> {
     let api_key = params.get("api_key").and_then(Value::as_str);
     let key = presented_key(headers, api_key);
-    Ok(authorize(state.catalog.as_ref(), project, key.as_deref(), access)?.project)
+    authorize(state, project, key.as_deref(), access)
 }
 
-/// Parameters of a GET or DELETE (query string only) and the project the key opens for `access`.
+/// Parameters of a GET or DELETE (query string only) and the caller, authorized for `access`.
 pub(crate) fn query_string_request(
     state: &AppState,
     project: &str,
     raw_query: Option<&str>,
     headers: &HeaderMap,
     access: Access,
-) -> Result<(ProjectId, Params), ApiError> {
+) -> Result<(Caller, Params), ApiError> {
     let params = spec::params_from_query_string(raw_query.unwrap_or(""));
-    let project = authorize_params(state, project, &params, headers, access)?;
-    Ok((project, params))
+    let caller = authorize_params(state, project, &params, headers, access)?;
+    Ok((caller, params))
 }
 
 /// The limits of a query starting now, and its time limit.
@@ -75,6 +76,22 @@ pub(crate) fn limits(state: &AppState) -> (Limits, Duration) {
         Limits::starting_now(&state.query),
         Duration::from_millis(state.query.timeout_ms),
     )
+}
+
+/// Runs `work` in one of `project`'s query slots ([`crate::limits::QueryGate`]) on the
+/// blocking pool; the slot is held until the work ends, even if the request has timed out.
+pub(crate) async fn gated<T: Send + 'static>(
+    state: &AppState,
+    project: ProjectId,
+    timeout: Duration,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let slot = state.query_gate.enter(project).await?;
+    blocking(timeout, move || {
+        let _slot = slot;
+        work()
+    })
+    .await
 }
 
 /// Runs `work` on the blocking pool, answering 504 if it outlives the query time limit.
@@ -102,11 +119,57 @@ pub async fn run_query(
     body: Body,
 ) -> Result<Response, ApiError> {
     let params = gather_params(&state, &method, raw_query.as_deref(), &headers, body).await?;
-    let project = authorize_params(&state, &project, &params, &headers, Access::Queries)?;
+    let caller = authorize_params(&state, &project, &params, &headers, Access::Queries)?;
+    let mut prepared = Prepared::parse(&analysis, &params, state.clock.now_ms())?;
+    // Before the cache key: a scoped key's answers are cached apart from everyone else's.
+    prepared.restrict(caller.query_filters());
+    let max_age = prepared.max_age;
+    Ok(match answer(&state, caller.project, prepared, max_age).await? {
+        Answered::Cached { body, age_secs } => {
+            let mut response = json_text(body.as_str().to_owned());
+            if let Ok(age) = HeaderValue::from_str(&age_secs.to_string()) {
+                response.headers_mut().insert(header::AGE, age);
+            }
+            response
+        }
+        Answered::Json(text) => json_text(text),
+        Answered::Csv(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/csv; charset=utf-8"),
+            )],
+            text,
+        )
+            .into_response(),
+    })
+}
+
+/// An answer, fresh or from the result cache.
+pub(crate) enum Answered {
+    /// From the result cache, computed `age_secs` ago.
+    Cached {
+        /// The JSON answer.
+        body: Arc<String>,
+        /// Seconds since it was computed.
+        age_secs: i64,
+    },
+    /// Computed now: JSON.
+    Json(String),
+    /// Computed now: CSV (never cached).
+    Csv(String),
+}
+
+/// Answers `prepared` over `project`'s events in one of the project's query slots, through the
+/// result cache when `max_age` (seconds) is given: a kept answer no older than that whose
+/// reads have not changed is served, and a fresh JSON answer is kept.
+pub(crate) async fn answer(
+    state: &AppState,
+    project: ProjectId,
+    prepared: Prepared,
+    max_age: Option<u64>,
+) -> Result<Answered, ApiError> {
     let now_ms = state.clock.now_ms();
-    let prepared = Prepared::parse(&analysis, &params, now_ms)?;
-    let cache_key = prepared
-        .max_age
+    let cache_key = max_age
         .filter(|&age| age > 0 && !prepared.is_csv())
         .map(|age| (format!("{project}\n{}", prepared.cache_key()), age));
     if let Some((key, max_age)) = &cache_key {
@@ -118,12 +181,10 @@ pub async fn run_query(
         };
         let max_age_ms = i64::try_from(max_age.saturating_mul(1000)).unwrap_or(i64::MAX);
         if let Some(hit) = state.answers.results.get(key, max_age_ms, now_ms, unchanged) {
-            let age_secs = ((now_ms - hit.computed_at_ms).max(0) / 1000).to_string();
-            let mut response = json_text(hit.body.as_str().to_owned());
-            if let Ok(age) = HeaderValue::from_str(&age_secs) {
-                response.headers_mut().insert(header::AGE, age);
-            }
-            return Ok(response);
+            return Ok(Answered::Cached {
+                age_secs: (now_ms - hit.computed_at_ms).max(0) / 1000,
+                body: hit.body,
+            });
         }
     }
     // Versions are read before the data, so a write racing the query only makes the cached
@@ -141,8 +202,8 @@ pub async fn run_query(
         None => Vec::new(),
     };
     let store = state.store.clone();
-    let (limits, timeout) = limits(&state);
-    let answer = blocking(timeout, move || {
+    let (limits, timeout) = limits(state);
+    let answer = gated(state, project, timeout, move || {
         prepared
             .run(|c| store.snapshot(project, c), &limits)
             .map_err(ApiError::from)
@@ -157,20 +218,13 @@ pub async fn run_query(
                     .results
                     .put(key, Arc::new(text.clone()), now_ms, reads);
             }
-            json_text(text)
+            Answered::Json(text)
         }
-        Answer::Csv(text) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/csv; charset=utf-8"),
-            )],
-            text,
-        )
-            .into_response(),
+        Answer::Csv(text) => Answered::Csv(text),
     })
 }
 
-fn json_text(text: String) -> Response {
+pub(crate) fn json_text(text: String) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
@@ -184,17 +238,53 @@ pub(crate) fn json_ok(body: &Value) -> Response {
     json_text(body.to_string())
 }
 
-/// The properties of a collection with their Keen types.
-fn collection_schema(
+/// The properties of the caller's view of each collection, with their Keen types (a collection
+/// with nothing the caller may see has none). For a caller whose key carries filters, only the
+/// events passing them count, so not even another tenant's property names show; that is a scan,
+/// so it runs in a query slot like a query.
+async fn collection_schemas(
     state: &AppState,
-    project: ProjectId,
-    collection: &str,
-) -> BTreeMap<String, &'static str> {
-    let snapshot = state.store.snapshot(project, collection);
-    tally_store::events::property_tag_counts(snapshot.iter().map(|s| &s.segment))
-        .into_iter()
-        .map(|(path, c)| (path, tally_store::events::column::dominant_type(&c)))
-        .collect()
+    caller: &Caller,
+    collections: Vec<String>,
+) -> Result<Vec<(String, BTreeMap<String, &'static str>)>, ApiError> {
+    let (store, project, filters) = (state.store.clone(), caller.project, caller.query_filters().to_vec());
+    let schemas = move || {
+        Ok(collections
+            .into_iter()
+            .map(|collection| {
+                let snapshot = store.snapshot(project, &collection);
+                let counts = if filters.is_empty() {
+                    tally_store::events::property_tag_counts(snapshot.iter().map(|s| &s.segment))
+                } else {
+                    let visible: Vec<Segment> = snapshot
+                        .iter()
+                        .map(|s| exec::restrict_segment(&s.segment, &filters))
+                        .collect();
+                    tally_store::events::property_tag_counts(visible.iter())
+                };
+                let properties = counts
+                    .into_iter()
+                    .map(|(path, c)| (path, tally_store::events::column::dominant_type(&c)))
+                    .collect();
+                (collection, properties)
+            })
+            .collect())
+    };
+    if caller.is_filtered() {
+        let (_, timeout) = limits(state);
+        gated(state, project, timeout, schemas).await
+    } else {
+        schemas()
+    }
+}
+
+async fn one_schema(
+    state: &AppState,
+    caller: &Caller,
+    collection: String,
+) -> Result<BTreeMap<String, &'static str>, ApiError> {
+    let mut schemas = collection_schemas(state, caller, vec![collection]).await?;
+    Ok(schemas.pop().map(|(_, properties)| properties).unwrap_or_default())
 }
 
 fn collection_url(project: ProjectId, collection: &str) -> String {
@@ -209,16 +299,17 @@ pub async fn list_collections(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
+    let (caller, _) =
         query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
-    let collections: Vec<Value> = state
-        .store
-        .collections(project)
+    let project = caller.project;
+    let schemas = collection_schemas(&state, &caller, state.store.collections(project)).await?;
+    let collections: Vec<Value> = schemas
         .into_iter()
-        .map(|name| {
+        .filter(|(_, properties)| !properties.is_empty())
+        .map(|(name, properties)| {
             json!({
                 "name": name,
-                "properties": collection_schema(&state, project, &name),
+                "properties": properties,
                 "url": collection_url(project, &name),
             })
         })
@@ -235,9 +326,9 @@ pub async fn describe_collection(
     raw_query: Option<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
+    let (caller, _) =
         query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
-    let properties = collection_schema(&state, project, &collection);
+    let properties = one_schema(&state, &caller, collection).await?;
     if properties.is_empty() {
         return Err(ApiError::not_found());
     }
@@ -251,15 +342,15 @@ pub async fn describe_property(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
+    let (caller, _) =
         query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
-    let properties = collection_schema(&state, project, &collection);
+    let properties = one_schema(&state, &caller, collection.clone()).await?;
     let Some(kind) = properties.get(&property) else {
         return Err(ApiError::not_found());
     };
     Ok(json_ok(&json!({
         "property_name": property,
-        "url": format!("{}/properties/{}", collection_url(project, &collection), property),
+        "url": format!("{}/properties/{}", collection_url(caller.project, &collection), property),
         "type": kind,
     })))
 }
@@ -272,8 +363,9 @@ pub async fn delete_events(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, params) =
+    let (caller, params) =
         query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let project = caller.project;
     let zone = spec::parse_timezone(params.get("timezone"))?;
     let range: Option<TimeRange> = match params.get("timeframe") {
         Some(v) => Some(spec::parse_timeframe(Some(v), zone, state.clock.now_ms())?),
@@ -285,7 +377,7 @@ pub async fn delete_events(
     };
     let store = state.store.clone();
     let (_, timeout) = limits(&state);
-    let removed = blocking(timeout * 10, move || {
+    let removed = gated(&state, project, timeout * 10, move || {
         store
             .rewrite(project, &collection, |seg: &Segment| {
                 let range = range.unwrap_or(TimeRange {
@@ -317,8 +409,9 @@ pub async fn delete_property(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
+    let (caller, _) =
         query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let project = caller.project;
     if property == "keen" || property.starts_with("keen.") {
         return Err(ApiError::new(
             ErrorCode::InvalidPropertyName,
@@ -327,7 +420,7 @@ pub async fn delete_property(
     }
     let store = state.store.clone();
     let (_, timeout) = limits(&state);
-    blocking(timeout * 10, move || {
+    gated(&state, project, timeout * 10, move || {
         let nested = format!("{property}.");
         store
             .rewrite(project, &collection, |seg: &Segment| {
@@ -351,7 +444,8 @@ pub async fn run_sql(
     body: Body,
 ) -> Result<Response, ApiError> {
     let params = gather_params(&state, &Method::POST, raw_query.as_deref(), &headers, body).await?;
-    let project = authorize_params(&state, &project, &params, &headers, Access::Queries)?;
+    let caller = authorize_params(&state, &project, &params, &headers, Access::Queries)?;
+    let project = caller.project;
     let Some(sql) = params
         .get("query")
         .and_then(Value::as_str)
@@ -367,7 +461,12 @@ pub async fn run_sql(
         max_memory_bytes: state.query.max_memory_bytes,
         max_rows: state.query.max_extraction_events,
     };
-    match tally_sql::run(state.store.clone(), project, sql, &limits).await {
+    let scope: Option<tally_sql::RowScope> = caller.is_filtered().then(|| {
+        let filters = caller.query_filters().to_vec();
+        Arc::new(move |seg: &Segment| exec::restrict_segment(seg, &filters)) as tally_sql::RowScope
+    });
+    let _slot = state.query_gate.enter(project).await?;
+    match tally_sql::run(state.store.clone(), project, scope, sql, &limits).await {
         Ok(body) => Ok(json_ok(&body)),
         Err(tally_sql::SqlError::Timeout) => Err(ExecError::Timeout.into()),
         Err(e) => Err(ApiError::new(

@@ -2,7 +2,8 @@
 //!
 //! Definitions are validated by `tally_query::saved` and kept in the catalog; results of cached
 //! queries come from [`crate::answers::CachedAnswers`]. Everything but `/result` needs the master
-//! key; `/result` also opens to the read key.
+//! key; `/result` also opens to the read key and to access keys permitted `saved_queries` or
+//! `cached_queries` (within their allowed and blocked names, with their filters applied).
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -18,7 +19,9 @@ use crate::app::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
 use crate::request::{KeenPath, read_body};
-use crate::routes::queries::{blocking, json_ok, limits, query_string_request};
+use crate::answers::saved_result;
+use crate::limits::RateClass;
+use crate::routes::queries::{Answered, answer, blocking, gated, json_ok, limits, query_string_request};
 
 /// A JSON request body, refused in Keen's shape when it is not JSON.
 pub(crate) async fn json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
@@ -54,7 +57,9 @@ pub(crate) async fn delete_definition(
     raw_query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) = query_string_request(state, project, raw_query, headers, Access::Master)?;
+    let project = query_string_request(state, project, raw_query, headers, Access::Master)?
+        .0
+        .project;
     let existed = state
         .catalog
         .delete_object(&project, kind, name)
@@ -108,8 +113,9 @@ pub async fn list(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let project = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?
+        .0
+        .project;
     let all: Vec<Value> = state
         .catalog
         .objects(&project, ObjectKind::SavedQuery)
@@ -129,8 +135,9 @@ pub async fn get(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let project = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?
+        .0
+        .project;
     let (stored, saved) = lookup(&state, project, &name)?;
     Ok(json_ok(&saved_object(&state, project, &name, &stored, &saved)))
 }
@@ -144,8 +151,9 @@ pub async fn put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let project = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?
+        .0
+        .project;
     saved::check_name(&name)?;
     let body = json_body(&state, &headers, body).await?;
     let now = state.clock.now_ms();
@@ -197,31 +205,53 @@ pub async fn delete(
     .await
 }
 
-/// `GET …/queries/saved/{name}/result` (read or master key): the object with its `result`,
-/// computed now for a plain saved query, from the cache for a cached one.
+/// `GET …/queries/saved/{name}/result` (read or master key, or an access key with
+/// `saved_queries` / `cached_queries`): the object with its `result`, computed now for a plain
+/// saved query, from the cache for a cached one. For an access key with filters the result is
+/// the query's with those filters AND-ed in, computed for that key (and kept in the result
+/// cache for the query's `refresh_rate`), never the shared cached answer.
 pub async fn result(
     State(state): State<AppState>,
     KeenPath((project, name)): KeenPath<(String, String)>,
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (project, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Queries)?;
+    let (caller, _) = query_string_request(
+        &state,
+        &project,
+        raw_query.as_deref(),
+        &headers,
+        Access::SavedResults,
+    )?;
+    let project = caller.project;
     let (stored, saved) = lookup(&state, project, &name)?;
+    let cached = saved.refresh_rate > 0;
+    caller.check_saved(&name, cached)?;
     let mut object = saved_object(&state, project, &name, &stored, &saved);
-    let (_, timeout) = limits(&state);
-    let answers = state.answers.clone();
-    let (result, run_information) = {
-        let (saved, name) = (saved.clone(), name.clone());
-        let now = state.clock.now_ms();
-        blocking(timeout, move || {
-            if saved.refresh_rate == 0 {
-                answers.run_saved(project, &saved, now).map(|r| (r, Value::Null))
-            } else {
-                answers.cached_result(project, &name, &saved)
-            }
-        })
-        .await?
+    let filters = caller.saved_filters();
+    let now = state.clock.now_ms();
+    let (result, run_information) = if !filters.is_empty() {
+        state.rate_limiter.take(&caller.key, RateClass::Queries)?;
+        let mut prepared = saved.prepare(now)?;
+        prepared.restrict(&filters);
+        let max_age = cached.then_some(saved.refresh_rate);
+        let body = match answer(&state, project, prepared, max_age).await? {
+            Answered::Cached { body, .. } => serde_json::from_str(&body).map_err(ApiError::internal)?,
+            Answered::Json(text) => serde_json::from_str(&text).map_err(ApiError::internal)?,
+            Answered::Csv(_) => return Err(ApiError::internal("a saved query answered CSV")),
+        };
+        (saved_result(&saved, body), object["run_information"].take())
+    } else if !cached {
+        state.rate_limiter.take(&caller.key, RateClass::Queries)?;
+        let (_, timeout) = limits(&state);
+        let answers = state.answers.clone();
+        let saved = saved.clone();
+        let result = gated(&state, project, timeout, move || answers.run_saved(project, &saved, now)).await?;
+        (result, Value::Null)
+    } else {
+        let (_, timeout) = limits(&state);
+        let (answers, saved, name) = (state.answers.clone(), saved.clone(), name.clone());
+        blocking(timeout, move || answers.cached_result(project, &name, &saved)).await?
     };
     object["result"] = result;
     object["run_information"] = run_information;
