@@ -3,6 +3,7 @@
 
 mod support;
 
+mod access;
 mod cached;
 mod cli;
 mod crash;

@@ -286,9 +286,9 @@ fn only_fields(fields: &Map<String, Value>, option: &str, known: &[&str]) -> Res
 fn parse_autofill(value: &Value, at: &str) -> Result<Option<Map<String, Value>>, SpecError> {
     match value {
         Value::Null => Ok(None),
-        Value::Object(map) if map.contains_key("keen") => Err(invalid(format!(
-            "'{at}' may not set properties under 'keen'."
-        ))),
+        Value::Object(map) if map.contains_key("keen") => {
+            Err(invalid(format!("'{at}' may not set properties under 'keen'.")))
+        }
         Value::Object(map) if value.to_string().len() > MAX_AUTOFILL_BYTES => Err(invalid(format!(
             "'{at}' may take at most {MAX_AUTOFILL_BYTES} bytes of JSON; this one has {} properties.",
             map.len()
@@ -431,7 +431,9 @@ pub struct KeyRequest {
 /// Validates the body of `POST /keys` or `POST /keys/{key}`.
 pub fn parse_key_request(body: &Value) -> Result<KeyRequest, SpecError> {
     let Value::Object(body) = body else {
-        return Err(invalid("The request body must be a JSON object describing the key."));
+        return Err(invalid(
+            "The request body must be a JSON object describing the key.",
+        ));
     };
     let name = match body.get("name") {
         Some(Value::String(name)) if !name.trim().is_empty() => name.clone(),
@@ -548,10 +550,18 @@ mod tests {
         let index_by = vec!["customer.id".to_string()];
         let candidates = vec![vec![json!("93iskds39kd93id")], vec![json!("other")]];
         assert_eq!(
-            scope.datasets.allowed_candidates("one", &index_by, candidates.clone()),
+            scope
+                .datasets
+                .allowed_candidates("one", &index_by, candidates.clone()),
             vec![vec![json!("93iskds39kd93id")]]
         );
-        assert_eq!(scope.datasets.allowed_candidates("two", &index_by, candidates.clone()).len(), 2);
+        assert_eq!(
+            scope
+                .datasets
+                .allowed_candidates("two", &index_by, candidates.clone())
+                .len(),
+            2
+        );
 
         let minimal = request(json!({"name": "k", "permitted": ["queries"]})).unwrap();
         assert_eq!(
@@ -567,18 +577,66 @@ mod tests {
     fn bad_definitions_are_refused_with_the_field_named() {
         let cases = [
             (json!([]), ErrorCode::InvalidParameter, "JSON object"),
-            (json!({"permitted": []}), ErrorCode::MissingRequiredProperty, "name"),
-            (json!({"name": "k"}), ErrorCode::MissingRequiredProperty, "permitted"),
-            (json!({"name": "k", "permitted": ["reads"]}), ErrorCode::InvalidParameter, "'reads'"),
-            (json!({"name": "k", "permitted": [], "is_active": "yes"}), ErrorCode::InvalidParameter, "is_active"),
-            (json!({"name": "k", "permitted": [], "options": {"query": {}}}), ErrorCode::InvalidParameter, "options.query"),
-            (json!({"name": "k", "permitted": [], "options": {"queries": {"filter": []}}}), ErrorCode::InvalidParameter, "options.queries.filter"),
-            (json!({"name": "k", "permitted": [], "options": {"queries": {"filters": [{"property_name": "a", "operator": "nope", "property_value": 1}]}}}), ErrorCode::FilterDefinition, "nope"),
-            (json!({"name": "k", "permitted": [], "options": {"writes": {"autofill": {"keen": {"timestamp": "x"}}}}}), ErrorCode::InvalidParameter, "keen"),
-            (json!({"name": "k", "permitted": [], "options": {"writes": {"autofill": [1]}}}), ErrorCode::InvalidParameter, "autofill"),
-            (json!({"name": "k", "permitted": [], "options": {"datasets": {"operations": ["delete"]}}}), ErrorCode::InvalidParameter, "'delete'"),
-            (json!({"name": "k", "permitted": [], "options": {"datasets": {"allowed": {"d": {"index_by": 3}}}}}), ErrorCode::InvalidParameter, "datasets.allowed.d"),
-            (json!({"name": "k", "permitted": [], "options": {"saved_queries": {"allowed": "q1"}}}), ErrorCode::InvalidParameter, "saved_queries.allowed"),
+            (
+                json!({"permitted": []}),
+                ErrorCode::MissingRequiredProperty,
+                "name",
+            ),
+            (
+                json!({"name": "k"}),
+                ErrorCode::MissingRequiredProperty,
+                "permitted",
+            ),
+            (
+                json!({"name": "k", "permitted": ["reads"]}),
+                ErrorCode::InvalidParameter,
+                "'reads'",
+            ),
+            (
+                json!({"name": "k", "permitted": [], "is_active": "yes"}),
+                ErrorCode::InvalidParameter,
+                "is_active",
+            ),
+            (
+                json!({"name": "k", "permitted": [], "options": {"query": {}}}),
+                ErrorCode::InvalidParameter,
+                "options.query",
+            ),
+            (
+                json!({"name": "k", "permitted": [], "options": {"queries": {"filter": []}}}),
+                ErrorCode::InvalidParameter,
+                "options.queries.filter",
+            ),
+            (
+                json!({"name": "k", "permitted": [], "options": {"queries": {"filters": [{"property_name": "a", "operator": "nope", "property_value": 1}]}}}),
+                ErrorCode::FilterDefinition,
+                "nope",
+            ),
+            (
+                json!({"name": "k", "permitted": [], "options": {"writes": {"autofill": {"keen": {"timestamp": "x"}}}}}),
+                ErrorCode::InvalidParameter,
+                "keen",
+            ),
+            (
+                json!({"name": "k", "permitted": [], "options": {"writes": {"autofill": [1]}}}),
+                ErrorCode::InvalidParameter,
+                "autofill",
+            ),
+            (
+                json!({"name": "k", "permitted": [], "options": {"datasets": {"operations": ["delete"]}}}),
+                ErrorCode::InvalidParameter,
+                "'delete'",
+            ),
+            (
+                json!({"name": "k", "permitted": [], "options": {"datasets": {"allowed": {"d": {"index_by": 3}}}}}),
+                ErrorCode::InvalidParameter,
+                "datasets.allowed.d",
+            ),
+            (
+                json!({"name": "k", "permitted": [], "options": {"saved_queries": {"allowed": "q1"}}}),
+                ErrorCode::InvalidParameter,
+                "saved_queries.allowed",
+            ),
         ];
         for (body, code, needle) in cases {
             let e = request(body.clone()).unwrap_err();
@@ -593,8 +651,21 @@ mod tests {
             any::<bool>().prop_map(Value::Bool),
             any::<i32>().prop_map(|n| json!(n)),
             prop::sample::select(vec![
-                "writes", "queries", "filters", "allowed", "blocked", "index_by", "operations",
-                "read", "eq", "or", "property_name", "operator", "property_value", "autofill", "keen",
+                "writes",
+                "queries",
+                "filters",
+                "allowed",
+                "blocked",
+                "index_by",
+                "operations",
+                "read",
+                "eq",
+                "or",
+                "property_name",
+                "operator",
+                "property_value",
+                "autofill",
+                "keen",
             ])
             .prop_map(|s| json!(s)),
         ];
@@ -603,9 +674,23 @@ mod tests {
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
                 prop::collection::btree_map(
                     prop::sample::select(vec![
-                        "name", "permitted", "options", "writes", "queries", "saved_queries",
-                        "cached_queries", "datasets", "filters", "allowed", "blocked", "index_by",
-                        "operations", "autofill", "property_name", "operator", "property_value",
+                        "name",
+                        "permitted",
+                        "options",
+                        "writes",
+                        "queries",
+                        "saved_queries",
+                        "cached_queries",
+                        "datasets",
+                        "filters",
+                        "allowed",
+                        "blocked",
+                        "index_by",
+                        "operations",
+                        "autofill",
+                        "property_name",
+                        "operator",
+                        "property_value",
                     ])
                     .prop_map(str::to_owned),
                     inner,

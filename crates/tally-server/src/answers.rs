@@ -601,4 +601,3 @@ pub fn saved_result(saved: &SavedQuery, body: Value) -> Value {
         body.get("result").cloned().unwrap_or(Value::Null)
     }
 }
-

@@ -104,7 +104,10 @@ impl Caller {
 
     /// The filters AND-ed into a saved or cached query's result for this caller.
     pub fn saved_filters(&self) -> Vec<Filter> {
-        self.scope.as_ref().map(AccessScope::saved_filters).unwrap_or_default()
+        self.scope
+            .as_ref()
+            .map(AccessScope::saved_filters)
+            .unwrap_or_default()
     }
 
     /// Whether the caller may read the result of the saved query `name` (`cached`: a cached
@@ -125,7 +128,9 @@ impl Caller {
             )));
         }
         if !rules.permits(name) {
-            return Err(insufficient(format!("This key may not read the {what} '{name}'.")));
+            return Err(insufficient(format!(
+                "This key may not read the {what} '{name}'."
+            )));
         }
         Ok(())
     }
@@ -143,7 +148,8 @@ impl Caller {
 
     /// Whether the caller may see the dataset `name` in a listing.
     pub fn sees_dataset(&self, name: &str) -> bool {
-        self.check_dataset(DatasetOp::Read, name).is_ok() || self.check_dataset(DatasetOp::Retrieve, name).is_ok()
+        self.check_dataset(DatasetOp::Read, name).is_ok()
+            || self.check_dataset(DatasetOp::Retrieve, name).is_ok()
     }
 }
 
@@ -165,7 +171,12 @@ pub fn presented_key(headers: &HeaderMap, api_key_param: Option<&str>) -> Option
 
 /// Resolves the project in the path and checks the key against it and `access`, then takes a
 /// token from the key's rate-limit bucket.
-pub fn authorize(state: &AppState, project: &str, key: Option<&str>, access: Access) -> Result<Caller, ApiError> {
+pub fn authorize(
+    state: &AppState,
+    project: &str,
+    key: Option<&str>,
+    access: Access,
+) -> Result<Caller, ApiError> {
     let project: ProjectId = project.parse().map_err(|_| ApiError::not_found())?;
     if !state.catalog.has_project(&project) {
         return Err(ApiError::not_found());

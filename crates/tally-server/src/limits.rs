@@ -303,7 +303,10 @@ mod tests {
         let full = gate.enter(p).await.unwrap_err();
         assert!(full.message.contains("waiting"), "{}", full.message);
         drop(running);
-        assert!(waiter.await.unwrap().is_ok(), "the queued query gets the freed slot");
+        assert!(
+            waiter.await.unwrap().is_ok(),
+            "the queued query gets the freed slot"
+        );
         let _held = gate.enter(p).await.unwrap();
         let timed_out = gate.enter(p).await.unwrap_err();
         assert_eq!(timed_out.retry_after, Some(1));

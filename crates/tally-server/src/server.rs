@@ -41,8 +41,8 @@ use tokio::task::JoinHandle;
 
 use crate::answers::CachedAnswers;
 use crate::app::{AppInner, AppState, router};
-use crate::metrics::ServerMetrics;
 use crate::limits::{FairnessMetrics, QueryGate, RateLimiter};
+use crate::metrics::ServerMetrics;
 
 /// Why Tally could not start.
 #[derive(Debug, thiserror::Error)]

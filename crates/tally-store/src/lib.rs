@@ -13,6 +13,6 @@ pub mod events;
 pub mod results;
 
 pub use catalog::{
-    AccessKeyDefinition, AccessKeyInfo, Catalog, CatalogError, EmbeddedCatalog, KeyGrant, KeyKind, NewProject,
-    ObjectKind, ProjectInfo,
+    AccessKeyDefinition, AccessKeyInfo, Catalog, CatalogError, EmbeddedCatalog, KeyGrant, KeyKind,
+    NewProject, ObjectKind, ProjectInfo,
 };

@@ -21,8 +21,8 @@ use tally_store::ObjectKind;
 use crate::app::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
-use crate::request::KeenPath;
 use crate::limits::RateClass;
+use crate::request::KeenPath;
 use crate::routes::queries::{Answered, answer, blocking, json_ok, json_text, limits, query_string_request};
 use crate::routes::saved::{delete_definition, forget, json_body};
 
@@ -248,11 +248,13 @@ pub async fn results(
             max_age: None,
         };
         // Kept until the events it read change: the change tracking makes any age correct.
-        return Ok(match answer(&state, project, prepared, Some(UNTIL_CHANGED_SECS)).await? {
-            Answered::Cached { body, .. } => json_text(body.as_str().to_owned()),
-            Answered::Json(text) => json_text(text),
-            Answered::Csv(_) => return Err(ApiError::internal("a dataset query answered CSV")),
-        });
+        return Ok(
+            match answer(&state, project, prepared, Some(UNTIL_CHANGED_SECS)).await? {
+                Answered::Cached { body, .. } => json_text(body.as_str().to_owned()),
+                Answered::Json(text) => json_text(text),
+                Answered::Csv(_) => return Err(ApiError::internal("a dataset query answered CSV")),
+            },
+        );
     }
     let answers = state.answers.clone();
     let (_, timeout) = limits(&state);

@@ -68,7 +68,12 @@ async fn authorized_body(
 }
 
 /// The caller, whose key may write to the project.
-fn authorize_write(state: &AppState, project: &str, params: &Params, headers: &HeaderMap) -> Result<Caller, ApiError> {
+fn authorize_write(
+    state: &AppState,
+    project: &str,
+    params: &Params,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
     let key = presented_key(headers, params.get("api_key"));
     authorize(state, project, key.as_deref(), Access::Writes)
 }

@@ -25,10 +25,17 @@ use crate::request::KeenPath;
 use crate::routes::queries::{json_ok, query_string_request};
 use crate::routes::saved::json_body;
 
-fn master(state: &AppState, project: &str, raw_query: Option<&str>, headers: &HeaderMap) -> Result<ProjectId, ApiError> {
-    Ok(query_string_request(state, project, raw_query, headers, Access::Master)?
-        .0
-        .project)
+fn master(
+    state: &AppState,
+    project: &str,
+    raw_query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<ProjectId, ApiError> {
+    Ok(
+        query_string_request(state, project, raw_query, headers, Access::Master)?
+            .0
+            .project,
+    )
 }
 
 fn catalog_error(e: CatalogError) -> ApiError {
@@ -145,7 +152,10 @@ async fn set_active(
         return Err(ApiError::not_found());
     }
     let named = key.clone();
-    in_catalog(&state, move |catalog| catalog.set_key_active(&project, &named, active)).await?;
+    in_catalog(&state, move |catalog| {
+        catalog.set_key_active(&project, &named, active)
+    })
+    .await?;
     let info = state
         .catalog
         .access_key(&project, &key)

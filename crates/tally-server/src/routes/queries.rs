@@ -247,7 +247,11 @@ async fn collection_schemas(
     caller: &Caller,
     collections: Vec<String>,
 ) -> Result<Vec<(String, BTreeMap<String, &'static str>)>, ApiError> {
-    let (store, project, filters) = (state.store.clone(), caller.project, caller.query_filters().to_vec());
+    let (store, project, filters) = (
+        state.store.clone(),
+        caller.project,
+        caller.query_filters().to_vec(),
+    );
     let schemas = move || {
         Ok(collections
             .into_iter()
@@ -284,7 +288,10 @@ async fn one_schema(
     collection: String,
 ) -> Result<BTreeMap<String, &'static str>, ApiError> {
     let mut schemas = collection_schemas(state, caller, vec![collection]).await?;
-    Ok(schemas.pop().map(|(_, properties)| properties).unwrap_or_default())
+    Ok(schemas
+        .pop()
+        .map(|(_, properties)| properties)
+        .unwrap_or_default())
 }
 
 fn collection_url(project: ProjectId, collection: &str) -> String {
@@ -299,8 +306,7 @@ pub async fn list_collections(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (caller, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
+    let (caller, _) = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
     let project = caller.project;
     let schemas = collection_schemas(&state, &caller, state.store.collections(project)).await?;
     let collections: Vec<Value> = schemas
@@ -326,8 +332,7 @@ pub async fn describe_collection(
     raw_query: Option<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (caller, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
+    let (caller, _) = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
     let properties = one_schema(&state, &caller, collection).await?;
     if properties.is_empty() {
         return Err(ApiError::not_found());
@@ -342,8 +347,7 @@ pub async fn describe_property(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (caller, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
+    let (caller, _) = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Schema)?;
     let properties = one_schema(&state, &caller, collection.clone()).await?;
     let Some(kind) = properties.get(&property) else {
         return Err(ApiError::not_found());
@@ -409,8 +413,7 @@ pub async fn delete_property(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (caller, _) =
-        query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
+    let (caller, _) = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
     let project = caller.project;
     if property == "keen" || property.starts_with("keen.") {
         return Err(ApiError::new(

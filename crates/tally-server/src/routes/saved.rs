@@ -15,12 +15,12 @@ use tally_core::ids::ProjectId;
 use tally_query::saved::{self, SavedQuery, format_date};
 use tally_store::ObjectKind;
 
+use crate::answers::saved_result;
 use crate::app::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
-use crate::request::{KeenPath, read_body};
-use crate::answers::saved_result;
 use crate::limits::RateClass;
+use crate::request::{KeenPath, read_body};
 use crate::routes::queries::{Answered, answer, blocking, gated, json_ok, limits, query_string_request};
 
 /// A JSON request body, refused in Keen's shape when it is not JSON.
@@ -246,7 +246,10 @@ pub async fn result(
         let (_, timeout) = limits(&state);
         let answers = state.answers.clone();
         let saved = saved.clone();
-        let result = gated(&state, project, timeout, move || answers.run_saved(project, &saved, now)).await?;
+        let result = gated(&state, project, timeout, move || {
+            answers.run_saved(project, &saved, now)
+        })
+        .await?;
         (result, Value::Null)
     } else {
         let (_, timeout) = limits(&state);
