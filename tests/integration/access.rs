@@ -1177,6 +1177,52 @@ async fn scoped_keys_see_only_their_rows_in_schema_sql_datasets_and_writes() {
     let listed = ok_json(get("/datasets", &own.scoped_reader).await).await;
     assert_eq!(listed["datasets"].as_array().unwrap().len(), 2);
 
+    // Names: a key that may only list datasets lists the allowed ones; a blocked saved query
+    // cannot be told from a missing one; another tenant's collection is not a SQL table.
+    let lister = ok_json(
+        call(&server, Method::POST, &url(&server, &own.id, "/keys"), Some(&own.master), Some(&json!({
+            "name": "lister", "permitted": ["datasets", "saved_queries", "queries"],
+            "options": {"datasets": {"operations": ["list"], "blocked": ["by_item"]},
+                        "saved_queries": {"blocked": ["total", "ghost"]},
+                        "queries": {"filters": [{"property_name": "customer.id", "operator": "eq", "property_value": "nobody"}]}}
+        }))).await,
+    )
+    .await;
+    let lister = lister["key"].as_str().unwrap().to_owned();
+    let names: Vec<Value> = ok_json(get("/datasets", &lister).await).await["datasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["dataset_name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("by_customer")]);
+    assert_error(
+        get("/datasets/by_customer", &lister).await,
+        401,
+        "InsufficientPermissionsError",
+    )
+    .await;
+    // "total" exists, "ghost" does not: both blocked, both answered alike.
+    for name in ["total", "ghost"] {
+        let path = format!("/queries/saved/{name}/result");
+        assert_error(get(&path, &lister).await, 401, "InsufficientPermissionsError").await;
+    }
+    assert_eq!(
+        get("/queries/saved/no_such_query/result", &lister).await.status(),
+        404
+    );
+    let hidden = call(
+        &server,
+        Method::POST,
+        &sql_url,
+        Some(&lister),
+        Some(&sql("SELECT count(*) FROM purchases")),
+    )
+    .await;
+    let (status, body) = status_json(hidden).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("not found"), "{body}");
+
     // Autofill: the key's values win over the event's.
     let forged = json!({"customer": {"id": "cust-b", "plan": "gold"}, "item": "forged"});
     let response = call(

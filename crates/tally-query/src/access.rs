@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 use tally_core::error::ErrorCode;
+use tally_core::names::check_property_name;
 use tally_store::{AccessKeyDefinition, AccessKeyInfo};
 
 use crate::spec::{self, Filter, SpecError};
@@ -130,9 +131,12 @@ pub struct DatasetRules {
 impl DatasetRules {
     /// Whether the key may do `op` on the dataset `name`.
     pub fn permits(&self, op: DatasetOp, name: &str) -> bool {
-        self.permits_op(op)
-            && !self.blocked.contains(name)
-            && self.allowed.as_ref().is_none_or(|a| a.contains_key(name))
+        self.permits_op(op) && self.permits_name(name)
+    }
+
+    /// Whether the dataset `name` is allowed and not blocked.
+    pub fn permits_name(&self, name: &str) -> bool {
+        !self.blocked.contains(name) && self.allowed.as_ref().is_none_or(|a| a.contains_key(name))
     }
 
     /// Whether the key may do `op` at all.
@@ -293,14 +297,42 @@ fn parse_autofill(value: &Value, at: &str) -> Result<Option<Map<String, Value>>,
             "'{at}' may take at most {MAX_AUTOFILL_BYTES} bytes of JSON; this one has {} properties.",
             map.len()
         ))),
-        Value::Object(map) => Ok(Some(map.clone())),
+        Value::Object(map) => {
+            check_property_names(map, at)?;
+            Ok(Some(map.clone()))
+        }
         _ => Err(invalid(format!("'{at}' must be an object of properties."))),
     }
 }
 
+/// Every property name in `map`, at any depth, follows Keen's rules: an autofill that breaks
+/// them would make every event written with the key fail.
+fn check_property_names(map: &Map<String, Value>, at: &str) -> Result<(), SpecError> {
+    for (name, value) in map {
+        check_property_name(name).map_err(|why| {
+            SpecError::new(
+                ErrorCode::InvalidPropertyName,
+                format!("'{at}' has the property '{name}': {why}"),
+            )
+        })?;
+        if let Value::Object(inner) = value {
+            check_property_names(inner, &format!("{at}.{name}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The most filters one of a key's filter lists may hold (they are parsed on every request the
+/// key makes).
+pub const MAX_KEY_FILTERS: usize = 64;
+
 fn filters(value: Option<&Value>) -> Result<Vec<Filter>, SpecError> {
     match value {
         None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(list)) if list.len() > MAX_KEY_FILTERS => Err(SpecError::new(
+            ErrorCode::FilterDefinition,
+            format!("A key may have at most {MAX_KEY_FILTERS} filters in one list."),
+        )),
         Some(v @ Value::Array(_)) => spec::parse_filters(v),
         Some(_) => Err(SpecError::new(
             ErrorCode::FilterDefinition,

@@ -146,10 +146,27 @@ impl Caller {
         }
     }
 
-    /// Whether the caller may see the dataset `name` in a listing.
+    /// Whether the caller may see the dataset `name` in a listing (the `list` operation itself
+    /// was checked by [`authorize`]; here only the names the key is allowed and not blocked).
     pub fn sees_dataset(&self, name: &str) -> bool {
-        self.check_dataset(DatasetOp::Read, name).is_ok()
-            || self.check_dataset(DatasetOp::Retrieve, name).is_ok()
+        self.scope.as_ref().is_none_or(|s| s.datasets.permits_name(name))
+    }
+
+    /// Refuses, before anything is looked up, a saved-query name the caller may read neither as
+    /// a saved nor as a cached query, so that blocked names cannot be told from missing ones.
+    pub fn check_saved_name(&self, name: &str) -> Result<(), ApiError> {
+        let Some(scope) = &self.scope else {
+            return Ok(());
+        };
+        let as_saved = scope.permits(Permission::SavedQueries) && scope.saved_queries.permits(name);
+        let as_cached = scope.permits(Permission::CachedQueries) && scope.cached_queries.permits(name);
+        if as_saved || as_cached {
+            Ok(())
+        } else {
+            Err(insufficient(format!(
+                "This key may not read the saved query '{name}'."
+            )))
+        }
     }
 }
 

@@ -127,7 +127,11 @@ impl RateLimiter {
         let now = self.clock.now_ms();
         let mut buckets = self.buckets.lock().expect("rate buckets");
         if buckets.len() > PRUNE_AT {
-            buckets.retain(|_, b| b.tokens + (now - b.at_ms).max(0) as f64 * per_ms < capacity);
+            // Each bucket judged by its own class's rate.
+            buckets.retain(|(_, class), b| {
+                let capacity = f64::from(self.per_minute(*class));
+                b.tokens + (now - b.at_ms).max(0) as f64 * capacity / 60_000.0 < capacity
+            });
         }
         let bucket = buckets.entry((*key, class)).or_insert(Bucket {
             tokens: capacity,
@@ -213,8 +217,11 @@ impl QueryGate {
         if let Ok(permit) = slots.running.clone().try_acquire_owned() {
             return Ok(QuerySlot(permit));
         }
-        if slots.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queued {
-            slots.waiting.fetch_sub(1, Ordering::SeqCst);
+        // Counted while waiting, and uncounted however the wait ends (a client that hangs up
+        // drops this future mid-wait).
+        let queued = Queued::join(&slots.waiting);
+        if queued.ahead >= self.max_queued {
+            drop(queued);
             self.metrics.refuse("queue_full");
             return Err(busy(format!(
                 "This project already has {} queries running and {} waiting; retry shortly.",
@@ -222,7 +229,7 @@ impl QueryGate {
             )));
         }
         let waited = tokio::time::timeout(self.queue_timeout, slots.running.clone().acquire_owned()).await;
-        slots.waiting.fetch_sub(1, Ordering::SeqCst);
+        drop(queued);
         match waited {
             Ok(Ok(permit)) => Ok(QuerySlot(permit)),
             Ok(Err(closed)) => Err(ApiError::internal(closed)),
@@ -235,6 +242,26 @@ impl QueryGate {
                 )))
             }
         }
+    }
+}
+
+/// One place in a project's queue, given back when dropped.
+struct Queued<'a> {
+    waiting: &'a AtomicUsize,
+    /// How many were waiting before this one.
+    ahead: usize,
+}
+
+impl<'a> Queued<'a> {
+    fn join(waiting: &'a AtomicUsize) -> Self {
+        let ahead = waiting.fetch_add(1, Ordering::SeqCst);
+        Self { waiting, ahead }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -310,5 +337,16 @@ mod tests {
         let _held = gate.enter(p).await.unwrap();
         let timed_out = gate.enter(p).await.unwrap_err();
         assert_eq!(timed_out.retry_after, Some(1));
+        // A client that hangs up while queued gives its place back.
+        let abandoned = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.enter(p).await }
+        });
+        while queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        abandoned.abort();
+        assert!(abandoned.await.unwrap_err().is_cancelled());
+        assert_eq!(queued(), 0);
     }
 }

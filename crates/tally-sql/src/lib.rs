@@ -178,6 +178,11 @@ impl SchemaProvider for ProjectSchema {
         })
         .await
         .map_err(|e| DataFusionError::External(Box::new(e)))??;
+        // A scoped caller sees no table where it sees no rows: another tenant's collections
+        // are not even nameable.
+        if self.scope.is_some() && partitions.is_empty() {
+            return Ok(None);
+        }
         Ok(Some(Arc::new(MemTable::try_new(schema, partitions)?)))
     }
 

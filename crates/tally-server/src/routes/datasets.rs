@@ -23,7 +23,7 @@ use crate::auth::Access;
 use crate::error::ApiError;
 use crate::limits::RateClass;
 use crate::request::KeenPath;
-use crate::routes::queries::{Answered, answer, blocking, json_ok, json_text, limits, query_string_request};
+use crate::routes::queries::{Answered, answer, gated, json_ok, json_text, limits, query_string_request};
 use crate::routes::saved::{delete_definition, forget, json_body};
 
 /// The most definitions one list page holds.
@@ -256,9 +256,11 @@ pub async fn results(
             },
         );
     }
+    // Usually a lookup of kept buckets; a bucket never computed is computed first, so it takes
+    // a slot.
     let answers = state.answers.clone();
     let (_, timeout) = limits(&state);
-    let body = blocking(timeout, move || {
+    let body = gated(&state, project, timeout, move || {
         answers.dataset_results(project, &name, &dataset, &candidates, timeframe.as_ref())
     })
     .await?;

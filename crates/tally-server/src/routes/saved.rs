@@ -21,7 +21,7 @@ use crate::auth::Access;
 use crate::error::ApiError;
 use crate::limits::RateClass;
 use crate::request::{KeenPath, read_body};
-use crate::routes::queries::{Answered, answer, blocking, gated, json_ok, limits, query_string_request};
+use crate::routes::queries::{Answered, answer, gated, json_ok, limits, query_string_request};
 
 /// A JSON request body, refused in Keen's shape when it is not JSON.
 pub(crate) async fn json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
@@ -224,6 +224,7 @@ pub async fn result(
         Access::SavedResults,
     )?;
     let project = caller.project;
+    caller.check_saved_name(&name)?;
     let (stored, saved) = lookup(&state, project, &name)?;
     let cached = saved.refresh_rate > 0;
     caller.check_saved(&name, cached)?;
@@ -252,9 +253,13 @@ pub async fn result(
         .await?;
         (result, Value::Null)
     } else {
+        // Usually a lookup; the first read after a start may compute, so it takes a slot.
         let (_, timeout) = limits(&state);
         let (answers, saved, name) = (state.answers.clone(), saved.clone(), name.clone());
-        blocking(timeout, move || answers.cached_result(project, &name, &saved)).await?
+        gated(&state, project, timeout, move || {
+            answers.cached_result(project, &name, &saved)
+        })
+        .await?
     };
     object["result"] = result;
     object["run_information"] = run_information;
