@@ -364,6 +364,24 @@ impl EmbeddedCatalog {
         change: impl FnOnce(&mut StoredKey) -> Result<(), CatalogError>,
     ) -> Result<Option<AccessKeyInfo>, CatalogError> {
         let presented = KeyHash::of(key).to_hex();
+        self.change_project(project, |stored| {
+            let stored_key = stored
+                .keys
+                .iter_mut()
+                .find(|k| k.named_by(key, &presented))
+                .ok_or(CatalogError::KeyNotFound)?;
+            change(stored_key)?;
+            Ok((stored_key.access_info(*project), true))
+        })
+    }
+
+    /// Changes one project; when `change` says it changed something, persists and re-indexes,
+    /// so the change applies to the very next request.
+    fn change_project<T>(
+        &self,
+        project: &ProjectId,
+        change: impl FnOnce(&mut StoredProject) -> Result<(T, bool), CatalogError>,
+    ) -> Result<T, CatalogError> {
         let mut state = self.write();
         let mut file = state.file.clone();
         let stored = file
@@ -371,16 +389,12 @@ impl EmbeddedCatalog {
             .iter_mut()
             .find(|p| p.info.id == *project)
             .ok_or(CatalogError::ProjectNotFound)?;
-        let stored_key = stored
-            .keys
-            .iter_mut()
-            .find(|k| k.named_by(key, &presented))
-            .ok_or(CatalogError::KeyNotFound)?;
-        change(stored_key)?;
-        let info = stored_key.access_info(*project);
-        self.persist(&file)?;
-        *state = State::index(file, &self.path)?;
-        Ok(info)
+        let (out, changed) = change(stored)?;
+        if changed {
+            self.persist(&file)?;
+            *state = State::index(file, &self.path)?;
+        }
+        Ok(out)
     }
 }
 
@@ -481,27 +495,21 @@ impl Catalog for EmbeddedCatalog {
         created_at: &str,
     ) -> Result<(String, AccessKeyInfo), CatalogError> {
         let key = new_api_key();
-        let mut state = self.write();
-        let mut file = state.file.clone();
-        let stored = file
-            .projects
-            .iter_mut()
-            .find(|p| p.info.id == *project)
-            .ok_or(CatalogError::ProjectNotFound)?;
-        if stored.keys.iter().filter(|k| k.access.is_some()).count() >= MAX_ACCESS_KEYS {
-            return Err(CatalogError::TooManyKeys(MAX_ACCESS_KEYS));
-        }
-        let new = StoredKey {
-            hash: KeyHash::of(&key).to_hex(),
-            kind: KeyKind::Access,
-            active: true,
-            access: Some(Arc::new(definition)),
-            created_at: Some(created_at.to_owned()),
-        };
-        let info = new.access_info(*project).expect("an access key");
-        stored.keys.push(new);
-        self.persist(&file)?;
-        *state = State::index(file, &self.path)?;
+        let info = self.change_project(project, |stored| {
+            if stored.keys.iter().filter(|k| k.access.is_some()).count() >= MAX_ACCESS_KEYS {
+                return Err(CatalogError::TooManyKeys(MAX_ACCESS_KEYS));
+            }
+            let new = StoredKey {
+                hash: KeyHash::of(&key).to_hex(),
+                kind: KeyKind::Access,
+                active: true,
+                access: Some(Arc::new(definition)),
+                created_at: Some(created_at.to_owned()),
+            };
+            let info = new.access_info(*project).expect("an access key");
+            stored.keys.push(new);
+            Ok((info, true))
+        })?;
         Ok((key, info))
     }
 
@@ -550,23 +558,14 @@ impl Catalog for EmbeddedCatalog {
 
     fn delete_access_key(&self, project: &ProjectId, key: &str) -> Result<bool, CatalogError> {
         let presented = KeyHash::of(key).to_hex();
-        let mut state = self.write();
-        let mut file = state.file.clone();
-        let stored = file
-            .projects
-            .iter_mut()
-            .find(|p| p.info.id == *project)
-            .ok_or(CatalogError::ProjectNotFound)?;
-        let before = stored.keys.len();
-        stored
-            .keys
-            .retain(|k| !(k.access.is_some() && k.named_by(key, &presented)));
-        if stored.keys.len() == before {
-            return Ok(false);
-        }
-        self.persist(&file)?;
-        *state = State::index(file, &self.path)?;
-        Ok(true)
+        self.change_project(project, |stored| {
+            let before = stored.keys.len();
+            stored
+                .keys
+                .retain(|k| !(k.access.is_some() && k.named_by(key, &presented)));
+            let deleted = stored.keys.len() < before;
+            Ok((deleted, deleted))
+        })
     }
 
     fn put_object(
@@ -576,20 +575,13 @@ impl Catalog for EmbeddedCatalog {
         name: &str,
         definition: serde_json::Value,
     ) -> Result<bool, CatalogError> {
-        let mut state = self.write();
-        let mut file = state.file.clone();
-        let stored = file
-            .projects
-            .iter_mut()
-            .find(|p| p.info.id == *project)
-            .ok_or(CatalogError::ProjectNotFound)?;
-        let created = stored
-            .objects_mut(kind)
-            .insert(name.to_owned(), definition)
-            .is_none();
-        self.persist(&file)?;
-        state.file = file;
-        Ok(created)
+        self.change_project(project, |stored| {
+            let created = stored
+                .objects_mut(kind)
+                .insert(name.to_owned(), definition)
+                .is_none();
+            Ok((created, true))
+        })
     }
 
     fn object(&self, project: &ProjectId, kind: ObjectKind, name: &str) -> Option<serde_json::Value> {
@@ -615,19 +607,10 @@ impl Catalog for EmbeddedCatalog {
     }
 
     fn delete_object(&self, project: &ProjectId, kind: ObjectKind, name: &str) -> Result<bool, CatalogError> {
-        let mut state = self.write();
-        let mut file = state.file.clone();
-        let stored = file
-            .projects
-            .iter_mut()
-            .find(|p| p.info.id == *project)
-            .ok_or(CatalogError::ProjectNotFound)?;
-        if stored.objects_mut(kind).remove(name).is_none() {
-            return Ok(false);
-        }
-        self.persist(&file)?;
-        state.file = file;
-        Ok(true)
+        self.change_project(project, |stored| {
+            let deleted = stored.objects_mut(kind).remove(name).is_some();
+            Ok((deleted, deleted))
+        })
     }
 }
 
