@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::{Map, Value, json};
-use tally_store::events::{Cell, Column, Segment, StoredSegment, Tag, cell_value, number_value};
+use tally_store::events::{Cell, Column, Segment, StoredSegment, Tag, cell_value, number_value, text_hash};
 
 use crate::spec::{Analysis, Filter, FilterOp, QuerySpec};
 use crate::timeframe::{TimeRange, buckets};
@@ -481,12 +481,33 @@ struct Hashed<'a> {
 }
 
 impl<'a> Hashed<'a> {
+    /// Strings and list texts hash as [`text_hash`] (what their column's dictionary keeps
+    /// precomputed); other values by their `Hash`. A string and a list of equal text share a
+    /// hash and differ in value, which is all the set needs.
     fn new(value: KeyValue<'a>) -> Hashed<'a> {
-        let mut h = rustc_hash::FxHasher::default();
-        value.hash(&mut h);
-        Hashed {
-            hash: h.finish(),
-            value,
+        let hash = match value {
+            KeyValue::Str(s) | KeyValue::List(s) => text_hash(s),
+            other => {
+                let mut h = rustc_hash::FxHasher::default();
+                other.hash(&mut h);
+                h.finish()
+            }
+        };
+        Hashed { hash, value }
+    }
+
+    /// A segment-local value, its string hash read from the column's dictionary.
+    fn of_local(column: Option<&'a Column>, key: (u8, u64)) -> Hashed<'a> {
+        match (Tag::from_u8(key.0), column) {
+            (Tag::Str, Some(c)) => Hashed {
+                hash: c.dict_hashes()[key.1 as usize],
+                value: KeyValue::Str(&c.dict()[key.1 as usize]),
+            },
+            (Tag::List, Some(c)) => Hashed {
+                hash: c.dict_hashes()[key.1 as usize],
+                value: KeyValue::List(&c.dict()[key.1 as usize]),
+            },
+            _ => Hashed::new(global_key(column, key)),
         }
     }
 }
@@ -634,11 +655,15 @@ impl<'a> Acc<'a> {
                 let seen = codes.iter().filter(|s| **s).count();
                 set.reserve(seen + other.len());
                 if let Some(c) = target {
+                    let (dict, hashes) = (c.dict(), c.dict_hashes());
                     for (code, _) in codes.iter().enumerate().filter(|(_, seen)| **seen) {
-                        set.insert(Hashed::new(KeyValue::Str(&c.dict()[code])));
+                        set.insert(Hashed {
+                            hash: hashes[code],
+                            value: KeyValue::Str(&dict[code]),
+                        });
                     }
                 }
-                set.extend(other.into_iter().map(|k| Hashed::new(global_key(target, k))));
+                set.extend(other.into_iter().map(|k| Hashed::of_local(target, k)));
             }
             (this, local) => this.merge(local.globalize(target)),
         }
@@ -928,6 +953,21 @@ fn ungrouped<'s>(
             if let Acc::LocalUnique { codes, .. } = acc {
                 *codes = vec![false; c.dict().len()];
             }
+        }
+        // The commonest distinct question (no interval, no filter): one pass over the column's
+        // tags and codes, with no per-row bookkeeping.
+        if let (None, Selection::All(rows), [Acc::LocalUnique { codes, other }]) =
+            (bucket_ranges, selection, accs.as_mut_slice())
+        {
+            let (tags, row_codes) = (&c.tags()[rows.clone()], &c.codes()[rows.clone()]);
+            for (i, (&tag, &code)) in tags.iter().zip(row_codes).enumerate() {
+                if tag == Tag::Str as u8 {
+                    codes[code as usize] = true;
+                } else if tag > Tag::Null as u8 {
+                    other.insert(local_key(target, rows.start + i));
+                }
+            }
+            return Ok(accs.into_iter().map(|acc| ((0, Vec::new()), acc)).collect());
         }
     }
     let mut cursor = BucketCursor::new(seg, bucket_ranges);

@@ -8,7 +8,8 @@
 //! string column no floats. Queries work on tags and codes; a string filter is decided once per
 //! dictionary entry, and grouping uses codes, not strings.
 
-use std::sync::Arc;
+use std::hash::Hasher;
+use std::sync::{Arc, OnceLock};
 
 /// A row's type in a column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,6 +76,14 @@ pub enum Cell<'a> {
     DateTime(i64),
 }
 
+/// The hash of a string or list text, as [`Column::dict_hashes`] holds it (FxHash of the
+/// bytes: fast, not collision-resistant, so users confirm equal hashes by comparing values).
+pub fn text_hash(text: &str) -> u64 {
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(text.as_bytes());
+    h.finish()
+}
+
 /// A column of a sealed segment.
 #[derive(Debug, Clone)]
 pub struct Column {
@@ -86,6 +95,11 @@ pub struct Column {
     pub(crate) codes: Vec<u32>,
     /// Distinct strings and list texts of this column in this segment.
     pub(crate) dict: Vec<Arc<str>>,
+    /// [`text_hash`] of each dictionary entry, computed the first time a query needs them
+    /// (distinct counts, sets of values): merging distinct values across segments then compares
+    /// 8-byte hashes in one array instead of hashing strings scattered over the heap. Lazily,
+    /// because only the columns such queries touch need them.
+    pub(crate) dict_hashes: OnceLock<Vec<u64>>,
     /// Summary of the numbers, so that a segment wholly inside a query's time range can answer
     /// count, sum, minimum and maximum without a scan (what DuckDB's zone maps do).
     pub(crate) stats: NumStats,
@@ -145,9 +159,16 @@ impl Column {
             nums,
             codes,
             dict,
+            dict_hashes: OnceLock::new(),
             stats,
             counts,
         }
+    }
+
+    /// [`text_hash`] of each dictionary entry, by code.
+    pub fn dict_hashes(&self) -> &[u64] {
+        self.dict_hashes
+            .get_or_init(|| self.dict.iter().map(|s| text_hash(s)).collect())
     }
 
     /// Count, sum, minimum and maximum of the numbers.
@@ -233,6 +254,7 @@ impl Column {
             + self.nums.len() * 8
             + self.codes.len() * 4
             + self.dict.iter().map(|s| s.len() + 32).sum::<usize>()
+            + self.dict_hashes.get().map_or(0, |h| h.len() * 8)
     }
 
     /// The column restricted to `rows` (in that order).

@@ -40,7 +40,7 @@ use tally_core::event::{EnrichedEvent, EventSink, SinkError};
 use tally_core::fsutil::{sync_dir, write_atomically};
 use tally_core::ids::ProjectId;
 
-pub use column::{Cell, Column, NumStats, Tag};
+pub use column::{Cell, Column, NumStats, Tag, text_hash};
 
 /// How many rows carry each tag, per property, summed over `segments`: a collection's schema
 /// (Keen's type names via [`column::dominant_type`], SQL column types) without a scan.
