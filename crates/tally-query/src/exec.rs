@@ -468,9 +468,30 @@ enum Acc<'a> {
     LocalUnique {
         codes: Vec<bool>,
         other: FxHashSet<(u8, u64)>,
+        /// Only the number of distinct values is wanted: made global as [`Acc::DistinctCount`].
+        count_only: bool,
     },
+    /// Distinct values themselves (select_unique, funnel actors).
     Unique(UniqueSet<'a>),
+    /// The number of distinct values (count_unique): strings as their 128-bit hashes, which
+    /// merge without touching the strings; other values as values.
+    DistinctCount {
+        texts: TextSet,
+        others: UniqueSet<'a>,
+    },
 }
+
+/// A string's 128-bit hash ([`text_hash`]), hashed in sets by its low 64 bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Text128(u128);
+
+impl Hash for Text128 {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0 as u64);
+    }
+}
+
+type TextSet = std::collections::HashSet<Text128, std::hash::BuildHasherDefault<PassThrough>>;
 
 /// A distinct value with its hash computed once: sets grow and merge without hashing strings
 /// again, and equal hashes are confirmed by comparing values, so counts stay exact.
@@ -486,7 +507,7 @@ impl<'a> Hashed<'a> {
     /// hash and differ in value, which is all the set needs.
     fn new(value: KeyValue<'a>) -> Hashed<'a> {
         let hash = match value {
-            KeyValue::Str(s) | KeyValue::List(s) => text_hash(s),
+            KeyValue::Str(s) | KeyValue::List(s) => text_hash(s) as u64,
             other => {
                 let mut h = rustc_hash::FxHasher::default();
                 other.hash(&mut h);
@@ -500,11 +521,11 @@ impl<'a> Hashed<'a> {
     fn of_local(column: Option<&'a Column>, key: (u8, u64)) -> Hashed<'a> {
         match (Tag::from_u8(key.0), column) {
             (Tag::Str, Some(c)) => Hashed {
-                hash: c.dict_hashes()[key.1 as usize],
+                hash: c.dict_hashes()[key.1 as usize] as u64,
                 value: KeyValue::Str(&c.dict()[key.1 as usize]),
             },
             (Tag::List, Some(c)) => Hashed {
-                hash: c.dict_hashes()[key.1 as usize],
+                hash: c.dict_hashes()[key.1 as usize] as u64,
                 value: KeyValue::List(&c.dict()[key.1 as usize]),
             },
             _ => Hashed::new(global_key(column, key)),
@@ -544,6 +565,19 @@ impl Hasher for PassThrough {
 
 type UniqueSet<'a> = std::collections::HashSet<Hashed<'a>, std::hash::BuildHasherDefault<PassThrough>>;
 
+/// Adds `b` to `a`, moving the smaller set into the bigger.
+fn union<T: Eq + Hash, S: std::hash::BuildHasher>(
+    a: &mut std::collections::HashSet<T, S>,
+    b: std::collections::HashSet<T, S>,
+) {
+    if a.len() < b.len() {
+        let small = std::mem::replace(a, b);
+        a.extend(small);
+    } else {
+        a.extend(b);
+    }
+}
+
 impl<'a> Acc<'a> {
     fn new(analysis: Analysis, local: bool) -> Acc<'a> {
         match analysis {
@@ -560,8 +594,13 @@ impl<'a> Acc<'a> {
             Analysis::CountUnique | Analysis::SelectUnique if local => Acc::LocalUnique {
                 codes: Vec::new(),
                 other: FxHashSet::default(),
+                count_only: analysis == Analysis::CountUnique,
             },
-            Analysis::CountUnique | Analysis::SelectUnique => Acc::Unique(UniqueSet::default()),
+            Analysis::CountUnique => Acc::DistinctCount {
+                texts: TextSet::default(),
+                others: UniqueSet::default(),
+            },
+            Analysis::SelectUnique => Acc::Unique(UniqueSet::default()),
         }
     }
 
@@ -623,13 +662,16 @@ impl<'a> Acc<'a> {
                 *m2 += m22 + d * d * (*n as f64) * (n2 as f64) / total as f64;
                 *n = total;
             }
-            (Acc::Unique(a), Acc::Unique(b)) => {
-                if a.len() < b.len() {
-                    let small = std::mem::replace(a, b);
-                    a.extend(small);
-                } else {
-                    a.extend(b);
-                }
+            (Acc::Unique(a), Acc::Unique(b)) => union(a, b),
+            (
+                Acc::DistinctCount { texts, others },
+                Acc::DistinctCount {
+                    texts: texts2,
+                    others: others2,
+                },
+            ) => {
+                union(texts, texts2);
+                union(others, others2);
             }
             _ => {}
         }
@@ -638,8 +680,15 @@ impl<'a> Acc<'a> {
     /// A segment-local state made global (codes → values).
     fn globalize(self, target: Option<&'a Column>) -> Acc<'a> {
         match self {
-            local @ Acc::LocalUnique { .. } => {
-                let mut global = Acc::Unique(UniqueSet::default());
+            local @ Acc::LocalUnique { count_only, .. } => {
+                let mut global = if count_only {
+                    Acc::DistinctCount {
+                        texts: TextSet::default(),
+                        others: UniqueSet::default(),
+                    }
+                } else {
+                    Acc::Unique(UniqueSet::default())
+                };
                 global.absorb(local, target);
                 global
             }
@@ -651,14 +700,34 @@ impl<'a> Acc<'a> {
     /// the set, each hashed once.
     fn absorb(&mut self, local: Acc<'a>, target: Option<&'a Column>) {
         match (self, local) {
-            (Acc::Unique(set), Acc::LocalUnique { codes, other }) => {
+            (Acc::DistinctCount { texts, others }, Acc::LocalUnique { codes, other, .. }) => {
+                let seen = codes.iter().filter(|s| **s).count();
+                texts.reserve(seen + other.len());
+                if let Some(c) = target {
+                    let hashes = c.dict_hashes();
+                    for (code, _) in codes.iter().enumerate().filter(|(_, seen)| **seen) {
+                        texts.insert(Text128(hashes[code]));
+                    }
+                }
+                for key in other {
+                    match (Tag::from_u8(key.0), target) {
+                        (Tag::Str, Some(c)) => {
+                            texts.insert(Text128(c.dict_hashes()[key.1 as usize]));
+                        }
+                        _ => {
+                            others.insert(Hashed::of_local(target, key));
+                        }
+                    }
+                }
+            }
+            (Acc::Unique(set), Acc::LocalUnique { codes, other, .. }) => {
                 let seen = codes.iter().filter(|s| **s).count();
                 set.reserve(seen + other.len());
                 if let Some(c) = target {
                     let (dict, hashes) = (c.dict(), c.dict_hashes());
                     for (code, _) in codes.iter().enumerate().filter(|(_, seen)| **seen) {
                         set.insert(Hashed {
-                            hash: hashes[code],
+                            hash: hashes[code] as u64,
                             value: KeyValue::Str(&dict[code]),
                         });
                     }
@@ -672,8 +741,9 @@ impl<'a> Acc<'a> {
     fn heap_bytes(&self) -> usize {
         match self {
             Acc::Values(v) => v.len() * 8,
-            Acc::LocalUnique { codes, other } => codes.len() + other.len() * 24,
+            Acc::LocalUnique { codes, other, .. } => codes.len() + other.len() * 24,
             Acc::Unique(s) => s.len() * 32,
+            Acc::DistinctCount { texts, others } => texts.len() * 16 + others.len() * 32,
             _ => 0,
         }
     }
@@ -704,6 +774,9 @@ impl<'a> Acc<'a> {
                 } else {
                     number_value((m2 / (n - 1) as f64).sqrt())
                 }
+            }
+            (_, Acc::DistinctCount { texts, others }) => {
+                Value::from(texts.len() + others.iter().filter(|v| v.value != KeyValue::Null).count())
             }
             (Analysis::CountUnique, Acc::Unique(set)) => {
                 Value::from(set.iter().filter(|v| v.value != KeyValue::Null).count())
@@ -956,7 +1029,7 @@ fn ungrouped<'s>(
         }
         // The commonest distinct question (no interval, no filter): one pass over the column's
         // tags and codes, with no per-row bookkeeping.
-        if let (None, Selection::All(rows), [Acc::LocalUnique { codes, other }]) =
+        if let (None, Selection::All(rows), [Acc::LocalUnique { codes, other, .. }]) =
             (bucket_ranges, selection, accs.as_mut_slice())
         {
             let (tags, row_codes) = (&c.tags()[rows.clone()], &c.codes()[rows.clone()]);
@@ -1170,7 +1243,7 @@ fn too_big() -> ExecError {
 fn accumulate(acc: &mut Acc, target: Option<&Column>, row: usize) {
     match acc {
         Acc::Count(n) => *n += 1,
-        Acc::LocalUnique { codes, other } => {
+        Acc::LocalUnique { codes, other, .. } => {
             let Some(c) = target else { return };
             let tag = c.tags()[row];
             if tag == Tag::Str as u8 && !codes.is_empty() {
@@ -1482,6 +1555,7 @@ pub fn actors<'a>(
         let mut local = Acc::LocalUnique {
             codes: vec![false; target.dict().len()],
             other: FxHashSet::default(),
+            count_only: false,
         };
         selection.for_each(|row| accumulate(&mut local, Some(target), row));
         global.absorb(local, Some(target));

@@ -8,7 +8,6 @@
 //! string column no floats. Queries work on tags and codes; a string filter is decided once per
 //! dictionary entry, and grouping uses codes, not strings.
 
-use std::hash::Hasher;
 use std::sync::{Arc, OnceLock};
 
 /// A row's type in a column.
@@ -76,12 +75,13 @@ pub enum Cell<'a> {
     DateTime(i64),
 }
 
-/// The hash of a string or list text, as [`Column::dict_hashes`] holds it (FxHash of the
-/// bytes: fast, not collision-resistant, so users confirm equal hashes by comparing values).
-pub fn text_hash(text: &str) -> u64 {
-    let mut h = rustc_hash::FxHasher::default();
-    h.write(text.as_bytes());
-    h.finish()
+/// The 128-bit hash of a string or list text, as [`Column::dict_hashes`] holds it (XXH3-128).
+/// Distinct counts of strings compare these instead of the strings, as ClickHouse's
+/// `uniqExact` does: two different strings are counted as one only if their 128-bit hashes
+/// collide, which for a billion distinct strings has a chance below 10⁻²⁰. Users that need the
+/// values themselves use the low 64 bits as a hash and compare values.
+pub fn text_hash(text: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(text.as_bytes())
 }
 
 /// A column of a sealed segment.
@@ -99,7 +99,7 @@ pub struct Column {
     /// (distinct counts, sets of values): merging distinct values across segments then compares
     /// 8-byte hashes in one array instead of hashing strings scattered over the heap. Lazily,
     /// because only the columns such queries touch need them.
-    pub(crate) dict_hashes: OnceLock<Vec<u64>>,
+    pub(crate) dict_hashes: OnceLock<Vec<u128>>,
     /// Summary of the numbers, so that a segment wholly inside a query's time range can answer
     /// count, sum, minimum and maximum without a scan (what DuckDB's zone maps do).
     pub(crate) stats: NumStats,
@@ -166,7 +166,7 @@ impl Column {
     }
 
     /// [`text_hash`] of each dictionary entry, by code.
-    pub fn dict_hashes(&self) -> &[u64] {
+    pub fn dict_hashes(&self) -> &[u128] {
         self.dict_hashes
             .get_or_init(|| self.dict.iter().map(|s| text_hash(s)).collect())
     }
@@ -254,7 +254,7 @@ impl Column {
             + self.nums.len() * 8
             + self.codes.len() * 4
             + self.dict.iter().map(|s| s.len() + 32).sum::<usize>()
-            + self.dict_hashes.get().map_or(0, |h| h.len() * 8)
+            + self.dict_hashes.get().map_or(0, |h| h.len() * 16)
     }
 
     /// The column restricted to `rows` (in that order).
