@@ -173,10 +173,7 @@ fn select(seg: &Segment, rows: std::ops::Range<usize>, filters: &[Filter]) -> Ve
     }
     let mut mask = vec![true; rows.len()];
     for filter in filters {
-        let m = filter_mask(seg, rows.clone(), filter);
-        for (a, b) in mask.iter_mut().zip(m) {
-            *a &= b;
-        }
+        apply_filter(seg, rows.clone(), filter, &mut mask, Combine::And);
     }
     rows.zip(mask)
         .filter(|(_, keep)| *keep)
@@ -184,32 +181,88 @@ fn select(seg: &Segment, rows: std::ops::Range<usize>, filters: &[Filter]) -> Ve
         .collect()
 }
 
-fn filter_mask(seg: &Segment, rows: std::ops::Range<usize>, filter: &Filter) -> Vec<bool> {
+/// How a filter's verdicts fold into a row mask.
+#[derive(Debug, Clone, Copy)]
+enum Combine {
+    /// Filters of a query: every one must pass.
+    And,
+    /// The branches of an `or`: any may pass.
+    Or,
+}
+
+/// Folds `filter`'s verdict on each of `rows` into `mask` (one slot per row), in place.
+fn apply_filter(
+    seg: &Segment,
+    rows: std::ops::Range<usize>,
+    filter: &Filter,
+    mask: &mut [bool],
+    how: Combine,
+) {
     match filter {
         Filter::Or(inner) => {
-            let mut mask = vec![false; rows.len()];
+            let mut any = vec![false; rows.len()];
             for f in inner {
-                for (a, b) in mask.iter_mut().zip(filter_mask(seg, rows.clone(), f)) {
-                    *a |= b;
-                }
+                apply_filter(seg, rows.clone(), f, &mut any, Combine::Or);
             }
-            mask
+            fold(mask, any.into_iter(), how);
         }
         Filter::Property { property, op } => match seg.column(property) {
-            None => vec![matches(op, None); rows.len()],
-            Some(column) => column_mask(column, rows, op),
+            None => {
+                let verdict = matches(op, None);
+                fold(mask, std::iter::repeat_n(verdict, rows.len()), how);
+            }
+            Some(column) => apply_column(column, rows, op, mask, how),
         },
     }
 }
 
-fn column_mask(column: &Column, rows: std::ops::Range<usize>, op: &FilterOp) -> Vec<bool> {
+/// `mask[i] = mask[i] AND/OR verdicts[i]`, with the choice made once, outside the loop.
+#[inline]
+fn fold(mask: &mut [bool], verdicts: impl Iterator<Item = bool>, how: Combine) {
+    match how {
+        Combine::And => mask.iter_mut().zip(verdicts).for_each(|(m, v)| *m &= v),
+        Combine::Or => mask.iter_mut().zip(verdicts).for_each(|(m, v)| *m |= v),
+    }
+}
+
+fn apply_column(
+    column: &Column,
+    rows: std::ops::Range<usize>,
+    op: &FilterOp,
+    mask: &mut [bool],
+    how: Combine,
+) {
     // Decided once per dictionary entry and once per value-less tag.
     let code_ok: Vec<bool> = column
         .dict()
         .iter()
         .map(|s| matches(op, Some(Cell::Str(s))))
         .collect();
-    let list_ok: Vec<bool> = if column.tag_counts()[Tag::List as usize] > 0 {
+    let counts = column.tag_counts();
+    let tags = &column.tags()[rows.clone()];
+    let mut tag_ok = [false; 8];
+    tag_ok[Tag::Absent as usize] = matches(op, None);
+    tag_ok[Tag::Null as usize] = matches(op, Some(Cell::Null));
+    tag_ok[Tag::EmptyObject as usize] = matches(op, Some(Cell::EmptyObject));
+    let per_value = [Tag::Num, Tag::DateTime, Tag::Bool, Tag::List];
+    if per_value.iter().all(|t| counts[*t as usize] == 0) {
+        // Strings and value-less rows only (the common case): a table lookup per row.
+        if code_ok.is_empty() {
+            fold(mask, tags.iter().map(|&t| tag_ok[(t & 7) as usize]), how);
+        } else {
+            let codes = &column.codes()[rows];
+            let verdicts = tags.iter().zip(codes).map(|(&t, &c)| {
+                if t == Tag::Str as u8 {
+                    code_ok[c as usize]
+                } else {
+                    tag_ok[(t & 7) as usize]
+                }
+            });
+            fold(mask, verdicts, how);
+        }
+        return;
+    }
+    let list_ok: Vec<bool> = if counts[Tag::List as usize] > 0 {
         column
             .dict()
             .iter()
@@ -218,25 +271,19 @@ fn column_mask(column: &Column, rows: std::ops::Range<usize>, op: &FilterOp) -> 
     } else {
         Vec::new()
     };
-    let absent = matches(op, None);
-    let null = matches(op, Some(Cell::Null));
-    let empty_object = matches(op, Some(Cell::EmptyObject));
     let bools = [
         matches(op, Some(Cell::Bool(false))),
         matches(op, Some(Cell::Bool(true))),
     ];
-    let tags = column.tags();
-    rows.map(|r| match Tag::from_u8(tags[r]) {
-        Tag::Absent => absent,
-        Tag::Null => null,
-        Tag::EmptyObject => empty_object,
+    let verdicts = rows.map(|r| match Tag::from_u8(column.tags()[r]) {
+        tag @ (Tag::Absent | Tag::Null | Tag::EmptyObject) => tag_ok[tag as usize],
         Tag::Bool => bools[(column.codes()[r] != 0) as usize],
         Tag::Str => code_ok[column.codes()[r] as usize],
         Tag::List => list_ok[column.codes()[r] as usize],
         Tag::Num => matches(op, Some(Cell::Num(column.nums()[r]))),
         Tag::DateTime => matches(op, Some(Cell::DateTime(column.nums()[r] as i64))),
-    })
-    .collect()
+    });
+    fold(mask, verdicts, how);
 }
 
 /// Whether a value (`None`: the property is missing) passes `op`, per section 9 "Filters".
