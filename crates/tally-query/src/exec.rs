@@ -275,7 +275,7 @@ fn apply_column(
         matches(op, Some(Cell::Bool(false))),
         matches(op, Some(Cell::Bool(true))),
     ];
-    let verdicts = rows.map(|r| match Tag::from_u8(column.tags()[r]) {
+    let verdicts = rows.zip(tags).map(|(r, &tag)| match Tag::from_u8(tag) {
         tag @ (Tag::Absent | Tag::Null | Tag::EmptyObject) => tag_ok[tag as usize],
         Tag::Bool => bools[(column.codes()[r] != 0) as usize],
         Tag::Str => code_ok[column.codes()[r] as usize],

@@ -162,11 +162,13 @@ pub trait Catalog: Send + Sync + std::fmt::Debug {
     /// Revokes (`false`) or restores (`true`) a key of `project`, named by the key itself or,
     /// for an access key, its id.
     fn set_key_active(&self, project: &ProjectId, key: &str, active: bool) -> Result<(), CatalogError>;
-    /// Creates an access key: the key in the clear (shown only now) and how it is listed.
+    /// Creates an access key, active or already revoked: the key in the clear (shown only now)
+    /// and how it is listed.
     fn create_access_key(
         &self,
         project: &ProjectId,
         definition: AccessKeyDefinition,
+        active: bool,
         created_at: &str,
     ) -> Result<(String, AccessKeyInfo), CatalogError>;
     /// The project's access keys, oldest first.
@@ -492,6 +494,7 @@ impl Catalog for EmbeddedCatalog {
         &self,
         project: &ProjectId,
         definition: AccessKeyDefinition,
+        active: bool,
         created_at: &str,
     ) -> Result<(String, AccessKeyInfo), CatalogError> {
         let key = new_api_key();
@@ -502,7 +505,7 @@ impl Catalog for EmbeddedCatalog {
             let new = StoredKey {
                 hash: KeyHash::of(&key).to_hex(),
                 kind: KeyKind::Access,
-                active: true,
+                active,
                 access: Some(Arc::new(definition)),
                 created_at: Some(created_at.to_owned()),
             };
@@ -741,7 +744,7 @@ mod tests {
             options: serde_json::json!({"queries": {"filters": []}}),
         };
         let (key, info) = catalog
-            .create_access_key(&p.id, definition.clone(), "2026-01-01T00:00:00.000Z")
+            .create_access_key(&p.id, definition.clone(), true, "2026-01-01T00:00:00.000Z")
             .unwrap();
         assert!(!std::fs::read_to_string(&path).unwrap().contains(&key));
         let grant = catalog.authenticate(&key).unwrap();

@@ -23,7 +23,9 @@ use crate::auth::Access;
 use crate::error::ApiError;
 use crate::limits::RateClass;
 use crate::request::KeenPath;
-use crate::routes::queries::{Answered, answer, gated, json_ok, json_text, limits, query_string_request};
+use crate::routes::queries::{
+    Answered, answer, gated, json_ok, json_text, limits, master_project, query_string_request,
+};
 use crate::routes::saved::{delete_definition, forget, json_body};
 
 /// The most definitions one list page holds.
@@ -67,9 +69,7 @@ pub async fn put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let project = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?
-        .0
-        .project;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     check_name(&name)?;
     let body = json_body(&state, &headers, body).await?;
     let dataset = dataset::parse_dataset(&body, state.clock.now_ms())?;

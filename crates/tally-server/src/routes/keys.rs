@@ -13,30 +13,15 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use tally_core::error::ErrorCode;
-use tally_core::ids::ProjectId;
 use tally_core::time::format_timestamp_ms;
 use tally_query::access::{key_object, parse_key_request};
 use tally_store::{AccessKeyInfo, CatalogError};
 
 use crate::app::AppState;
-use crate::auth::Access;
 use crate::error::ApiError;
 use crate::request::KeenPath;
-use crate::routes::queries::{json_ok, query_string_request};
+use crate::routes::queries::{json_ok, master_project};
 use crate::routes::saved::json_body;
-
-fn master(
-    state: &AppState,
-    project: &str,
-    raw_query: Option<&str>,
-    headers: &HeaderMap,
-) -> Result<ProjectId, ApiError> {
-    Ok(
-        query_string_request(state, project, raw_query, headers, Access::Master)?
-            .0
-            .project,
-    )
-}
 
 fn catalog_error(e: CatalogError) -> ApiError {
     match e {
@@ -71,16 +56,16 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let project = master(&state, &project, raw_query.as_deref(), &headers)?;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     let request = parse_key_request(&json_body(&state, &headers, body).await?)?;
     let created_at = format_timestamp_ms(state.clock.now_ms());
     let (key, info) = in_catalog(&state, move |catalog| {
-        let (key, mut info) = catalog.create_access_key(&project, request.definition, &created_at)?;
-        if request.is_active == Some(false) {
-            catalog.set_key_active(&project, &key, false)?;
-            info.active = false;
-        }
-        Ok((key, info))
+        catalog.create_access_key(
+            &project,
+            request.definition,
+            request.is_active.unwrap_or(true),
+            &created_at,
+        )
     })
     .await?;
     tracing::info!(%project, key_id = %info.id, name = %info.definition.name, "access key created");
@@ -94,7 +79,7 @@ pub async fn list(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let project = master(&state, &project, raw_query.as_deref(), &headers)?;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     let keys: Vec<Value> = state
         .catalog
         .access_keys(&project)
@@ -111,7 +96,7 @@ pub async fn get(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let project = master(&state, &project, raw_query.as_deref(), &headers)?;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     let info = state
         .catalog
         .access_key(&project, &key)
@@ -128,7 +113,7 @@ pub async fn update(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let project = master(&state, &project, raw_query.as_deref(), &headers)?;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     let request = parse_key_request(&json_body(&state, &headers, body).await?)?;
     let named = key.clone();
     let info = in_catalog(&state, move |catalog| {
@@ -147,7 +132,7 @@ async fn set_active(
     headers: HeaderMap,
     active: bool,
 ) -> Result<Response, ApiError> {
-    let project = master(&state, &project, raw_query.as_deref(), &headers)?;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     if state.catalog.access_key(&project, &key).is_none() {
         return Err(ApiError::not_found());
     }
@@ -191,7 +176,7 @@ pub async fn delete(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let project = master(&state, &project, raw_query.as_deref(), &headers)?;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     let existed = in_catalog(&state, move |catalog| catalog.delete_access_key(&project, &key)).await?;
     if !existed {
         return Err(ApiError::not_found());

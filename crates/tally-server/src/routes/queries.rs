@@ -70,6 +70,20 @@ pub(crate) fn query_string_request(
     Ok((caller, params))
 }
 
+/// The project of a master-key request (query string only), authorized.
+pub(crate) fn master_project(
+    state: &AppState,
+    project: &str,
+    raw_query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<ProjectId, ApiError> {
+    Ok(
+        query_string_request(state, project, raw_query, headers, Access::Master)?
+            .0
+            .project,
+    )
+}
+
 /// The limits of a query starting now, and its time limit.
 pub(crate) fn limits(state: &AppState) -> (Limits, Duration) {
     (
@@ -413,8 +427,7 @@ pub async fn delete_property(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (caller, _) = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?;
-    let project = caller.project;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     if property == "keen" || property.starts_with("keen.") {
         return Err(ApiError::new(
             ErrorCode::InvalidPropertyName,

@@ -21,7 +21,9 @@ use crate::auth::Access;
 use crate::error::ApiError;
 use crate::limits::RateClass;
 use crate::request::{KeenPath, read_body};
-use crate::routes::queries::{Answered, answer, gated, json_ok, limits, query_string_request};
+use crate::routes::queries::{
+    Answered, answer, gated, json_ok, limits, master_project, query_string_request,
+};
 
 /// A JSON request body, refused in Keen's shape when it is not JSON.
 pub(crate) async fn json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
@@ -57,9 +59,7 @@ pub(crate) async fn delete_definition(
     raw_query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let project = query_string_request(state, project, raw_query, headers, Access::Master)?
-        .0
-        .project;
+    let project = master_project(state, project, raw_query, headers)?;
     let existed = state
         .catalog
         .delete_object(&project, kind, name)
@@ -113,9 +113,7 @@ pub async fn list(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let project = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?
-        .0
-        .project;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     let all: Vec<Value> = state
         .catalog
         .objects(&project, ObjectKind::SavedQuery)
@@ -135,9 +133,7 @@ pub async fn get(
     RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let project = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?
-        .0
-        .project;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     let (stored, saved) = lookup(&state, project, &name)?;
     Ok(json_ok(&saved_object(&state, project, &name, &stored, &saved)))
 }
@@ -151,9 +147,7 @@ pub async fn put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let project = query_string_request(&state, &project, raw_query.as_deref(), &headers, Access::Master)?
-        .0
-        .project;
+    let project = master_project(&state, &project, raw_query.as_deref(), &headers)?;
     saved::check_name(&name)?;
     let body = json_body(&state, &headers, body).await?;
     let now = state.clock.now_ms();
