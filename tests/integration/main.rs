@@ -13,3 +13,4 @@ mod ingest_http;
 mod python_client;
 mod queries;
 mod sql;
+mod ui;

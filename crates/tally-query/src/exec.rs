@@ -152,15 +152,16 @@ pub fn matching_rows(seg: &Segment, range: TimeRange, filters: &[Filter]) -> Vec
     select(seg, seg.row_range(range.start_ms, range.end_ms), filters)
 }
 
+/// The rows of `seg`, whatever their time, that pass every filter (the live tail).
+pub fn rows_passing(seg: &Segment, filters: &[Filter]) -> Vec<u32> {
+    select(seg, 0..seg.rows(), filters)
+}
+
 /// A segment of just the rows of `seg` that pass every filter: what a caller whose key carries
 /// filters may see of it (schema, SQL).
 pub fn restrict_segment(seg: &Segment, filters: &[Filter]) -> Segment {
-    let everything = TimeRange {
-        start_ms: i64::MIN,
-        end_ms: i64::MAX,
-    };
     let mut keep = vec![false; seg.rows()];
-    for row in matching_rows(seg, everything, filters) {
+    for row in rows_passing(seg, filters) {
         keep[row as usize] = true;
     }
     seg.retain_rows(|r| keep[r])

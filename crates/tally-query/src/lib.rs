@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod cache;
+pub mod dashboard;
 pub mod dataset;
 pub mod exec;
 pub mod funnel;

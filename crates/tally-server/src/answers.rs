@@ -548,6 +548,7 @@ impl CachedAnswers {
         match kind {
             ObjectKind::SavedQuery => self.forget_saved(project, name),
             ObjectKind::Dataset => self.forget_dataset(project, name),
+            ObjectKind::Dashboard => {}
         }
     }
 

@@ -24,6 +24,7 @@ use tower_http::cors::{AllowHeaders, Any, CorsLayer};
 use crate::answers::CachedAnswers;
 use crate::error::ApiError;
 use crate::limits::{QueryGate, RateLimiter};
+use crate::live::LiveTail;
 use crate::metrics::{ServerMetrics, count_requests};
 use crate::routes;
 
@@ -56,6 +57,8 @@ pub struct AppInner {
     pub query: QueryConfig,
     /// Cached answers: the `max_age` cache, cached queries and datasets.
     pub answers: Arc<CachedAnswers>,
+    /// Subscribers to collections' events as they are stored.
+    pub live: Arc<LiveTail>,
 }
 
 impl AppState {
@@ -90,6 +93,8 @@ pub fn router(state: AppState) -> Router {
         .max_age(Duration::from_secs(86_400));
 
     Router::new()
+        .route("/", get(routes::ui::index))
+        .route("/ui/{file}", get(routes::ui::asset))
         .route("/healthz", get(routes::ops::healthz))
         .route("/metrics", get(routes::ops::metrics))
         .route("/ping", any(routes::ops::ping))
@@ -104,6 +109,10 @@ pub fn router(state: AppState) -> Router {
             post(routes::events::record_event)
                 .get(routes::events::record_event_by_get)
                 .delete(routes::queries::delete_events),
+        )
+        .route(
+            "/3.0/projects/{project}/events/{collection}/stream",
+            get(routes::live::stream_events),
         )
         .route(
             "/3.0/projects/{project}/events/{collection}/properties/{property}",
@@ -138,6 +147,16 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/3.0/projects/{project}/queries/saved/{name}/result",
             get(routes::saved::result),
+        )
+        .route(
+            "/3.0/projects/{project}/dashboards",
+            get(routes::dashboards::list),
+        )
+        .route(
+            "/3.0/projects/{project}/dashboards/{name}",
+            get(routes::dashboards::get)
+                .put(routes::dashboards::put)
+                .delete(routes::dashboards::delete),
         )
         .route("/3.0/projects/{project}/datasets", get(routes::datasets::list))
         .route(

@@ -15,6 +15,7 @@ pub mod app;
 pub mod auth;
 pub mod error;
 pub mod limits;
+pub mod live;
 pub mod metrics;
 pub mod request;
 pub mod routes;

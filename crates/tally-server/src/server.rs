@@ -42,6 +42,7 @@ use tokio::task::JoinHandle;
 use crate::answers::CachedAnswers;
 use crate::app::{AppInner, AppState, router};
 use crate::limits::{FairnessMetrics, QueryGate, RateLimiter};
+use crate::live::{LiveSink, LiveTail};
 use crate::metrics::ServerMetrics;
 
 /// Why Tally could not start.
@@ -163,6 +164,8 @@ pub struct Tally {
     store_maintenance: Option<Maintenance>,
     enrichers: Arc<Enrichers>,
     answers: Arc<CachedAnswers>,
+    /// Live streams, ended first at shutdown.
+    live: Arc<LiveTail>,
     data_dir: DataDir,
 }
 
@@ -215,7 +218,11 @@ impl Tally {
                 .expect("store open task")?,
         );
         let store_maintenance = Some(store.start_maintenance().map_err(StartError::Process)?);
-        let sink = store.clone();
+        let live = LiveTail::new();
+        let sink = Arc::new(LiveSink {
+            store: store.clone(),
+            tail: live.clone(),
+        });
         let stage_config = StageConfig {
             max_batch_bytes: config.process.max_batch_bytes,
             threads: match config.process.threads {
@@ -283,6 +290,7 @@ impl Tally {
             store: store.clone(),
             query: config.query.clone(),
             answers: answers.clone(),
+            live: live.clone(),
         });
 
         let listener = TcpListener::bind(config.listen)
@@ -361,6 +369,7 @@ impl Tally {
             store_maintenance,
             enrichers,
             answers,
+            live,
             data_dir,
         })
     }
@@ -402,6 +411,8 @@ impl Tally {
     /// Stops serving and shuts down in order.
     pub async fn shutdown(mut self) -> io::Result<()> {
         let _ = self.stop.send(true);
+        // Live streams never end by themselves: end them so in-flight requests can finish.
+        self.live.close();
         match tokio::time::timeout(self.shutdown_grace, self.serve).await {
             Ok(Ok(result)) => result?,
             Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),

@@ -76,6 +76,8 @@ pub enum ObjectKind {
     SavedQuery,
     /// A cached dataset.
     Dataset,
+    /// A dashboard of the web UI.
+    Dashboard,
 }
 
 /// What a presented key may do: which project, and as what kind of key.
@@ -246,6 +248,8 @@ struct StoredProject {
     saved_queries: BTreeMap<String, serde_json::Value>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     datasets: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    dashboards: BTreeMap<String, serde_json::Value>,
 }
 
 impl StoredProject {
@@ -253,6 +257,7 @@ impl StoredProject {
         match kind {
             ObjectKind::SavedQuery => &self.saved_queries,
             ObjectKind::Dataset => &self.datasets,
+            ObjectKind::Dashboard => &self.dashboards,
         }
     }
 
@@ -260,6 +265,7 @@ impl StoredProject {
         match kind {
             ObjectKind::SavedQuery => &mut self.saved_queries,
             ObjectKind::Dataset => &mut self.datasets,
+            ObjectKind::Dashboard => &mut self.dashboards,
         }
     }
 }
@@ -452,6 +458,7 @@ impl Catalog for EmbeddedCatalog {
                 .collect(),
             saved_queries: BTreeMap::new(),
             datasets: BTreeMap::new(),
+            dashboards: BTreeMap::new(),
         });
         self.persist(&file)?;
         *state = State::index(file, &self.path)?;

@@ -35,6 +35,8 @@ fn kind_dir(kind: ObjectKind) -> &'static str {
     match kind {
         ObjectKind::SavedQuery => "saved",
         ObjectKind::Dataset => "datasets",
+        // Dashboards have no results of their own (their tiles are saved queries).
+        ObjectKind::Dashboard => "dashboards",
     }
 }
 

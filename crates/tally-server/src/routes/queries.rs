@@ -256,11 +256,18 @@ pub(crate) fn json_ok(body: &Value) -> Response {
 /// with nothing the caller may see has none). For a caller whose key carries filters, only the
 /// events passing them count, so not even another tenant's property names show; that is a scan,
 /// so it runs in a query slot like a query.
+/// One collection's schema as the caller sees it: property types and how many events.
+struct CollectionSchema {
+    name: String,
+    properties: BTreeMap<String, &'static str>,
+    events: usize,
+}
+
 async fn collection_schemas(
     state: &AppState,
     caller: &Caller,
     collections: Vec<String>,
-) -> Result<Vec<(String, BTreeMap<String, &'static str>)>, ApiError> {
+) -> Result<Vec<CollectionSchema>, ApiError> {
     let (store, project, filters) = (
         state.store.clone(),
         caller.project,
@@ -271,20 +278,30 @@ async fn collection_schemas(
             .into_iter()
             .map(|collection| {
                 let snapshot = store.snapshot(project, &collection);
-                let counts = if filters.is_empty() {
-                    tally_store::events::property_tag_counts(snapshot.iter().map(|s| &s.segment))
+                let (counts, events) = if filters.is_empty() {
+                    (
+                        tally_store::events::property_tag_counts(snapshot.iter().map(|s| &s.segment)),
+                        snapshot.iter().map(|s| s.segment.rows()).sum(),
+                    )
                 } else {
                     let visible: Vec<Segment> = snapshot
                         .iter()
                         .map(|s| exec::restrict_segment(&s.segment, &filters))
                         .collect();
-                    tally_store::events::property_tag_counts(visible.iter())
+                    (
+                        tally_store::events::property_tag_counts(visible.iter()),
+                        visible.iter().map(Segment::rows).sum(),
+                    )
                 };
                 let properties = counts
                     .into_iter()
                     .map(|(path, c)| (path, tally_store::events::column::dominant_type(&c)))
                     .collect();
-                (collection, properties)
+                CollectionSchema {
+                    name: collection,
+                    properties,
+                    events,
+                }
             })
             .collect())
     };
@@ -302,10 +319,7 @@ async fn one_schema(
     collection: String,
 ) -> Result<BTreeMap<String, &'static str>, ApiError> {
     let mut schemas = collection_schemas(state, caller, vec![collection]).await?;
-    Ok(schemas
-        .pop()
-        .map(|(_, properties)| properties)
-        .unwrap_or_default())
+    Ok(schemas.pop().map(|s| s.properties).unwrap_or_default())
 }
 
 fn collection_url(project: ProjectId, collection: &str) -> String {
@@ -325,12 +339,13 @@ pub async fn list_collections(
     let schemas = collection_schemas(&state, &caller, state.store.collections(project)).await?;
     let collections: Vec<Value> = schemas
         .into_iter()
-        .filter(|(_, properties)| !properties.is_empty())
-        .map(|(name, properties)| {
+        .filter(|s| !s.properties.is_empty())
+        .map(|s| {
             json!({
-                "name": name,
-                "properties": properties,
-                "url": collection_url(project, &name),
+                "name": s.name,
+                "properties": s.properties,
+                "url": collection_url(project, &s.name),
+                "event_count": s.events,
             })
         })
         .collect();

@@ -1,0 +1,249 @@
+//! The live tail: enriched events as the process stage stores them, for
+//! `GET …/events/{collection}/stream` (server-sent events, used by the web UI's live view).
+//!
+//! [`LiveSink`] wraps the event store as the stage's sink: after each successful write it hands
+//! the batch to [`LiveTail`], which passes each watched collection's events to its subscribers
+//! over a bounded broadcast channel. Nothing is built while nobody watches (one atomic load per
+//! batch), and a watched collection costs at most [`MAX_EVENTS_PER_BATCH`] events per batch: a
+//! person cannot read more, and the stage must not slow down for a browser tab. What is left out
+//! is counted, and each subscriber is told how many events it missed.
+//!
+//! A batch travels as a small columnar [`Segment`], so every subscriber filters it with the
+//! query engine's own filter code ([`tally_query::exec::rows_passing`]): an access key's
+//! `queries.filters` mean exactly what they mean for its queries.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tally_core::event::{EnrichedEvent, EventSink, SinkError};
+use tally_core::ids::ProjectId;
+use tally_store::events::Segment;
+use tokio::sync::broadcast;
+
+/// The most events of one collection one batch passes to the live tail.
+pub const MAX_EVENTS_PER_BATCH: usize = 500;
+
+/// Batches a slow subscriber may fall behind before it starts missing them.
+const CHANNEL_BATCHES: usize = 64;
+
+/// The events of one collection from one stage batch.
+#[derive(Debug)]
+pub struct LiveBatch {
+    /// The events passed on (the latest of the batch).
+    pub events: Segment,
+    /// Events of the batch left out to stay within [`MAX_EVENTS_PER_BATCH`].
+    pub left_out: usize,
+}
+
+type Channel = broadcast::Sender<Arc<LiveBatch>>;
+
+/// Subscribers per collection.
+#[derive(Debug, Default)]
+pub struct LiveTail {
+    channels: Mutex<HashMap<(ProjectId, String), Channel>>,
+    /// Open subscriptions: when zero, [`LiveTail::publish`] returns at once.
+    watchers: AtomicUsize,
+    /// Set at shutdown: existing streams end, new ones are refused.
+    closed: AtomicBool,
+}
+
+impl LiveTail {
+    /// A live tail with no subscribers.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Subscribes to a collection's events; `None` once the server is shutting down.
+    pub fn subscribe(self: &Arc<Self>, project: ProjectId, collection: &str) -> Option<Subscription> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let key = (project, collection.to_owned());
+        let receiver = self
+            .channels
+            .lock()
+            .expect("live tail lock")
+            .entry(key.clone())
+            .or_insert_with(|| broadcast::channel(CHANNEL_BATCHES).0)
+            .subscribe();
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        Some(Subscription {
+            receiver: Some(receiver),
+            tail: self.clone(),
+            key,
+        })
+    }
+
+    /// Ends every stream and refuses new ones (shutdown: open streams would otherwise hold the
+    /// graceful shutdown until its grace period ends).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.channels.lock().expect("live tail lock").clear();
+    }
+
+    /// Open subscriptions.
+    pub fn watchers(&self) -> usize {
+        self.watchers.load(Ordering::Acquire)
+    }
+
+    /// Passes the watched collections' events of a stored batch to their subscribers.
+    pub fn publish(&self, events: &[EnrichedEvent]) {
+        if self.watchers() == 0 {
+            return;
+        }
+        let mut watched: HashMap<(ProjectId, &str), (Channel, Vec<&str>)> = HashMap::new();
+        {
+            let channels = self.channels.lock().expect("live tail lock");
+            for event in events {
+                let key = (event.project, event.collection.as_str());
+                if let Some((_, texts)) = watched.get_mut(&key) {
+                    texts.push(&event.json);
+                } else if let Some(channel) = channels.get(&(event.project, event.collection.clone())) {
+                    watched.insert(key, (channel.clone(), vec![&event.json]));
+                }
+            }
+        }
+        for (channel, texts) in watched.into_values() {
+            let left_out = texts.len().saturating_sub(MAX_EVENTS_PER_BATCH);
+            let (segment, _) = Segment::from_events(texts[left_out..].iter().copied());
+            // An error only means the last subscriber left meanwhile.
+            let _ = channel.send(Arc::new(LiveBatch {
+                events: segment,
+                left_out,
+            }));
+        }
+    }
+
+    fn unsubscribe(&self, key: &(ProjectId, String)) {
+        self.watchers.fetch_sub(1, Ordering::AcqRel);
+        let mut channels = self.channels.lock().expect("live tail lock");
+        if channels.get(key).is_some_and(|c| c.receiver_count() == 0) {
+            channels.remove(key);
+        }
+    }
+}
+
+/// One open subscription; unsubscribes when dropped (the client went away).
+#[derive(Debug)]
+pub struct Subscription {
+    receiver: Option<broadcast::Receiver<Arc<LiveBatch>>>,
+    tail: Arc<LiveTail>,
+    key: (ProjectId, String),
+}
+
+/// What a subscription receives next.
+#[derive(Debug)]
+pub enum Received {
+    /// A batch of events.
+    Batch(Arc<LiveBatch>),
+    /// The subscriber fell this many batches behind and they were dropped.
+    Missed(u64),
+    /// The server is shutting down.
+    Closed,
+}
+
+impl Subscription {
+    /// Waits for the next batch.
+    pub async fn next(&mut self) -> Received {
+        let Some(receiver) = self.receiver.as_mut() else {
+            return Received::Closed;
+        };
+        match receiver.recv().await {
+            Ok(batch) => Received::Batch(batch),
+            Err(broadcast::error::RecvError::Lagged(n)) => Received::Missed(n),
+            Err(broadcast::error::RecvError::Closed) => Received::Closed,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // The receiver goes first, so the channel's count no longer includes it.
+        drop(self.receiver.take());
+        self.tail.unsubscribe(&self.key);
+    }
+}
+
+/// The stage's sink: the event store, then the live tail.
+#[derive(Debug)]
+pub struct LiveSink {
+    /// Where events are stored.
+    pub store: Arc<dyn EventSink>,
+    /// Who watches them arrive.
+    pub tail: Arc<LiveTail>,
+}
+
+impl EventSink for LiveSink {
+    fn write(&self, events: &[EnrichedEvent], log_position: u64) -> Result<(), SinkError> {
+        self.store.write(events, log_position)?;
+        self.tail.publish(events);
+        Ok(())
+    }
+
+    fn committed_position(&self) -> Result<Option<u64>, SinkError> {
+        self.store.committed_position()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(project: ProjectId, collection: &str, n: usize) -> EnrichedEvent {
+        EnrichedEvent {
+            project,
+            collection: collection.to_owned(),
+            json: format!(r#"{{"n":{n},"keen":{{"timestamp":"2026-01-01T00:00:00.000Z"}}}}"#),
+        }
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_their_collection_and_are_told_what_was_left_out() {
+        let tail = LiveTail::new();
+        let p = ProjectId::random();
+        let mut sub = tail.subscribe(p, "clicks").unwrap();
+        assert_eq!(tail.watchers(), 1);
+        let mut batch: Vec<_> = (0..MAX_EVENTS_PER_BATCH + 7)
+            .map(|n| event(p, "clicks", n))
+            .collect();
+        batch.push(event(p, "views", 0));
+        batch.push(event(ProjectId::random(), "clicks", 0));
+        tail.publish(&batch);
+        let Received::Batch(got) = sub.next().await else {
+            panic!("expected a batch")
+        };
+        assert_eq!(got.events.rows(), MAX_EVENTS_PER_BATCH);
+        assert_eq!(got.left_out, 7);
+        drop(sub);
+        assert_eq!(tail.watchers(), 0);
+        assert!(
+            tail.channels.lock().unwrap().is_empty(),
+            "the last subscriber removes the channel"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_is_told_it_missed_batches_and_close_ends_streams() {
+        let tail = LiveTail::new();
+        let p = ProjectId::random();
+        let mut sub = tail.subscribe(p, "c").unwrap();
+        for n in 0..CHANNEL_BATCHES + 3 {
+            tail.publish(&[event(p, "c", n)]);
+        }
+        assert!(matches!(sub.next().await, Received::Missed(3)));
+        assert!(matches!(sub.next().await, Received::Batch(_)));
+        tail.close();
+        // What was sent before the close is still delivered; then the stream ends.
+        let mut rest = 0;
+        loop {
+            match sub.next().await {
+                Received::Batch(_) => rest += 1,
+                Received::Closed => break,
+                Received::Missed(_) => panic!("no more misses"),
+            }
+        }
+        assert_eq!(rest, CHANNEL_BATCHES - 1);
+        assert!(tail.subscribe(p, "c").is_none());
+    }
+}
