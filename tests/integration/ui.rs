@@ -215,6 +215,21 @@ async fn dashboards_are_stored_validated_and_scoped_to_the_viewer() {
         .map(|t| t["query_name"].as_str().unwrap())
         .collect();
     assert_eq!(tiles, ["revenue"]);
+    // A key that may read none of a dashboard's tiles does not see the dashboard at all.
+    let other = json!({"title": "Another customer", "tiles": [{"query_name": "signups", "x": 0, "y": 0, "w": 6, "h": 4}]});
+    assert_eq!(
+        put(&server, "/dashboards/other", &master, &other).await.status(),
+        201
+    );
+    assert_eq!(scoped.as_array().unwrap().len(), 1, "{scoped}");
+    let (_, listed) = status_json(get(&server, "/dashboards", &one).await).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_error(
+        get(&server, "/dashboards/other", &one).await,
+        404,
+        "ResourceNotFoundError",
+    )
+    .await;
     let writer = access_key(&server, json!({"name": "w", "permitted": ["writes"]})).await;
     assert_error(
         get(&server, "/dashboards/overview", &writer).await,
@@ -370,6 +385,19 @@ async fn the_live_stream_sends_stored_events_through_the_keys_filters() {
     let mut big = big_orders.customers(2).await;
     big.sort();
     assert_eq!(big, ["acme", "acme"]);
+
+    // A key holds at most 8 streams open.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(open_stream(&server, "orders", &scoped, "").await);
+    }
+    assert_error(
+        SseReader::open(&server, "orders", &scoped, "").await,
+        429,
+        "TooManyRequestsError",
+    )
+    .await;
+    drop(held);
 
     // Refusals in Keen's shape.
     let write_key = server.project.write_key.clone();

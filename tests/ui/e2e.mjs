@@ -96,7 +96,9 @@ try {
     ["acme", 60],
     ["globex", 300],
   ]);
-  assert.match(await page.locator("#curl").textContent(), /queries\/sum/);
+  const curl = await page.locator("#curl").textContent();
+  assert.match(curl, /queries\/sum/);
+  assert.ok(!curl.includes(masterKey), "the key is not written into the page");
   await page.click("text=JSON");
   assert.match(await page.locator("#json").innerText(), /"customer.id": "globex"/);
   await page.click("button.tab:text('Chart')");

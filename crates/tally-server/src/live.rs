@@ -13,16 +13,19 @@
 //! `queries.filters` mean exactly what they mean for its queries.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tally_core::event::{EnrichedEvent, EventSink, SinkError};
-use tally_core::ids::ProjectId;
+use tally_core::ids::{KeyHash, ProjectId};
 use tally_store::events::Segment;
 use tokio::sync::broadcast;
 
 /// The most events of one collection one batch passes to the live tail.
 pub const MAX_EVENTS_PER_BATCH: usize = 500;
+
+/// The most streams one key may hold open: each costs filter work on every batch.
+pub const MAX_STREAMS_PER_KEY: usize = 8;
 
 /// Batches a slow subscriber may fall behind before it starts missing them.
 const CHANNEL_BATCHES: usize = 64;
@@ -38,14 +41,34 @@ pub struct LiveBatch {
 
 type Channel = broadcast::Sender<Arc<LiveBatch>>;
 
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    Closed,
+    /// The key already holds [`MAX_STREAMS_PER_KEY`] streams.
+    #[error("this key already has {MAX_STREAMS_PER_KEY} live streams open")]
+    TooMany,
+}
+
+/// Everything behind the one lock: checked and changed together, so a subscription cannot slip
+/// in after [`LiveTail::close`].
+#[derive(Debug, Default)]
+struct Channels {
+    closed: bool,
+    /// Channels by project, then collection (looked up by `&str`, without allocating).
+    by_project: HashMap<ProjectId, HashMap<String, Channel>>,
+    /// Open streams per key.
+    per_key: HashMap<KeyHash, usize>,
+}
+
 /// Subscribers per collection.
 #[derive(Debug, Default)]
 pub struct LiveTail {
-    channels: Mutex<HashMap<(ProjectId, String), Channel>>,
+    channels: Mutex<Channels>,
     /// Open subscriptions: when zero, [`LiveTail::publish`] returns at once.
     watchers: AtomicUsize,
-    /// Set at shutdown: existing streams end, new ones are refused.
-    closed: AtomicBool,
 }
 
 impl LiveTail {
@@ -54,23 +77,35 @@ impl LiveTail {
         Arc::new(Self::default())
     }
 
-    /// Subscribes to a collection's events; `None` once the server is shutting down.
-    pub fn subscribe(self: &Arc<Self>, project: ProjectId, collection: &str) -> Option<Subscription> {
-        if self.closed.load(Ordering::Acquire) {
-            return None;
+    /// Subscribes `key` to a collection's events.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        project: ProjectId,
+        collection: &str,
+        key: KeyHash,
+    ) -> Result<Subscription, SubscribeError> {
+        let mut channels = self.channels.lock().expect("live tail lock");
+        if channels.closed {
+            return Err(SubscribeError::Closed);
         }
-        let key = (project, collection.to_owned());
-        let receiver = self
-            .channels
-            .lock()
-            .expect("live tail lock")
-            .entry(key.clone())
+        let open = channels.per_key.entry(key).or_default();
+        if *open >= MAX_STREAMS_PER_KEY {
+            return Err(SubscribeError::TooMany);
+        }
+        *open += 1;
+        let receiver = channels
+            .by_project
+            .entry(project)
+            .or_default()
+            .entry(collection.to_owned())
             .or_insert_with(|| broadcast::channel(CHANNEL_BATCHES).0)
             .subscribe();
         self.watchers.fetch_add(1, Ordering::AcqRel);
-        Some(Subscription {
+        Ok(Subscription {
             receiver: Some(receiver),
             tail: self.clone(),
+            project,
+            collection: collection.to_owned(),
             key,
         })
     }
@@ -78,8 +113,9 @@ impl LiveTail {
     /// Ends every stream and refuses new ones (shutdown: open streams would otherwise hold the
     /// graceful shutdown until its grace period ends).
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.channels.lock().expect("live tail lock").clear();
+        let mut channels = self.channels.lock().expect("live tail lock");
+        channels.closed = true;
+        channels.by_project.clear();
     }
 
     /// Open subscriptions.
@@ -99,7 +135,11 @@ impl LiveTail {
                 let key = (event.project, event.collection.as_str());
                 if let Some((_, texts)) = watched.get_mut(&key) {
                     texts.push(&event.json);
-                } else if let Some(channel) = channels.get(&(event.project, event.collection.clone())) {
+                } else if let Some(channel) = channels
+                    .by_project
+                    .get(&event.project)
+                    .and_then(|c| c.get(event.collection.as_str()))
+                {
                     watched.insert(key, (channel.clone(), vec![&event.json]));
                 }
             }
@@ -115,11 +155,25 @@ impl LiveTail {
         }
     }
 
-    fn unsubscribe(&self, key: &(ProjectId, String)) {
+    fn unsubscribe(&self, project: ProjectId, collection: &str, key: KeyHash) {
         self.watchers.fetch_sub(1, Ordering::AcqRel);
         let mut channels = self.channels.lock().expect("live tail lock");
-        if channels.get(key).is_some_and(|c| c.receiver_count() == 0) {
-            channels.remove(key);
+        if let Some(open) = channels.per_key.get_mut(&key) {
+            *open -= 1;
+            if *open == 0 {
+                channels.per_key.remove(&key);
+            }
+        }
+        if let Some(collections) = channels.by_project.get_mut(&project) {
+            if collections
+                .get(collection)
+                .is_some_and(|c| c.receiver_count() == 0)
+            {
+                collections.remove(collection);
+            }
+            if collections.is_empty() {
+                channels.by_project.remove(&project);
+            }
         }
     }
 }
@@ -129,7 +183,9 @@ impl LiveTail {
 pub struct Subscription {
     receiver: Option<broadcast::Receiver<Arc<LiveBatch>>>,
     tail: Arc<LiveTail>,
-    key: (ProjectId, String),
+    project: ProjectId,
+    collection: String,
+    key: KeyHash,
 }
 
 /// What a subscription receives next.
@@ -161,7 +217,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         // The receiver goes first, so the channel's count no longer includes it.
         drop(self.receiver.take());
-        self.tail.unsubscribe(&self.key);
+        self.tail.unsubscribe(self.project, &self.collection, self.key);
     }
 }
 
@@ -202,7 +258,7 @@ mod tests {
     async fn subscribers_get_their_collection_and_are_told_what_was_left_out() {
         let tail = LiveTail::new();
         let p = ProjectId::random();
-        let mut sub = tail.subscribe(p, "clicks").unwrap();
+        let mut sub = tail.subscribe(p, "clicks", KeyHash::of("k")).unwrap();
         assert_eq!(tail.watchers(), 1);
         let mut batch: Vec<_> = (0..MAX_EVENTS_PER_BATCH + 7)
             .map(|n| event(p, "clicks", n))
@@ -217,17 +273,33 @@ mod tests {
         assert_eq!(got.left_out, 7);
         drop(sub);
         assert_eq!(tail.watchers(), 0);
+        let channels = tail.channels.lock().unwrap();
         assert!(
-            tail.channels.lock().unwrap().is_empty(),
+            channels.by_project.is_empty(),
             "the last subscriber removes the channel"
         );
+        assert!(channels.per_key.is_empty());
+    }
+
+    #[test]
+    fn a_key_may_hold_a_bounded_number_of_streams() {
+        let tail = LiveTail::new();
+        let p = ProjectId::random();
+        let (a, b) = (KeyHash::of("a"), KeyHash::of("b"));
+        let held: Vec<_> = (0..MAX_STREAMS_PER_KEY)
+            .map(|i| tail.subscribe(p, &format!("c{i}"), a).unwrap())
+            .collect();
+        assert_eq!(tail.subscribe(p, "c0", a).unwrap_err(), SubscribeError::TooMany);
+        assert!(tail.subscribe(p, "c0", b).is_ok(), "another key is not affected");
+        drop(held);
+        assert!(tail.subscribe(p, "c0", a).is_ok(), "closing streams frees places");
     }
 
     #[tokio::test]
     async fn a_slow_subscriber_is_told_it_missed_batches_and_close_ends_streams() {
         let tail = LiveTail::new();
         let p = ProjectId::random();
-        let mut sub = tail.subscribe(p, "c").unwrap();
+        let mut sub = tail.subscribe(p, "c", KeyHash::of("k")).unwrap();
         for n in 0..CHANNEL_BATCHES + 3 {
             tail.publish(&[event(p, "c", n)]);
         }
@@ -244,6 +316,9 @@ mod tests {
             }
         }
         assert_eq!(rest, CHANNEL_BATCHES - 1);
-        assert!(tail.subscribe(p, "c").is_none());
+        assert_eq!(
+            tail.subscribe(p, "c", KeyHash::of("k")).unwrap_err(),
+            SubscribeError::Closed
+        );
     }
 }

@@ -121,6 +121,9 @@ export class Api {
     } catch (e) {
       if (signal && signal.aborted) return;
       throw new ApiError(0, `The live stream broke off: ${e.message}`, "NetworkError");
+    } finally {
+      // Whatever ended the loop, the connection (and the server's subscription) goes too.
+      reader.cancel().catch(() => {});
     }
   }
 }

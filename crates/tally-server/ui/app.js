@@ -45,8 +45,21 @@ const MAX_LIVE_EVENTS = 200;
 
 const root = document.getElementById("app");
 let session = loadSession();
-let cleanup = null; // stops what the current view runs (a live stream, a timer)
+// Each route() starts a new view: `view` counts them, so a view still awaiting the API after
+// the person moved on can tell (`stale(token)`) and stop; `cleanups` stop what the current view
+// runs (a live stream, a timer).
+let view = 0;
+let cleanups = [];
 let schemaCache = null;
+
+function stale(token) {
+  return token !== view;
+}
+
+function onLeave(token, stop) {
+  if (stale(token)) stop();
+  else cleanups.push(stop);
+}
 
 function loadSession() {
   try {
@@ -70,25 +83,23 @@ async function collections(refresh = false) {
 // Routing
 
 function route() {
-  if (cleanup) {
-    cleanup();
-    cleanup = null;
-  }
+  view += 1;
+  for (const stop of cleanups.splice(0)) stop();
   const hash = location.hash.replace(/^#/, "") || "/explorer";
   const [path, query] = hash.split("?");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   const params = new URLSearchParams(query || "");
   if (parts[0] === "embed") return embedView(params);
   if (!session) return signInView();
-  const view = parts[0];
+  const name = parts[0];
   const main = h("main", { id: "view" });
-  replace(root, header(view), main);
+  replace(root, header(name), main);
   const render = {
     explorer: () => explorerView(main),
     dashboards: () => (parts[1] ? dashboardView(main, parts[1]) : dashboardsView(main)),
     live: () => liveView(main),
     schema: () => schemaView(main),
-  }[view];
+  }[name];
   (render || (() => explorerView(main)))();
 }
 
@@ -196,17 +207,51 @@ function parseScalar(text) {
 function filterValue(operator, text) {
   if (operator === "exists") return text.trim() !== "false";
   if (operator === "in") return text.split(",").map((v) => parseScalar(v.trim()));
+  // Text operators take text, even when it looks like a number.
+  if (operator === "contains" || operator === "not_contains" || operator === "regex") return text;
   return parseScalar(text);
 }
 
+/** The UTC instant (ISO 8601) of a wall-clock time ("2026-11-20T10:00") in an IANA zone. */
+function zonedToUtc(local, zone) {
+  const wall = Date.parse(`${local.length === 16 ? `${local}:00` : local}Z`);
+  if (Number.isNaN(wall)) throw new ApiError(400, `'${local}' is not a date and time.`, "TimeframeDefinitionError");
+  let offset;
+  const offsetAt = (ms) => {
+    let parts;
+    try {
+      parts = new Intl.DateTimeFormat("en-US", {
+        timeZone: zone,
+        hourCycle: "h23",
+        year: "numeric",
+        month: "2-digit",
+        day: "2-digit",
+        hour: "2-digit",
+        minute: "2-digit",
+        second: "2-digit",
+      }).formatToParts(new Date(ms));
+    } catch {
+      throw new ApiError(400, `'${zone}' is not a time zone.`, "InvalidParameterError");
+    }
+    const p = Object.fromEntries(parts.map((x) => [x.type, x.value]));
+    return Date.UTC(+p.year, +p.month - 1, +p.day, +p.hour, +p.minute, +p.second) - Math.floor(ms / 1000) * 1000;
+  };
+  offset = offsetAt(wall);
+  offset = offsetAt(wall - offset); // again at the instant itself, for daylight-saving edges
+  return new Date(wall - offset).toISOString();
+}
+
 async function explorerView(main) {
+  const token = view;
   let schema = [];
   try {
     schema = await collections();
   } catch (e) {
+    if (stale(token)) return;
     replace(main, errorBox(e), h("p", { class: "muted" }, "The Explorer needs a key that may read the schema."));
     return;
   }
+  if (stale(token)) return;
   const names = schema.map((c) => c.name);
   const propertiesOf = (name) => {
     const c = schema.find((x) => x.name === name);
@@ -278,7 +323,8 @@ async function explorerView(main) {
     let tf = timeframe.value;
     if (tf === "custom") {
       if (!start.value || !end.value) throw new ApiError(400, "Give both ends of the custom range.", "TimeframeDefinitionError");
-      tf = { start: new Date(start.value).toISOString(), end: new Date(end.value).toISOString() };
+      const zone = timezone.value.trim() || "UTC";
+      tf = { start: zonedToUtc(start.value, zone), end: zonedToUtc(end.value, zone) };
     }
     const params = { timeframe: tf, timezone: timezone.value.trim() || "UTC" };
     if (a === "funnel") {
@@ -402,7 +448,8 @@ async function explorerView(main) {
 function curlBlock(analysis, params) {
   const body = JSON.stringify(params).replace(/'/g, "'\\''");
   const url = `${location.origin}/3.0/projects/${session.project}/queries/${analysis}`;
-  const text = `curl -X POST '${url}' \\\n  -H 'Authorization: ${session.key}' \\\n  -H 'Content-Type: application/json' \\\n  -d '${body}'`;
+  // The key is left out of the page (screenshots, screen shares): set TALLY_KEY to it.
+  const text = `curl -X POST '${url}' \\\n  -H "Authorization: $TALLY_KEY" \\\n  -H 'Content-Type: application/json' \\\n  -d '${body}'`;
   return h("details", { class: "curl" }, h("summary", {}, "curl"), h("pre", { id: "curl" }, text));
 }
 
@@ -430,14 +477,16 @@ function showResult(output, analysis, params, body) {
 // Dashboards
 
 async function dashboardsView(main) {
+  const token = view;
   replace(main, h("p", { class: "muted" }, "Loading dashboards…"));
   let list;
   try {
     list = await api().dashboards();
   } catch (e) {
-    replace(main, errorBox(e));
+    if (!stale(token)) replace(main, errorBox(e));
     return;
   }
+  if (stale(token)) return;
   const name = h("input", { id: "new-dashboard", placeholder: "name: letters, digits, - and _" });
   const title = h("input", { id: "new-dashboard-title", placeholder: "title" });
   const message = h("div", { class: "message" });
@@ -484,16 +533,21 @@ async function drawTile(client, tile, body) {
   }
 }
 
+function placeTile(el, tile) {
+  el.style.gridColumn = `${tile.x + 1} / span ${tile.w}`;
+  el.style.gridRow = `${tile.y + 1} / span ${tile.h}`;
+}
+
 function tileElement(client, tile, controls) {
   const body = h("div", { class: "tile-body" });
   const el = h("section", { class: "tile", "data-query": tile.query_name }, h("div", { class: "tile-head" }, h("h3", {}, tile.title || tile.query_name), controls || null), body);
-  el.style.gridColumn = `${tile.x + 1} / span ${tile.w}`;
-  el.style.gridRow = `${tile.y + 1} / span ${tile.h}`;
+  placeTile(el, tile);
   drawTile(client, tile, body);
   return el;
 }
 
 async function dashboardView(main, name) {
+  const token = view;
   replace(main, h("p", { class: "muted" }, "Loading…"));
   let dashboard;
   let saved = [];
@@ -501,9 +555,10 @@ async function dashboardView(main, name) {
     dashboard = await api().dashboard(name);
     if (session.kind === "master") saved = await api().savedQueries();
   } catch (e) {
-    replace(main, errorBox(e), h("p", {}, h("a", { href: "#/dashboards" }, "All dashboards")));
+    if (!stale(token)) replace(main, errorBox(e), h("p", {}, h("a", { href: "#/dashboards" }, "All dashboards")));
     return;
   }
+  if (stale(token)) return;
   const tiles = dashboard.tiles.map((t) => ({ ...t }));
   const grid = h("div", { class: "dashboard-grid", id: "grid" });
   const message = h("div", { class: "message" });
@@ -544,7 +599,24 @@ async function dashboardView(main, name) {
         "✕",
       ),
     );
-  const draw = () => replace(grid, tiles.map((t) => tileElement(api(), t, master ? controlsFor(t) : null)));
+  // Each tile's element is built (and its result read) once; moving or resizing only places it.
+  const elements = new Map();
+  const draw = () => {
+    for (const [tile, el] of elements) {
+      if (!tiles.includes(tile)) {
+        el.remove();
+        elements.delete(tile);
+      }
+    }
+    for (const tile of tiles) {
+      if (!elements.has(tile)) {
+        const el = tileElement(api(), tile, master ? controlsFor(tile) : null);
+        elements.set(tile, el);
+        grid.append(el);
+      }
+      placeTile(elements.get(tile), tile);
+    }
+  };
 
   const addQuery = select({ id: "add-tile-query" }, saved.map((q) => q.query_name));
   const addChart = select({ id: "add-tile-chart" }, CHART_KINDS, "auto");
@@ -618,7 +690,9 @@ function embedForm(dashboardName, currentTiles) {
         id: "create-embed",
         onclick: async () => {
           const names = [...new Set(currentTiles().map((t) => t.query_name))];
-          const filters = property.value.trim() ? [{ property_name: property.value.trim(), operator: "eq", property_value: parseScalar(value.value) }] : [];
+          // The value as typed: customer ids such as "02134" are text, and a number would
+          // match nothing.
+          const filters = property.value.trim() ? [{ property_name: property.value.trim(), operator: "eq", property_value: value.value }] : [];
           try {
             const key = await api().createKey({
               name: `embed ${dashboardName}${filters.length ? ` ${property.value.trim()}=${value.value}` : ""}`,
@@ -670,12 +744,14 @@ async function embedView(params) {
 // Live events
 
 async function liveView(main) {
+  const token = view;
   let names = [];
   try {
     names = (await collections(true)).map((c) => c.name);
   } catch (e) {
     // A key without schema access can still watch a collection it names.
   }
+  if (stale(token)) return;
   const collection = h("input", { id: "live-collection", list: "live-collections", placeholder: "collection", value: names[0] || "" });
   const filter = h("input", { id: "live-filter", placeholder: "show only events containing…" });
   const status = h("span", { class: "muted", id: "live-status" }, "not connected");
@@ -701,15 +777,18 @@ async function liveView(main) {
     );
   const connect = async () => {
     if (controller) controller.abort();
-    controller = new AbortController();
+    // This stream's own controller: a stream replaced by a newer one must not report on it.
+    const mine = new AbortController();
+    controller = mine;
+    const show = (...content) => mine.signal.aborted || replace(status, ...content);
     events.length = 0;
     renderList();
     if (!collection.value.trim()) return;
-    replace(status, "connecting…");
+    show("connecting…");
     try {
       await api().stream(collection.value.trim(), [], {
-        signal: controller.signal,
-        onOpen: () => replace(status, h("span", { class: "ok", id: "live-connected" }, `watching ${collection.value.trim()}`)),
+        signal: mine.signal,
+        onOpen: () => show(h("span", { class: "ok", id: "live-connected" }, `watching ${collection.value.trim()}`)),
         onEvent: (e) => {
           events.unshift(e);
           events.length = Math.min(events.length, MAX_LIVE_EVENTS);
@@ -720,11 +799,11 @@ async function liveView(main) {
             renderList();
           }
         },
-        onMissed: (m) => replace(status, `watching ${collection.value.trim()} (some events were too many to show: ${JSON.stringify(m)})`),
+        onMissed: (m) => show(`watching ${collection.value.trim()} (some events were too many to show: ${JSON.stringify(m)})`),
       });
-      if (!controller.signal.aborted) replace(status, "the stream ended");
+      show("the stream ended");
     } catch (e) {
-      replace(status, errorBox(e));
+      show(errorBox(e));
     }
   };
   toggle.addEventListener("click", () => {
@@ -735,7 +814,7 @@ async function liveView(main) {
   });
   filter.addEventListener("input", renderList);
   collection.addEventListener("change", connect);
-  cleanup = () => controller && controller.abort();
+  onLeave(token, () => controller && controller.abort());
   replace(
     main,
     h("h1", {}, "Live events"),
@@ -759,6 +838,7 @@ async function liveView(main) {
 // Schema and health
 
 async function schemaView(main) {
+  const token = view;
   const schemaBox = h("section", { class: "card" }, h("p", { class: "muted" }, "Loading…"));
   const healthBox = h("section", { class: "card", id: "health" }, h("p", { class: "muted" }, "Reading metrics…"));
   replace(main, h("h1", {}, "Schema & health"), healthBox, schemaBox);
@@ -828,7 +908,7 @@ async function schemaView(main) {
   };
   tick();
   const timer = setInterval(tick, 3000);
-  cleanup = () => clearInterval(timer);
+  onLeave(token, () => clearInterval(timer));
 }
 
 window.addEventListener("hashchange", route);

@@ -74,7 +74,7 @@ function barChart(rows) {
     .map((r) => ({ label: groupLabel(r), value: typeof r.result === "number" ? r.result : 0 }))
     .sort((a, b) => b.value - a.value);
   const shown = bars.slice(0, MAX_BARS);
-  const max = Math.max(1e-9, ...shown.map((b) => Math.abs(b.value)));
+  const max = shown.reduce((a, b) => Math.max(a, Math.abs(b.value)), 1e-9);
   const rowHeight = 26;
   const width = 640;
   const labelWidth = 180;
@@ -123,6 +123,12 @@ function lineChart(points) {
         if (!series.has(label)) series.set(label, new Array(points.length).fill(0));
         series.get(label)[i] = typeof g.result === "number" ? g.result : 0;
       }
+    } else if (p.value !== null && typeof p.value === "object") {
+      // multi_analysis: one series per labelled analysis.
+      for (const [label, v] of Object.entries(p.value)) {
+        if (!series.has(label)) series.set(label, new Array(points.length).fill(0));
+        series.get(label)[i] = typeof v === "number" ? v : 0;
+      }
     } else {
       if (!series.has("value")) series.set("value", new Array(points.length).fill(0));
       series.get("value")[i] = typeof p.value === "number" ? p.value : 0;
@@ -134,9 +140,10 @@ function lineChart(points) {
   const width = 640;
   const height = 260;
   const m = { left: 56, right: 12, top: 12, bottom: 34 };
+  // reduce, not Math.max(...): a long series would overflow the call's arguments.
   const all = ranked.flatMap(([, v]) => v);
-  const max = Math.max(1e-9, ...all);
-  const min = Math.min(0, ...all);
+  const max = all.reduce((a, b) => Math.max(a, b), 1e-9);
+  const min = all.reduce((a, b) => Math.min(a, b), 0);
   const x = (i) => m.left + (points.length <= 1 ? 0 : (i * (width - m.left - m.right)) / (points.length - 1));
   const y = (v) => m.top + ((max - v) * (height - m.top - m.bottom)) / (max - min || 1);
   const svg = s("svg", {
@@ -170,6 +177,8 @@ function lineChart(points) {
         "data-label": label,
       }),
     );
+    // Dots (with their tooltips) only where there are few enough points to point at.
+    if (points.length > 120) return;
     values.forEach((v, i) => {
       const start = points[i].timeframe ? points[i].timeframe.start : "";
       svg.append(s("circle", { cx: x(i), cy: y(v), r: 3, fill: color, class: "point" }, s("title", {}, `${label} ${start}: ${formatValue(v)}`)));

@@ -3,7 +3,8 @@
 //! `PUT` and `DELETE` need the master key. Reading needs a key that may read saved query
 //! results (the read key, or an access key permitted `saved_queries` or `cached_queries`): an
 //! embedded dashboard is opened with a scoped access key. Such a key sees only the tiles whose
-//! saved query it may read, so a dashboard never reveals queries its viewer cannot open.
+//! saved query it may read, and not at all a dashboard with none, so a dashboard never reveals
+//! queries (or other customers' dashboards) its viewer cannot open.
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -22,9 +23,23 @@ use crate::request::KeenPath;
 use crate::routes::queries::{json_ok, query_string_request};
 use crate::routes::saved::{delete_definition, json_body};
 
-/// The dashboard as the API returns it, with only the tiles `caller` may read.
-fn dashboard_object(state: &AppState, caller: &Caller, name: &str, stored: &Value) -> Option<Value> {
-    let mut dashboard: Dashboard = serde_json::from_value(stored.clone()).ok()?;
+/// What `caller` may see of a stored dashboard.
+enum Visible {
+    /// The dashboard as the API returns it, with only the tiles the caller may read.
+    Shown(Value),
+    /// An access key that may read none of its tiles: to that key the dashboard does not exist
+    /// (its name and title are another customer's business).
+    Hidden,
+}
+
+fn dashboard_object(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    stored: &Value,
+) -> Result<Visible, ApiError> {
+    let mut dashboard: Dashboard = serde_json::from_value(stored.clone())
+        .map_err(|_| ApiError::internal("a stored dashboard is damaged"))?;
     if caller.scope.is_some() {
         dashboard.tiles.retain(|tile| {
             state
@@ -33,16 +48,19 @@ fn dashboard_object(state: &AppState, caller: &Caller, name: &str, stored: &Valu
                 .and_then(|q| SavedQuery::from_stored(&q))
                 .is_some_and(|q| caller.check_saved(&tile.query_name, q.refresh_rate > 0).is_ok())
         });
+        if dashboard.tiles.is_empty() {
+            return Ok(Visible::Hidden);
+        }
     }
     let date = |field: &str| stored.get(field).and_then(Value::as_i64).map(format_date);
-    Some(json!({
+    Ok(Visible::Shown(json!({
         "dashboard_name": name,
         "title": dashboard.title,
         "tiles": dashboard.tiles,
         "created_date": date("created_ms"),
         "last_modified_date": date("modified_ms"),
         "url": format!("/3.0/projects/{}/dashboards/{name}", caller.project),
-    }))
+    })))
 }
 
 fn reader(
@@ -62,12 +80,12 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let caller = reader(&state, &project, raw_query.as_deref(), &headers)?;
-    let all: Vec<Value> = state
-        .catalog
-        .objects(&caller.project, ObjectKind::Dashboard)
-        .into_iter()
-        .filter_map(|(name, stored)| dashboard_object(&state, &caller, &name, &stored))
-        .collect();
+    let mut all = Vec::new();
+    for (name, stored) in state.catalog.objects(&caller.project, ObjectKind::Dashboard) {
+        if let Visible::Shown(object) = dashboard_object(&state, &caller, &name, &stored)? {
+            all.push(object);
+        }
+    }
     Ok(json_ok(&Value::Array(all)))
 }
 
@@ -83,9 +101,10 @@ pub async fn get(
         .catalog
         .object(&caller.project, ObjectKind::Dashboard, &name)
         .ok_or_else(ApiError::not_found)?;
-    let object = dashboard_object(&state, &caller, &name, &stored)
-        .ok_or_else(|| ApiError::internal("a stored dashboard is damaged"))?;
-    Ok(json_ok(&object))
+    match dashboard_object(&state, &caller, &name, &stored)? {
+        Visible::Shown(object) => Ok(json_ok(&object)),
+        Visible::Hidden => Err(ApiError::not_found()),
+    }
 }
 
 /// `PUT …/dashboards/{name}` (master key): creates (201) or replaces (200). Every tile must name
@@ -126,8 +145,9 @@ pub async fn put(
         .catalog
         .put_object(&project, ObjectKind::Dashboard, &name, stored.clone())
         .map_err(ApiError::internal)?;
-    let object = dashboard_object(&state, &caller, &name, &stored)
-        .ok_or_else(|| ApiError::internal("a dashboard just stored is damaged"))?;
+    let Visible::Shown(object) = dashboard_object(&state, &caller, &name, &stored)? else {
+        return Err(ApiError::internal("the master key sees every dashboard"));
+    };
     let status = if created {
         StatusCode::CREATED
     } else {

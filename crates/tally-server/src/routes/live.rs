@@ -3,7 +3,8 @@
 //!
 //! Needs a key that may run queries (read, master, or an access key permitted `queries`); the
 //! key's `queries.filters` and the request's own `filters` parameter (Keen's filter syntax) are
-//! applied to every event. The stream opens with an `open` event, then sends each event as a
+//! applied to every event. A key may hold at most [`MAX_STREAMS_PER_KEY`] streams open (429
+//! past that). The stream opens with an `open` event, then sends each event as a
 //! default (`message`) event whose data is the event's JSON, and a `missed` event
 //! (`{"events": n}` or `{"batches": n}`) whenever the live tail left events out for this
 //! subscriber (see [`crate::live`]). Keep-alive comments every 15 s keep proxies from closing an
@@ -28,7 +29,7 @@ use tally_query::spec;
 use crate::app::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
-use crate::live::{Received, Subscription};
+use crate::live::{MAX_STREAMS_PER_KEY, Received, SubscribeError, Subscription};
 use crate::request::KeenPath;
 use crate::routes::queries::query_string_request;
 
@@ -58,8 +59,16 @@ pub async fn stream_events(
     }
     let subscription = state
         .live
-        .subscribe(caller.project, &collection)
-        .ok_or_else(|| ApiError::new(ErrorCode::ServiceUnavailable, "The server is shutting down."))?;
+        .subscribe(caller.project, &collection, caller.key)
+        .map_err(|e| match e {
+            SubscribeError::Closed => {
+                ApiError::new(ErrorCode::ServiceUnavailable, "The server is shutting down.")
+            }
+            SubscribeError::TooMany => ApiError::new(
+                ErrorCode::RateLimited,
+                format!("This key already has {MAX_STREAMS_PER_KEY} live streams open; close one first."),
+            ),
+        })?;
     let tail = Tail {
         subscription,
         filters,

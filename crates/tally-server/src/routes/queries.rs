@@ -252,10 +252,6 @@ pub(crate) fn json_ok(body: &Value) -> Response {
     json_text(body.to_string())
 }
 
-/// The properties of the caller's view of each collection, with their Keen types (a collection
-/// with nothing the caller may see has none). For a caller whose key carries filters, only the
-/// events passing them count, so not even another tenant's property names show; that is a scan,
-/// so it runs in a query slot like a query.
 /// One collection's schema as the caller sees it: property types and how many events.
 struct CollectionSchema {
     name: String,
@@ -263,6 +259,10 @@ struct CollectionSchema {
     events: usize,
 }
 
+/// The properties of the caller's view of each collection, with their Keen types (a collection
+/// with nothing the caller may see has none). For a caller whose key carries filters, only the
+/// events passing them count, so not even another tenant's property names show; that is a scan,
+/// so it runs in a query slot like a query.
 async fn collection_schemas(
     state: &AppState,
     caller: &Caller,
