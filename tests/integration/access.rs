@@ -21,7 +21,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tally_core::clock::ManualClock;
 
-use crate::support::{ADMIN_KEY, TestServer, assert_error, status_json};
+use crate::support::{ADMIN_KEY, TestServer, assert_error, call, ok_json, status_json};
 
 /// The customers of every fixture project; the scoped reader sees only `cust-a`.
 const CUSTOMERS: [&str; 2] = ["cust-a", "cust-b"];
@@ -48,31 +48,8 @@ fn scoped_filter() -> Value {
     json!({"property_name": "customer.id", "operator": "eq", "property_value": "cust-a"})
 }
 
-async fn call(
-    server: &TestServer,
-    method: Method,
-    url: &str,
-    key: Option<&str>,
-    body: Option<&Value>,
-) -> reqwest::Response {
-    let mut request = server.http.request(method, url);
-    if let Some(key) = key {
-        request = request.header("Authorization", key);
-    }
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    request.send().await.unwrap()
-}
-
 fn url(server: &TestServer, project: &str, rest: &str) -> String {
     format!("{}/3.0/projects/{project}{rest}", server.base)
-}
-
-async fn ok_json(response: reqwest::Response) -> Value {
-    let (status, body) = status_json(response).await;
-    assert!((200..300).contains(&status), "{status}: {body}");
-    body
 }
 
 /// The purchases of one project: every customer buys every item on several days; `cust-b`'s

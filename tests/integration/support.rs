@@ -178,6 +178,31 @@ pub fn read_log(data_dir: &Path) -> Vec<(String, Value)> {
     }
 }
 
+/// Sends a request with an optional key (`Authorization`) and JSON body.
+pub async fn call(
+    server: &TestServer,
+    method: reqwest::Method,
+    url: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> reqwest::Response {
+    let mut request = server.http.request(method, url);
+    if let Some(key) = key {
+        request = request.header("Authorization", key);
+    }
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    request.send().await.unwrap()
+}
+
+/// The JSON body of a 2xx answer (anything else fails the test).
+pub async fn ok_json(response: reqwest::Response) -> Value {
+    let (status, body) = status_json(response).await;
+    assert!((200..300).contains(&status), "{status}: {body}");
+    body
+}
+
 /// The status and JSON body of a response.
 pub async fn status_json(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();

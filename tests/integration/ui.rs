@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use reqwest::Method;
 use serde_json::{Value, json};
 use tally_core::clock::{Clock, SystemClock};
 
-use crate::support::{TestServer, assert_error, status_json};
+use crate::support::{TestServer, assert_error, call, status_json};
 
 /// Timestamps inside `this_7_days` whatever the hour: the last two days.
 fn hours_ago(hours: i64) -> String {
@@ -21,36 +22,31 @@ fn hours_ago(hours: i64) -> String {
 }
 
 async fn put(server: &TestServer, rest: &str, key: &str, body: &Value) -> reqwest::Response {
-    server
-        .http
-        .put(server.project_url(rest))
-        .header("Authorization", key)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    call(
+        server,
+        Method::PUT,
+        &server.project_url(rest),
+        Some(key),
+        Some(body),
+    )
+    .await
 }
 
 async fn get(server: &TestServer, rest: &str, key: &str) -> reqwest::Response {
-    server
-        .http
-        .get(server.project_url(rest))
-        .header("Authorization", key)
-        .send()
-        .await
-        .unwrap()
+    call(server, Method::GET, &server.project_url(rest), Some(key), None).await
 }
 
 /// Creates an access key; returns the key.
 async fn access_key(server: &TestServer, definition: Value) -> String {
-    let response = server
-        .http
-        .post(server.project_url("/keys"))
-        .header("Authorization", &server.project.master_key)
-        .json(&definition)
-        .send()
-        .await
-        .unwrap();
+    let master = server.project.master_key.as_str();
+    let response = call(
+        server,
+        Method::POST,
+        &server.project_url("/keys"),
+        Some(master),
+        Some(&definition),
+    )
+    .await;
     let (status, body) = status_json(response).await;
     assert_eq!(status, 201, "{body}");
     body["key"].as_str().unwrap().to_owned()

@@ -6,7 +6,7 @@
 
 import { Api, ApiError, serverMetrics } from "./api.js";
 import { CHART_KINDS, drawChart, formatValue } from "./charts.js";
-import { errorBox, h, replace, select } from "./dom.js";
+import { errorBox, h, options, replace, select } from "./dom.js";
 
 const SESSION_KEY = "tally.session";
 
@@ -276,16 +276,7 @@ async function explorerView(main) {
   const propertyOptions = (name) => [["", "—"], ...propertiesOf(name)];
   const refreshProperties = () => {
     const props = propertyOptions(collection.value);
-    for (const sel of [target, groupBy1, groupBy2]) {
-      const keep = sel.value;
-      replace(
-        sel,
-        props.map((p) => {
-          const [v, l] = Array.isArray(p) ? p : [p, p];
-          return h("option", { value: v, selected: v === keep }, l);
-        }),
-      );
-    }
+    for (const sel of [target, groupBy1, groupBy2]) replace(sel, options(props, sel.value));
   };
   const addFilter = (preset = {}) => {
     const property = h("input", { class: "f-property", list: "props", placeholder: "property", value: preset.property_name || "" });

@@ -47,16 +47,17 @@ export function replace(el, ...children) {
   return el;
 }
 
-/** A <select> of options: each a string or [value, label]. */
-export function select(attrs, options, current) {
-  return h(
-    "select",
-    attrs,
-    options.map((o) => {
-      const [value, label] = Array.isArray(o) ? o : [o, o];
-      return h("option", { value, selected: value === current }, label);
-    }),
-  );
+/** <option>s: each a string or [value, label]; `current` is selected. */
+export function options(list, current) {
+  return list.map((o) => {
+    const [value, label] = Array.isArray(o) ? o : [o, o];
+    return h("option", { value, selected: value === current }, label);
+  });
+}
+
+/** A <select> of options (see `options`). */
+export function select(attrs, list, current) {
+  return h("select", attrs, options(list, current));
 }
 
 /** An error shown to a person: the API's message and its error code, never a blank page. */

@@ -21,7 +21,7 @@ use crate::auth::{Access, Caller};
 use crate::error::ApiError;
 use crate::request::KeenPath;
 use crate::routes::queries::{json_ok, query_string_request};
-use crate::routes::saved::{delete_definition, json_body};
+use crate::routes::saved::{created_ms, delete_definition, json_body};
 
 /// What `caller` may see of a stored dashboard.
 enum Visible {
@@ -133,13 +133,8 @@ pub async fn put(
         ));
     }
     let now = state.clock.now_ms();
-    let created_ms = state
-        .catalog
-        .object(&project, ObjectKind::Dashboard, &name)
-        .and_then(|old| old.get("created_ms").and_then(Value::as_i64))
-        .unwrap_or(now);
     let mut stored = serde_json::to_value(&dashboard).map_err(ApiError::internal)?;
-    stored["created_ms"] = json!(created_ms);
+    stored["created_ms"] = json!(created_ms(&state, &project, ObjectKind::Dashboard, &name, now));
     stored["modified_ms"] = json!(now);
     let created = state
         .catalog

@@ -36,6 +36,21 @@ pub(crate) async fn json_body(state: &AppState, headers: &HeaderMap, body: Body)
     })
 }
 
+/// When the named definition was first stored: kept across replacements, `now` for a new one.
+pub(crate) fn created_ms(
+    state: &AppState,
+    project: &ProjectId,
+    kind: ObjectKind,
+    name: &str,
+    now: i64,
+) -> i64 {
+    state
+        .catalog
+        .object(project, kind, name)
+        .and_then(|old| old.get("created_ms").and_then(Value::as_i64))
+        .unwrap_or(now)
+}
+
 /// Forgets a definition's cached answers; off the async runtime, since it waits for a refresh
 /// in flight.
 pub(crate) async fn forget(
@@ -152,12 +167,10 @@ pub async fn put(
     let body = json_body(&state, &headers, body).await?;
     let now = state.clock.now_ms();
     let saved = saved::parse_saved_query(&body, now, state.answers.bounds)?;
-    let created_ms = state
-        .catalog
-        .object(&project, ObjectKind::SavedQuery, &name)
-        .and_then(|old| old.get("created_ms").and_then(Value::as_i64))
-        .unwrap_or(now);
-    let stored = saved.to_stored(created_ms, now);
+    let stored = saved.to_stored(
+        created_ms(&state, &project, ObjectKind::SavedQuery, &name, now),
+        now,
+    );
     // Stored first, then the old answers dropped: a refresh of the old definition still in
     // flight finds it replaced and keeps nothing.
     let created = state
