@@ -26,7 +26,7 @@ use clap::{Parser, Subcommand};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use tally_core::clock::{Clock, SystemClock};
-use tally_core::config::{Config, LogFormat};
+use tally_core::config::{Config, LogFormat, Role};
 use tally_core::event::LoggedEvent;
 use tally_core::time::format_timestamp_ms;
 use tally_ingest::log::LogReader;
@@ -72,6 +72,10 @@ enum Command {
         /// repeat for DB-IP's separate IPv4 and IPv6 files [config: enrich.geoip_db]
         #[arg(long)]
         geoip_db: Vec<PathBuf>,
+        /// What this node does: all (default), or a comma-separated list of ingest, process,
+        /// query. Nodes apart need Kafka as the event log [config: roles]
+        #[arg(long)]
+        role: Option<String>,
     },
     /// Manage projects.
     Project {
@@ -144,6 +148,26 @@ fn load_config(common: &Common, flags: &[(&str, Option<String>)]) -> anyhow::Res
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
 }
 
+/// `all`, or a comma-separated list of `ingest`, `process`, `query`.
+fn parse_roles(text: &str) -> anyhow::Result<Vec<Role>> {
+    let mut roles = Vec::new();
+    for word in text.split(',').map(str::trim) {
+        let role = match word {
+            "all" => {
+                roles.extend([Role::Ingest, Role::Process, Role::Query]);
+                continue;
+            }
+            "ingest" => Role::Ingest,
+            "process" => Role::Process,
+            "query" => Role::Query,
+            other => anyhow::bail!("--role: {other:?} is not one of all, ingest, process, query"),
+        };
+        roles.push(role);
+    }
+    roles.dedup();
+    Ok(roles)
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -165,12 +189,16 @@ fn main() -> ExitCode {
             listen,
             admin_key,
             geoip_db,
+            role,
         } => load_config(&common, &[("listen", listen), ("admin_key", admin_key)])
-            .map(|mut config| {
+            .and_then(|mut config| {
                 if !geoip_db.is_empty() {
                     config.enrich.geoip_db = geoip_db;
                 }
-                config
+                if let Some(role) = role {
+                    config.roles = parse_roles(&role)?;
+                }
+                Ok(config)
             })
             .and_then(serve),
         Command::Project {

@@ -41,6 +41,10 @@ pub struct Config {
     pub rate_limits: RateLimitConfig,
     /// Log output format for Tally's own logs: `text` or `json`.
     pub log_format: LogFormat,
+    /// What this node does (`tally serve --role`): ingest, process, query, or all of them.
+    pub roles: Vec<Role>,
+    /// Apache Kafka: inbound topics, outbound topics, and Kafka as the event log.
+    pub kafka: KafkaConfig,
 }
 
 impl Default for Config {
@@ -59,6 +63,8 @@ impl Default for Config {
             cache: CacheConfig::default(),
             rate_limits: RateLimitConfig::default(),
             log_format: LogFormat::Text,
+            roles: vec![Role::Ingest, Role::Process, Role::Query],
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -304,6 +310,185 @@ impl Default for CacheConfig {
             min_refresh_rate_secs: 60,
             max_refresh_rate_secs: 172_800,
             refresh_tick_ms: 2_000,
+        }
+    }
+}
+
+/// One of the things a node does. A single node does all three; with Kafka as the event log,
+/// ingest nodes and process nodes run apart (`tally serve --role ingest`, `--role process,query`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Accept events: the HTTP Stream API and Kafka inbound.
+    Ingest,
+    /// Read the event log, enrich, store, and stream out to Kafka.
+    Process,
+    /// Answer queries, serve the web UI.
+    Query,
+}
+
+/// Apache Kafka. Empty `brokers` means no Kafka at all; each use of it is switched on on its own.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port,host:port`.
+    pub brokers: String,
+    /// The client id Tally's producers and consumers present.
+    pub client_id: String,
+    /// TLS and SASL.
+    pub security: KafkaSecurity,
+    /// Kafka as the event log between ingest and process nodes.
+    pub log: KafkaLogConfig,
+    /// Events consumed from the user's topics into a project.
+    pub inbound: KafkaInboundConfig,
+    /// Enriched events produced to a topic per project and collection.
+    pub outbound: KafkaOutboundConfig,
+    /// Further librdkafka properties passed to every client as they are (for example
+    /// `"socket.keepalive.enable" = "true"`); for settings Tally does not name itself.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            client_id: "tally".into(),
+            security: KafkaSecurity::default(),
+            log: KafkaLogConfig::default(),
+            inbound: KafkaInboundConfig::default(),
+            outbound: KafkaOutboundConfig::default(),
+            properties: Default::default(),
+        }
+    }
+}
+
+/// A secret setting: shown as `***` by `Debug`, so configuration dumps and logs never hold it.
+/// It comes from the environment (`TALLY_KAFKA__SECURITY__SASL_PASSWORD`) or, with the `*_file`
+/// setting beside it, from a file.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// TLS and SASL settings, passed to librdkafka.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSecurity {
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub protocol: Option<String>,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// The SASL user name.
+    pub sasl_username: Option<String>,
+    /// The SASL password (set it through the environment, not the file).
+    pub sasl_password: Option<Secret>,
+    /// A file holding the SASL password (trailing newline ignored).
+    pub sasl_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) to verify the brokers with.
+    pub ssl_ca_location: Option<PathBuf>,
+    /// The client's certificate (PEM), for mutual TLS.
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// The client's private key (PEM), for mutual TLS.
+    pub ssl_key_location: Option<PathBuf>,
+    /// The private key's password.
+    pub ssl_key_password: Option<Secret>,
+    /// A file holding the private key's password.
+    pub ssl_key_password_file: Option<PathBuf>,
+}
+
+/// Kafka as the event log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaLogConfig {
+    /// Use Kafka instead of the embedded log.
+    pub enabled: bool,
+    /// The topic of accepted events.
+    pub topic: String,
+    /// Partitions of the topic when Tally creates it; process nodes share them.
+    pub partitions: i32,
+    /// Replication factor when Tally creates the topic (-1: the broker's default).
+    pub replication_factor: i32,
+    /// The process nodes' consumer group.
+    pub group: String,
+    /// How long an append may wait for Kafka (`message.timeout.ms`) before ingest answers 503.
+    pub append_timeout_ms: u64,
+    /// Events produced but not yet acknowledged, at most; past it ingest answers 503.
+    pub max_in_flight_events: usize,
+}
+
+impl Default for KafkaLogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topic: "tally-events".into(),
+            partitions: 6,
+            replication_factor: -1,
+            group: "tally-process".into(),
+            append_timeout_ms: 120_000,
+            max_in_flight_events: 200_000,
+        }
+    }
+}
+
+/// Kafka inbound: the user's topics consumed into one project.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaInboundConfig {
+    /// Consume inbound topics.
+    pub enabled: bool,
+    /// The project (24 hex digits) events are written to.
+    pub project: String,
+    /// Topics named `<prefix><collection>` are consumed, one collection each.
+    pub topic_prefix: String,
+    /// Further topics whose records name their collection in the `collection_header` header.
+    pub topics: Vec<String>,
+    /// The header naming a record's collection (on a prefixed topic it overrides the topic's).
+    pub collection_header: String,
+    /// The consumer group.
+    pub group: String,
+    /// Where invalid records go, with the reason in the `tally.error` and `tally.error_code`
+    /// headers.
+    pub dead_letter_topic: String,
+    /// Records taken per batch, at most.
+    pub max_batch_records: usize,
+}
+
+impl Default for KafkaInboundConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            project: String::new(),
+            topic_prefix: "tally.in.".into(),
+            topics: Vec::new(),
+            collection_header: "collection".into(),
+            group: "tally-inbound".into(),
+            dead_letter_topic: "tally.dead-letter".into(),
+            max_batch_records: 5_000,
+        }
+    }
+}
+
+/// Kafka outbound: enriched events out to Kafka.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaOutboundConfig {
+    /// Produce enriched events.
+    pub enabled: bool,
+    /// The topic name; `{project}` and `{collection}` are replaced (characters Kafka does not
+    /// allow in topic names become `_`).
+    pub topic_template: String,
+}
+
+impl Default for KafkaOutboundConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            topic_template: "tally.out.{project}.{collection}".into(),
         }
     }
 }

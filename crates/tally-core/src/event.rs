@@ -248,4 +248,36 @@ pub trait EventSink: Send + Sync + std::fmt::Debug {
 
     /// The log position stored with the last successful write, if any.
     fn committed_position(&self) -> Result<Option<u64>, SinkError>;
+
+    /// Stores `events` read from a partitioned log (Kafka) durably together with, for each
+    /// partition they came from, the offset after the last of them (`"topic/partition"` →
+    /// next offset). The positions of other partitions stay as they were.
+    fn write_partitioned(
+        &self,
+        events: &[EnrichedEvent],
+        positions: &PartitionPositions,
+    ) -> Result<(), SinkError> {
+        let _ = (events, positions);
+        Err(SinkError("this sink cannot record partition positions".into()))
+    }
+
+    /// The partition positions of everything written so far, durable or not: where a reader of
+    /// the partitioned log that owns this sink carries on.
+    fn written_partitions(&self) -> Result<PartitionPositions, SinkError> {
+        self.durable_partitions()
+    }
+
+    /// The partition positions as durable as the events stored with them: what a crash keeps,
+    /// and so what may be committed back to Kafka.
+    fn durable_partitions(&self) -> Result<PartitionPositions, SinkError> {
+        Ok(PartitionPositions::new())
+    }
+}
+
+/// Positions in a partitioned log: `"topic/partition"` → the next offset to read.
+pub type PartitionPositions = std::collections::BTreeMap<String, u64>;
+
+/// The key of a partition in [`PartitionPositions`].
+pub fn partition_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde_json::{Value, json};
-use tally_core::event::{EnrichedEvent, EventSink, SinkError};
+use tally_core::event::{EnrichedEvent, EventSink, PartitionPositions, SinkError};
 
 /// Enriched events in a JSON-lines file.
 #[derive(Debug)]
@@ -112,7 +112,7 @@ impl EventSink for JsonLinesSink {
 /// Events kept in memory, for tests.
 #[derive(Debug, Default)]
 pub struct MemorySink {
-    state: Mutex<(Vec<EnrichedEvent>, Option<u64>)>,
+    state: Mutex<(Vec<EnrichedEvent>, Option<u64>, PartitionPositions)>,
 }
 
 impl MemorySink {
@@ -132,5 +132,20 @@ impl EventSink for MemorySink {
 
     fn committed_position(&self) -> Result<Option<u64>, SinkError> {
         Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()).1)
+    }
+
+    fn write_partitioned(
+        &self,
+        events: &[EnrichedEvent],
+        positions: &PartitionPositions,
+    ) -> Result<(), SinkError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.0.extend_from_slice(events);
+        state.2.extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
+        Ok(())
+    }
+
+    fn durable_partitions(&self) -> Result<PartitionPositions, SinkError> {
+        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()).2.clone())
     }
 }

@@ -361,7 +361,20 @@ fn process_one(
     geo: Option<&GeoDatabase>,
     metrics: &StageMetrics,
 ) -> Option<EnrichedEvent> {
-    let decoded = LoggedEvent::decode(&entry.payload)
+    enrich_record(&entry.payload, &entry.position, enrichers, geo, metrics)
+}
+
+/// Decodes one log record and applies its add-ons: the work of the stage for one event,
+/// whichever log it came from. `at` names the record in the error logged for an undecodable
+/// one (which is counted and skipped).
+pub fn enrich_record(
+    payload: &[u8],
+    at: &dyn std::fmt::Display,
+    enrichers: &Enrichers,
+    geo: Option<&GeoDatabase>,
+    metrics: &StageMetrics,
+) -> Option<EnrichedEvent> {
+    let decoded = LoggedEvent::decode(payload)
         .map_err(|e| e.to_string())
         .and_then(|logged| {
             let (keen, addons) =
@@ -373,7 +386,7 @@ fn process_one(
         Ok(ok) => ok,
         Err(e) => {
             metrics.bad_records.inc();
-            tracing::error!(position = entry.position, error = %e, "process stage: skipping an undecodable log record");
+            tracing::error!(position = %at, error = %e, "process stage: skipping an undecodable log record");
             return None;
         }
     };

@@ -13,7 +13,7 @@ use axum::http::{Method, header};
 use axum::middleware;
 use axum::routing::{any, get, post};
 use tally_core::clock::Clock;
-use tally_core::config::{HttpConfig, QueryConfig};
+use tally_core::config::{HttpConfig, QueryConfig, Role};
 use tally_core::error::ErrorCode;
 use tally_core::ids::KeyHash;
 use tally_ingest::Ingestor;
@@ -59,6 +59,8 @@ pub struct AppInner {
     pub answers: Arc<CachedAnswers>,
     /// Subscribers to collections' events as they are stored.
     pub live: Arc<LiveTail>,
+    /// What this node does; requests for the rest are answered with a 404 naming the roles.
+    pub roles: Vec<Role>,
 }
 
 impl AppState {
@@ -180,7 +182,110 @@ pub fn router(state: AppState) -> Router {
                 "This endpoint does not support that method.",
             )
         })
+        .layer(middleware::from_fn_with_state(state.clone(), serve_roles))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(cors)
         .with_state(state)
+}
+
+/// The role a request needs: events sent in need `ingest`; operations endpoints, project
+/// creation and CORS preflights need none; everything else (queries, keys, saved queries,
+/// dashboards, the UI) needs `query`.
+pub fn role_needed(method: &Method, uri: &axum::http::Uri) -> Option<Role> {
+    let path = uri.path();
+    if method == Method::OPTIONS
+        || matches!(path, "/healthz" | "/metrics" | "/ping" | "/3.0" | "/3.0/projects")
+    {
+        return None;
+    }
+    if let Some(rest) = path.strip_prefix("/3.0/projects/") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        if parts.get(1) == Some(&"events") && (2..=3).contains(&parts.len()) {
+            if method == Method::POST {
+                return Some(Role::Ingest);
+            }
+            let pixel = uri
+                .query()
+                .is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "data"));
+            if method == Method::GET && parts.len() == 3 && pixel {
+                return Some(Role::Ingest);
+            }
+        }
+    }
+    Some(Role::Query)
+}
+
+/// Answers requests this node's roles do not cover with a 404 in Keen's shape.
+async fn serve_roles(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    match role_needed(request.method(), request.uri()) {
+        Some(role) if !state.roles.contains(&role) => {
+            let what = match role {
+                Role::Ingest => "accept events",
+                Role::Process => "process events",
+                Role::Query => "answer queries",
+            };
+            let roles: Vec<&str> = state
+                .roles
+                .iter()
+                .map(|r| match r {
+                    Role::Ingest => "ingest",
+                    Role::Process => "process",
+                    Role::Query => "query",
+                })
+                .collect();
+            axum::response::IntoResponse::into_response(ApiError::new(
+                ErrorCode::ResourceNotFound,
+                format!(
+                    "This Tally node does not {what} (its roles: {}).",
+                    roles.join(", ")
+                ),
+            ))
+        }
+        _ => next.run(request).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_need_the_role_that_serves_them() {
+        let need = |m: Method, u: &str| role_needed(&m, &u.parse().unwrap());
+        let p = "/3.0/projects/0123456789abcdef01234567";
+        assert_eq!(need(Method::POST, &format!("{p}/events")), Some(Role::Ingest));
+        assert_eq!(
+            need(Method::POST, &format!("{p}/events/clicks")),
+            Some(Role::Ingest)
+        );
+        assert_eq!(
+            need(Method::GET, &format!("{p}/events/clicks?api_key=k&data=e30")),
+            Some(Role::Ingest)
+        );
+        assert_eq!(
+            need(Method::GET, &format!("{p}/events/clicks")),
+            Some(Role::Query)
+        );
+        assert_eq!(need(Method::GET, &format!("{p}/events")), Some(Role::Query));
+        assert_eq!(
+            need(Method::GET, &format!("{p}/events/clicks/stream")),
+            Some(Role::Query)
+        );
+        assert_eq!(
+            need(Method::DELETE, &format!("{p}/events/clicks")),
+            Some(Role::Query)
+        );
+        assert_eq!(
+            need(Method::POST, &format!("{p}/queries/count")),
+            Some(Role::Query)
+        );
+        assert_eq!(need(Method::GET, "/"), Some(Role::Query));
+        assert_eq!(need(Method::GET, "/healthz"), None);
+        assert_eq!(need(Method::POST, "/3.0/projects"), None);
+        assert_eq!(need(Method::OPTIONS, &format!("{p}/queries/count")), None);
+    }
 }

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tally_core::event::{EnrichedEvent, EventSink, SinkError};
+use tally_core::event::{EnrichedEvent, EventSink, PartitionPositions, SinkError};
 use tally_core::ids::{KeyHash, ProjectId};
 use tally_store::events::Segment;
 use tokio::sync::broadcast;
@@ -239,6 +239,24 @@ impl EventSink for LiveSink {
 
     fn committed_position(&self) -> Result<Option<u64>, SinkError> {
         self.store.committed_position()
+    }
+
+    fn write_partitioned(
+        &self,
+        events: &[EnrichedEvent],
+        positions: &PartitionPositions,
+    ) -> Result<(), SinkError> {
+        self.store.write_partitioned(events, positions)?;
+        self.tail.publish(events);
+        Ok(())
+    }
+
+    fn written_partitions(&self) -> Result<PartitionPositions, SinkError> {
+        self.store.written_partitions()
+    }
+
+    fn durable_partitions(&self) -> Result<PartitionPositions, SinkError> {
+        self.store.durable_partitions()
     }
 }
 

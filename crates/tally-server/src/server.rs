@@ -25,12 +25,16 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tally_core::clock::Clock;
-use tally_core::config::Config;
+use tally_core::config::{Config, Role};
+use tally_core::event::EventSink;
 use tally_core::ids::KeyHash;
+use tally_core::ids::ProjectId;
 use tally_core::log::EventLog;
 use tally_core::time::format_timestamp_ms;
 use tally_ingest::dedupe::{self, Dedupe};
 use tally_ingest::{EmbeddedEventLog, Ingestor};
+use tally_kafka::stage::KafkaStageConfig;
+use tally_kafka::{Inbound, KafkaClients, KafkaEventLog, KafkaProcessStage, KafkaSetupError, OutboundSink};
 use tally_process::{Enrichers, GeoIp, ProcessStage, StageConfig};
 use tally_store::events::{EventStore, Maintenance, StoreConfig};
 use tally_store::results::ResultFiles;
@@ -74,6 +78,12 @@ pub enum StartError {
     /// The event store could not be opened.
     #[error(transparent)]
     Store(#[from] tally_store::events::StoreError),
+    /// The node's roles do not fit together or with the configuration.
+    #[error("roles: {0}")]
+    Roles(String),
+    /// Kafka could not be set up.
+    #[error(transparent)]
+    Kafka(#[from] KafkaSetupError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -135,6 +145,11 @@ impl DataDir {
         self.path.join("dedupe.snapshot")
     }
 
+    /// Tally's own record of the Kafka inbound offsets.
+    pub fn inbound_offsets_path(&self) -> PathBuf {
+        self.path.join("inbound-offsets.json")
+    }
+
     /// The event store.
     pub fn store_path(&self) -> PathBuf {
         self.path.join("store")
@@ -160,6 +175,12 @@ pub struct Tally {
     serve: JoinHandle<io::Result<()>>,
     background: Vec<JoinHandle<()>>,
     process: Option<ProcessStage>,
+    /// The process stage reading Kafka as the event log (process nodes with Kafka).
+    kafka_process: Option<KafkaProcessStage>,
+    /// Kafka inbound consumption (ingest nodes with inbound on).
+    inbound: Option<Inbound>,
+    /// Kafka as the event log, when configured: flushed at shutdown.
+    kafka_log: Option<Arc<KafkaEventLog>>,
     store: Arc<EventStore>,
     store_maintenance: Option<Maintenance>,
     enrichers: Arc<Enrichers>,
@@ -173,6 +194,7 @@ impl Tally {
     /// Opens the data directory, recovers the log and the de-duplication table, creates the
     /// `default` project on first start, and starts serving on `config.listen`.
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
+        check_roles(&config)?;
         let data_dir = DataDir::lock(&config.data_dir)?;
         let catalog = Arc::new(EmbeddedCatalog::open(&data_dir.catalog_path())?);
         let bootstrap = if catalog.projects().is_empty() {
@@ -218,11 +240,21 @@ impl Tally {
                 .expect("store open task")?,
         );
         let store_maintenance = Some(store.start_maintenance().map_err(StartError::Process)?);
+        let kafka = &config.kafka;
+        let kafka_clients = if kafka.log.enabled || kafka.inbound.enabled || kafka.outbound.enabled {
+            Some(KafkaClients::new(kafka)?)
+        } else {
+            None
+        };
         let live = LiveTail::new();
-        let sink = Arc::new(LiveSink {
+        let mut sink: Arc<dyn EventSink> = Arc::new(LiveSink {
             store: store.clone(),
             tail: live.clone(),
         });
+        if let (true, Some(clients)) = (kafka.outbound.enabled, &kafka_clients) {
+            sink = Arc::new(OutboundSink::new(clients, &kafka.outbound, sink, &mut registry)?);
+        }
+        let runs_process = config.roles.contains(&Role::Process) && config.process.enabled;
         let stage_config = StageConfig {
             max_batch_bytes: config.process.max_batch_bytes,
             threads: match config.process.threads {
@@ -231,7 +263,22 @@ impl Tally {
             },
             ..StageConfig::default()
         };
-        let process = if config.process.enabled {
+        let mut kafka_process = None;
+        let process = if let (true, true, Some(clients)) = (runs_process, kafka.log.enabled, &kafka_clients) {
+            let stage = KafkaStageConfig {
+                log: kafka.log.clone(),
+                max_batch_records: 10_000,
+                batch_wait: Duration::from_millis(20),
+            };
+            kafka_process = Some(KafkaProcessStage::start(
+                clients,
+                stage,
+                sink,
+                enrichers.clone(),
+                &mut registry,
+            )?);
+            None
+        } else if runs_process {
             Some(
                 ProcessStage::start(log.clone(), sink, enrichers.clone(), stage_config, &mut registry)
                     .map_err(StartError::Process)?,
@@ -260,13 +307,54 @@ impl Tally {
             );
         }
 
+        let kafka_log = match (&kafka_clients, kafka.log.enabled) {
+            (Some(clients), true) => Some(Arc::new(
+                KafkaEventLog::start(clients, &kafka.log, &mut registry).await?,
+            )),
+            _ => None,
+        };
+        let ingest_log: Arc<dyn EventLog> = match &kafka_log {
+            Some(kafka_log) => kafka_log.clone(),
+            None => log.clone(),
+        };
         let ingestor = Arc::new(Ingestor::new(
-            log.clone() as Arc<dyn EventLog>,
+            ingest_log,
             dedupe,
             clock.clone(),
             config.ingest.clone(),
             &mut registry,
         ));
+        let inbound = match (
+            &kafka_clients,
+            kafka.inbound.enabled && config.roles.contains(&Role::Ingest),
+        ) {
+            (Some(clients), true) => {
+                let project: ProjectId = kafka.inbound.project.parse().map_err(|_| {
+                    KafkaSetupError::Config(format!(
+                        "kafka.inbound.project {:?} is not a project id (24 hex digits)",
+                        kafka.inbound.project
+                    ))
+                })?;
+                if catalog.project(&project).is_none() {
+                    return Err(KafkaSetupError::Config(format!(
+                        "kafka.inbound.project {project} is not a project of this Tally"
+                    ))
+                    .into());
+                }
+                Some(
+                    Inbound::start(
+                        clients,
+                        kafka.inbound.clone(),
+                        project,
+                        ingestor.clone(),
+                        &data_dir.inbound_offsets_path(),
+                        &mut registry,
+                    )
+                    .await?,
+                )
+            }
+            _ => None,
+        };
         let answers = Arc::new(CachedAnswers::open(
             catalog.clone() as Arc<dyn Catalog>,
             store.clone(),
@@ -291,6 +379,7 @@ impl Tally {
             query: config.query.clone(),
             answers: answers.clone(),
             live: live.clone(),
+            roles: config.roles.clone(),
         });
 
         let listener = TcpListener::bind(config.listen)
@@ -365,6 +454,9 @@ impl Tally {
             serve,
             background,
             process,
+            kafka_process,
+            inbound,
+            kafka_log,
             store,
             store_maintenance,
             enrichers,
@@ -420,6 +512,22 @@ impl Tally {
         }
         for task in self.background {
             let _ = task.await;
+        }
+        // Inbound first: what it has appended is then all in the log the stage drains.
+        if let Some(inbound) = self.inbound.take() {
+            tokio::task::spawn_blocking(move || inbound.stop())
+                .await
+                .map_err(io::Error::other)?;
+        }
+        if let Some(kafka_log) = self.kafka_log.take() {
+            tokio::task::spawn_blocking(move || kafka_log.flush(Duration::from_secs(10)))
+                .await
+                .map_err(io::Error::other)?;
+        }
+        if let Some(stage) = self.kafka_process.take() {
+            tokio::task::spawn_blocking(move || stage.stop())
+                .await
+                .map_err(io::Error::other)?;
         }
         if let Some(process) = self.process.take() {
             tokio::task::spawn_blocking(move || process.stop())
@@ -484,5 +592,34 @@ fn snapshot_once(log: &EmbeddedEventLog, ingestor: &Ingestor, now_ms: i64, path:
     let snapshot = ingestor.dedupe().snapshot(status.durable_end, now_ms);
     dedupe::save_snapshot(path, &snapshot)?;
     log.retain_from(status.consumed.min(snapshot.replay_from))?;
+    Ok(())
+}
+
+/// Refuses role sets this build cannot serve: nodes apart need Kafka as the shared log, and a
+/// query node needs the store of the process stage beside it until a shared store exists.
+fn check_roles(config: &Config) -> Result<(), StartError> {
+    let roles = &config.roles;
+    if roles.is_empty() {
+        return Err(StartError::Roles(
+            "a node needs at least one of ingest, process, query".into(),
+        ));
+    }
+    let all = [Role::Ingest, Role::Process, Role::Query]
+        .iter()
+        .all(|r| roles.contains(r));
+    if !all && !config.kafka.log.enabled {
+        return Err(StartError::Roles(
+            "ingest and process run on separate nodes only with Kafka as the event log \
+             (kafka.brokers and kafka.log.enabled); the embedded log belongs to one node"
+                .into(),
+        ));
+    }
+    if roles.contains(&Role::Query) && !roles.contains(&Role::Process) {
+        return Err(StartError::Roles(
+            "a query node reads the embedded store its process stage writes: run it as \
+             --role process,query (query-only nodes need a shared store)"
+                .into(),
+        ));
+    }
     Ok(())
 }

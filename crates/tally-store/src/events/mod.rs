@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tally_core::event::{EnrichedEvent, EventSink, SinkError};
+use tally_core::event::{EnrichedEvent, EventSink, PartitionPositions, SinkError};
 use tally_core::fsutil::{sync_dir, write_atomically};
 use tally_core::ids::ProjectId;
 
@@ -172,6 +172,9 @@ pub type TableSnapshot = Vec<Arc<StoredSegment>>;
 struct Manifest {
     version: u32,
     position: Option<u64>,
+    /// Positions in a partitioned log (Kafka), `"topic/partition"` → next offset.
+    #[serde(default, skip_serializing_if = "PartitionPositions::is_empty")]
+    partitions: PartitionPositions,
     next_id: u64,
     segments: Vec<ManifestEntry>,
 }
@@ -191,6 +194,8 @@ struct WriteState {
     fresh: Vec<(TableKey, Arc<StoredSegment>)>,
     /// The log position after the last batch written.
     written_position: Option<u64>,
+    /// The partition positions after the last batches written.
+    written_partitions: PartitionPositions,
 }
 
 /// The embedded event store. See the module documentation.
@@ -205,6 +210,8 @@ pub struct EventStore {
     next_id: AtomicU64,
     /// The manifest's position, readable without the maintenance lock.
     durable_position: Mutex<Option<u64>>,
+    /// The manifest's partition positions, readable without the maintenance lock.
+    durable_partitions: Mutex<PartitionPositions>,
     /// Per collection, what changed recently (see [`EventStore::changes_since`]).
     changes: Mutex<HashMap<TableKey, ChangeHistory>>,
     /// Distinguishes this opening of the store from earlier ones (see [`DataVersion`]).
@@ -274,9 +281,11 @@ impl EventStore {
             writes: Mutex::new(WriteState {
                 fresh: Vec::new(),
                 written_position: manifest.position,
+                written_partitions: manifest.partitions.clone(),
             }),
             next_id: AtomicU64::new(manifest.next_id),
             durable_position: Mutex::new(manifest.position),
+            durable_partitions: Mutex::new(manifest.partitions.clone()),
             maintenance: Mutex::new(manifest),
             changes: Mutex::new(HashMap::new()),
             epoch: rand::random::<u64>() | 1,
@@ -380,13 +389,21 @@ impl EventStore {
     }
 
     fn flush_locked(&self, manifest: &mut Manifest) -> Result<usize, StoreError> {
-        let (fresh, position) = {
+        let (fresh, position, mut partitions) = {
             let mut writes = self.writes.lock().expect("writes lock");
-            (std::mem::take(&mut writes.fresh), writes.written_position)
+            (
+                std::mem::take(&mut writes.fresh),
+                writes.written_position,
+                writes.written_partitions.clone(),
+            )
         };
         // Positions only move forward.
         let position = position.max(manifest.position);
-        if fresh.is_empty() && position == manifest.position {
+        for (key, offset) in &manifest.partitions {
+            let mine = partitions.entry(key.clone()).or_insert(*offset);
+            *mine = (*mine).max(*offset);
+        }
+        if fresh.is_empty() && position == manifest.position && partitions == manifest.partitions {
             return Ok(0);
         }
         let mut by_table: HashMap<TableKey, Vec<Arc<StoredSegment>>> = HashMap::new();
@@ -409,6 +426,7 @@ impl EventStore {
         }
         let mut next = manifest.clone();
         next.position = position;
+        next.partitions = partitions;
         for (key, stored) in &made {
             next.segments.push(ManifestEntry {
                 id: stored.id,
@@ -581,6 +599,8 @@ impl EventStore {
             .and_then(|()| write_atomically(&path, &serde_json::to_vec(&next).expect("manifest serialises")))
             .map_err(|source| StoreError::Io { path, source })?;
         *self.durable_position.lock().expect("position lock") = next.position;
+        next.partitions
+            .clone_into(&mut self.durable_partitions.lock().expect("position lock"));
         *current = next;
         Ok(())
     }
@@ -655,6 +675,45 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
 
 impl EventSink for EventStore {
     fn write(&self, events: &[EnrichedEvent], log_position: u64) -> Result<(), SinkError> {
+        self.add_events(events, |writes| writes.written_position = Some(log_position));
+        Ok(())
+    }
+
+    fn committed_position(&self) -> Result<Option<u64>, SinkError> {
+        Ok(*self.durable_position.lock().expect("position lock"))
+    }
+
+    fn write_partitioned(
+        &self,
+        events: &[EnrichedEvent],
+        positions: &PartitionPositions,
+    ) -> Result<(), SinkError> {
+        self.add_events(events, |writes| {
+            for (key, offset) in positions {
+                writes.written_partitions.insert(key.clone(), *offset);
+            }
+        });
+        Ok(())
+    }
+
+    fn written_partitions(&self) -> Result<PartitionPositions, SinkError> {
+        Ok(self
+            .writes
+            .lock()
+            .expect("writes lock")
+            .written_partitions
+            .clone())
+    }
+
+    fn durable_partitions(&self) -> Result<PartitionPositions, SinkError> {
+        Ok(self.durable_partitions.lock().expect("position lock").clone())
+    }
+}
+
+impl EventStore {
+    /// Adds `events` as fresh segments and, under the same lock, records where they came from
+    /// (`record`), so a flush commits both together.
+    fn add_events(&self, events: &[EnrichedEvent], record: impl FnOnce(&mut WriteState)) {
         let mut groups: HashMap<(ProjectId, &str), Vec<&str>> = HashMap::new();
         for e in events {
             groups
@@ -724,12 +783,7 @@ impl EventSink for EventStore {
             }
         }
         writes.fresh.extend(made);
-        writes.written_position = Some(log_position);
-        Ok(())
-    }
-
-    fn committed_position(&self) -> Result<Option<u64>, SinkError> {
-        Ok(*self.durable_position.lock().expect("position lock"))
+        record(&mut writes);
     }
 }
 

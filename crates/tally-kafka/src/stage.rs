@@ -1,0 +1,232 @@
+//! The process stage of a process node: a member of the consumer group on the Kafka event log.
+//!
+//! One thread polls the consumer, decodes and enriches each record (the same
+//! [`enrich_record`] the embedded stage uses), and writes a batch to the sink together with, per
+//! partition, the offset after its last record ([`EventSink::write_partitioned`]); the store
+//! commits data and offsets in one manifest, so they cannot disagree after a crash.
+//!
+//! On every assignment the consumer seeks each partition to the larger of the store's offset
+//! and the group's committed one (see [`crate::seek`]). A batch being gathered when the
+//! assignment changes is dropped unwritten: the new assignment's seek starts from what the store
+//! holds, so those records are read again, by this node or the partition's new owner, and
+//! nothing is stored twice. Once a second, the store's *durable* offsets are committed to the
+//! group, which standard tools read as the lag.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use tally_core::config::KafkaLogConfig;
+use tally_core::event::{EventSink, PartitionPositions, partition_key};
+use tally_process::Enrichers;
+use tally_process::stage::{StageMetrics, enrich_record};
+
+use crate::client::{KafkaClients, KafkaSetupError};
+use crate::seek::{SeekContext, commit_list};
+
+/// Settings of the Kafka process stage.
+#[derive(Debug, Clone)]
+pub struct KafkaStageConfig {
+    /// The log topic and the group.
+    pub log: KafkaLogConfig,
+    /// Records per batch, at most.
+    pub max_batch_records: usize,
+    /// How long a batch waits to fill once it has a record.
+    pub batch_wait: Duration,
+}
+
+/// The running stage.
+#[derive(Debug)]
+pub struct KafkaProcessStage {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KafkaProcessStage {
+    /// Joins the group and starts the stage thread.
+    pub fn start(
+        clients: &KafkaClients,
+        config: KafkaStageConfig,
+        sink: Arc<dyn EventSink>,
+        enrichers: Arc<Enrichers>,
+        registry: &mut Registry,
+    ) -> Result<Self, KafkaSetupError> {
+        let metrics = StageMetrics::register(registry);
+        let lag = Gauge::default();
+        registry.register(
+            "tally_kafka_log_lag_events",
+            "Records of the Kafka event log's assigned partitions not yet stored by this node",
+            lag.clone(),
+        );
+        let own = {
+            let sink = sink.clone();
+            Box::new(move || {
+                sink.written_partitions().unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "cannot read the store's partition offsets");
+                    PartitionPositions::new()
+                })
+            })
+        };
+        let consumer: BaseConsumer<SeekContext> = clients
+            .config()
+            .set("group.id", &config.log.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "range,roundrobin")
+            .create_with_context(SeekContext::new("process", own))?;
+        consumer.subscribe(&[config.log.topic.as_str()])?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("tally-kafka-process".into())
+                .spawn(move || {
+                    run(
+                        &consumer,
+                        &config,
+                        sink.as_ref(),
+                        &enrichers,
+                        &metrics,
+                        &lag,
+                        &stop,
+                    )
+                })
+                .map_err(|e| KafkaSetupError::Config(format!("cannot start the process thread: {e}")))?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops after the batch in hand (leaving the group), and waits.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for KafkaProcessStage {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn run(
+    consumer: &BaseConsumer<SeekContext>,
+    config: &KafkaStageConfig,
+    sink: &dyn EventSink,
+    enrichers: &Enrichers,
+    metrics: &StageMetrics,
+    lag: &Gauge,
+    stop: &AtomicBool,
+) {
+    let stopped = || stop.load(Ordering::Acquire);
+    let mut last_commit = Instant::now();
+    let mut committed = PartitionPositions::new();
+    while !stopped() {
+        let mut events = Vec::new();
+        let mut positions = PartitionPositions::new();
+        let mut generation = consumer.context().generation();
+        let mut deadline = None::<Instant>;
+        let geo = enrichers.geo().current();
+        while events.len() < config.max_batch_records && !stopped() {
+            let wait = match deadline {
+                None => Duration::from_millis(100),
+                Some(d) => d.saturating_duration_since(Instant::now()),
+            };
+            let Some(polled) = consumer.poll(wait) else { break };
+            if consumer.context().generation() != generation {
+                // The assignment changed while this batch was gathered: drop it (see the module
+                // documentation).
+                events.clear();
+                positions.clear();
+                generation = consumer.context().generation();
+            }
+            let message = match polled {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka event log: consumer error");
+                    break;
+                }
+            };
+            let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+            if let Some(event) = enrich_record(
+                message.payload().unwrap_or_default(),
+                &format_args!("{topic}/{partition}@{offset}"),
+                enrichers,
+                geo.as_deref(),
+                metrics,
+            ) {
+                events.push(event);
+            }
+            positions.insert(partition_key(topic, partition), offset as u64 + 1);
+            deadline.get_or_insert_with(|| Instant::now() + config.batch_wait);
+        }
+        if !positions.is_empty() {
+            while let Err(e) = sink.write_partitioned(&events, &positions) {
+                metrics.sink_errors.inc();
+                tracing::error!(error = %e, "Kafka process stage: the store refused a batch; retrying it");
+                if stopped() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            metrics.events.inc_by(events.len() as u64);
+        }
+        if last_commit.elapsed() >= Duration::from_secs(1) {
+            last_commit = Instant::now();
+            commit_durable(consumer, sink, &mut committed);
+            lag.set(assigned_lag(consumer, sink));
+        }
+    }
+    commit_durable(consumer, sink, &mut committed);
+    consumer.unsubscribe();
+}
+
+/// Commits the store's durable offsets of the assigned partitions to the group, when they moved.
+fn commit_durable(
+    consumer: &BaseConsumer<SeekContext>,
+    sink: &dyn EventSink,
+    committed: &mut PartitionPositions,
+) {
+    let Ok(durable) = sink.durable_partitions() else {
+        return;
+    };
+    if durable == *committed {
+        return;
+    }
+    let list = commit_list(&durable, &consumer.context().assigned());
+    if list.count() == 0 {
+        return;
+    }
+    match consumer.commit(&list, CommitMode::Async) {
+        Ok(()) => *committed = durable,
+        Err(e) => {
+            tracing::warn!(error = %e, "Kafka process stage: committing offsets to the group failed; will retry")
+        }
+    }
+}
+
+/// Records of the assigned partitions beyond what the store has written.
+fn assigned_lag(consumer: &BaseConsumer<SeekContext>, sink: &dyn EventSink) -> i64 {
+    let written = sink.written_partitions().unwrap_or_default();
+    let mut lag = 0i64;
+    for (topic, partition) in consumer.context().assigned() {
+        if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition, Duration::from_millis(500)) {
+            let at = written
+                .get(&partition_key(&topic, partition))
+                .map_or(0, |&o| o as i64);
+            lag += (high - at).max(0);
+        }
+    }
+    lag
+}
