@@ -4,6 +4,7 @@
 #
 #   scripts/kafka.sh start   fetch Kafka if needed, format a fresh data directory, start, wait
 #   scripts/kafka.sh stop    stop the broker started by `start`
+#   scripts/kafka.sh restart stop it and start it again on the same data (tests of outages)
 #   scripts/kafka.sh status  exit 0 if it runs
 #   scripts/kafka.sh tool CLASS ARGS…   run one of Kafka's own tools against it, e.g.
 #       scripts/kafka.sh tool org.apache.kafka.tools.ConsumerPerformance --bootstrap-server …
@@ -98,6 +99,13 @@ PROPS
   cluster_id=$(java $log -cp "$cp" kafka.tools.StorageTool random-uuid | tail -1)
   # shellcheck disable=SC2086
   java $log -cp "$cp" kafka.tools.StorageTool format -t "$cluster_id" -c "$run/server.properties" >"$run/format.log"
+  launch
+}
+
+# Starts the broker on the formatted data directory and waits until it serves.
+launch() {
+  local cp="$home/lib/*"
+  local log="-Dlog4j.configuration=file:$home/log4j.properties -Dkafka.logs.dir=$run/logs"
   # shellcheck disable=SC2086
   nohup java -Xms256m -Xmx512m -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -Djava.awt.headless=true $log -cp "$cp" kafka.Kafka "$run/server.properties" \
@@ -137,6 +145,11 @@ stop() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
+  restart)
+    stop
+    fetch
+    launch
+    ;;
   status) running ;;
   fetch) fetch ;;
   tool)
@@ -145,7 +158,7 @@ case "${1:-}" in
     exec java -Xmx512m -Dlog4j.configuration="file:$home/log4j.properties" -cp "$home/lib/*" "$@"
     ;;
   *)
-    echo "usage: $0 start|stop|status|fetch" >&2
+    echo "usage: $0 start|stop|restart|status|fetch|tool" >&2
     exit 2
     ;;
 esac

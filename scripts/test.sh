@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and property tests, and the
 # integration tests (real servers on real sockets, the real binary killed with -9, Keen's own
-# Python client from PyPI, and the web UI in headless Chromium). It installs what it needs;
+# Python client from PyPI, the web UI in headless Chromium, and Apache Kafka). It installs what it needs;
 # caches live outside the clone under ${TALLY_CACHE_DIR:-~/.cache/tally}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,13 +52,19 @@ TALLY_CHROMIUM=$(command -v chromium)
 export TALLY_CHROMIUM
 export TALLY_REQUIRE_ALL_TESTS=1
 
+# A real Apache Kafka broker (from Maven Central) for the Kafka tests, stopped when the run ends.
+# The outage test starts and restarts a second one of its own with the same script.
+echo "==> starting Apache Kafka (scripts/kafka.sh)"
+scripts/kafka.sh start
+export TALLY_TEST_KAFKA=127.0.0.1:${TALLY_KAFKA_PORT:-19092}
+log=$(mktemp)
+trap 'scripts/kafka.sh stop; rm -f "$log"' EXIT
+
 echo "==> cargo fmt --check"
 cargo fmt --all --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo test"
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --all-targets 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run, summed over every test binary.

@@ -10,6 +10,7 @@ mod crash;
 mod differential;
 mod enrich;
 mod ingest_http;
+mod kafka;
 mod python_client;
 mod queries;
 mod sql;
