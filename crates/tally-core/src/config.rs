@@ -419,6 +419,10 @@ pub struct KafkaLogConfig {
     pub append_timeout_ms: u64,
     /// Events produced but not yet acknowledged, at most; past it ingest answers 503.
     pub max_in_flight_events: usize,
+    /// How often process nodes commit their stored offsets to the group, in milliseconds. The
+    /// store's own record is what makes the store exactly once; the group's is for monitoring
+    /// tools and for a node that has no record of its own.
+    pub group_commit_interval_ms: u64,
 }
 
 impl Default for KafkaLogConfig {
@@ -431,6 +435,7 @@ impl Default for KafkaLogConfig {
             group: "tally-process".into(),
             append_timeout_ms: 120_000,
             max_in_flight_events: 200_000,
+            group_commit_interval_ms: 1_000,
         }
     }
 }

@@ -197,6 +197,7 @@ impl Inbound {
         let consumer: BaseConsumer<SeekContext> = clients
             .config()
             .set("group.id", &config.group)
+            .set("session.timeout.ms", "10000")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")

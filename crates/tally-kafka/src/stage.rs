@@ -9,8 +9,8 @@
 //! and the group's committed one (see [`crate::seek`]). A batch being gathered when the
 //! assignment changes is dropped unwritten: the new assignment's seek starts from what the store
 //! holds, so those records are read again, by this node or the partition's new owner, and
-//! nothing is stored twice. Once a second, the store's *durable* offsets are committed to the
-//! group, which standard tools read as the lag.
+//! nothing is stored twice. Every `group_commit_interval_ms` (a second by default), the store's
+//! *durable* offsets are committed to the group, which standard tools read as the lag.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +38,10 @@ pub struct KafkaStageConfig {
     pub max_batch_records: usize,
     /// How long a batch waits to fill once it has a record.
     pub batch_wait: Duration,
+    /// This node's lasting identity in the group (`group.instance.id`, Kafka's static
+    /// membership): a node restarted or replaced on the same data directory takes its
+    /// partitions back at once instead of waiting out the old member's session.
+    pub instance_id: Option<String>,
 }
 
 /// The running stage.
@@ -72,9 +76,13 @@ impl KafkaProcessStage {
                 })
             })
         };
-        let consumer: BaseConsumer<SeekContext> = clients
-            .config()
+        let mut settings = clients.config();
+        if let Some(id) = &config.instance_id {
+            settings.set("group.instance.id", id);
+        }
+        let consumer: BaseConsumer<SeekContext> = settings
             .set("group.id", &config.log.group)
+            .set("session.timeout.ms", "10000")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
@@ -182,7 +190,7 @@ fn run(
             }
             metrics.events.inc_by(events.len() as u64);
         }
-        if last_commit.elapsed() >= Duration::from_secs(1) {
+        if last_commit.elapsed() >= Duration::from_millis(config.log.group_commit_interval_ms) {
             last_commit = Instant::now();
             commit_durable(consumer, sink, &mut committed);
             lag.set(assigned_lag(consumer, sink));

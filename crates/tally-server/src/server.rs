@@ -145,6 +145,22 @@ impl DataDir {
         self.path.join("dedupe.snapshot")
     }
 
+    /// This data directory's lasting random identity (made on first use), which a node running
+    /// on it presents to Kafka as its static group membership.
+    pub fn node_id(&self) -> io::Result<String> {
+        let path = self.path.join("node-id");
+        match fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+            Ok(_) => Err(io::Error::other(format!("{} is empty", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let id = ProjectId::random().to_string();
+                tally_core::fsutil::write_atomically(&path, id.as_bytes())?;
+                Ok(id)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Tally's own record of the Kafka inbound offsets.
     pub fn inbound_offsets_path(&self) -> PathBuf {
         self.path.join("inbound-offsets.json")
@@ -269,6 +285,10 @@ impl Tally {
                 log: kafka.log.clone(),
                 max_batch_records: 10_000,
                 batch_wait: Duration::from_millis(20),
+                instance_id: Some(format!(
+                    "tally-{}",
+                    data_dir.node_id().map_err(StartError::Process)?
+                )),
             };
             kafka_process = Some(KafkaProcessStage::start(
                 clients,
