@@ -29,6 +29,8 @@ pub enum BenchCommand {
     Ingest(IngestArgs),
     /// Process-stage throughput with the enrichment add-ons, and GeoIP lookups per core.
     Process(crate::bench_process::ProcessArgs),
+    /// Kafka inbound and outbound throughput and end-to-end latency against a real broker.
+    Kafka(crate::bench_kafka::KafkaArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,6 +116,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     let args = match command {
         BenchCommand::Ingest(args) => args,
         BenchCommand::Process(args) => return crate::bench_process::run(args),
+        BenchCommand::Kafka(args) => return crate::bench_kafka::run(args),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))

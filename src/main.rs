@@ -9,6 +9,7 @@
 //! then flags) into a [`Config`] that is passed down.
 
 mod bench;
+mod bench_kafka;
 mod bench_process;
 
 /// glibc's allocator showed up as ~10% of ingest CPU (many small, short-lived allocations

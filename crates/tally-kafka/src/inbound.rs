@@ -331,10 +331,10 @@ impl Worker {
                 }
             };
             let list = commit_list(&positions, &self.consumer.context().assigned());
-            if list.count() > 0 {
-                if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
-                    tracing::warn!(error = %e, "Kafka inbound: committing offsets to the group failed; Tally's own record holds them");
-                }
+            if list.count() > 0
+                && let Err(e) = self.consumer.commit(&list, CommitMode::Async)
+            {
+                tracing::warn!(error = %e, "Kafka inbound: committing offsets to the group failed; Tally's own record holds them");
             }
         }
         self.consumer.unsubscribe();

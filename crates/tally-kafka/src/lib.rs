@@ -24,6 +24,7 @@ pub mod log;
 pub mod outbound;
 mod seek;
 pub mod stage;
+pub mod tools;
 
 pub use client::{KafkaClients, KafkaSetupError};
 pub use inbound::Inbound;
