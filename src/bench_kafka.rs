@@ -39,10 +39,15 @@ pub struct KafkaArgs {
     /// Records per second in the latency phase.
     #[arg(long, default_value_t = 1_000.0)]
     latency_rate: f64,
-    /// Print the topic holding the events and stop after producing them (for the script's
-    /// ConsumerPerformance run).
+    /// The topic to produce the events to (default: a new one).
     #[arg(long)]
     topic: Option<String>,
+    /// Only produce the events, then stop (the script then runs Kafka's ConsumerPerformance).
+    #[arg(long)]
+    only_produce: bool,
+    /// The topic already holds the events (an earlier `--only-produce`): do not produce them.
+    #[arg(long)]
+    reuse_topic: bool,
 }
 
 /// A `tally serve` child, stopped when dropped.
@@ -89,21 +94,26 @@ async fn bench(args: KafkaArgs) -> anyhow::Result<()> {
         .topic
         .clone()
         .unwrap_or_else(|| format!("tallybench{:x}.events", now_us()));
-    create_topic(&args.brokers, &topic, 1).await?;
     let producer = BenchProducer::new(&args.brokers)?;
-    let started = Instant::now();
-    for (collection, event) in &events {
-        producer.send(&topic, event.as_bytes(), Some(collection))?;
-    }
-    producer.flush()?;
-    let secs = started.elapsed().as_secs_f64();
     println!(
         "events: {n} from {} ({} bytes on average)",
         args.events.display(),
         bytes / n.max(1)
     );
     println!("topic: {topic}");
-    println!("produce (acks=all): {:>10.0} events/s", n as f64 / secs);
+    if !args.reuse_topic {
+        create_topic(&args.brokers, &topic, 1).await?;
+        let started = Instant::now();
+        for (collection, event) in &events {
+            producer.send(&topic, event.as_bytes(), Some(collection))?;
+        }
+        producer.flush()?;
+        let secs = started.elapsed().as_secs_f64();
+        println!("produce (acks=all): {:>10.0} events/s", n as f64 / secs);
+    }
+    if args.only_produce {
+        return Ok(());
+    }
     let read = tokio::task::spawn_blocking({
         let (brokers, topic) = (args.brokers.clone(), topic.clone());
         move || read_to_end(&brokers, &topic, n)
@@ -128,7 +138,9 @@ async fn bench(args: KafkaArgs) -> anyhow::Result<()> {
                 "{:>16}: {produced:.0} events produced to the outbound topics and acknowledged",
                 "outbound"
             );
-            latency(&args, &server, &project, &read_key, &topic, &producer).await?;
+            if args.latency_events > 0 {
+                latency(&args, &server, &project, &read_key, &topic, &producer).await?;
+            }
         }
     }
     Ok(())
