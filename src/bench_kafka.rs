@@ -128,8 +128,12 @@ async fn bench(args: KafkaArgs) -> anyhow::Result<()> {
     for outbound in [false, true] {
         let name = if outbound { "inbound+outbound" } else { "inbound" };
         let (server, project, read_key) = start_server(&tally, &args.brokers, &topic, outbound)?;
-        let (first, last) = wait_stored(&server, n).await?;
-        let rate = n as f64 / (last - first).as_secs_f64().max(1e-3);
+        let (first, at_first, last) = wait_stored(&server, n).await?;
+        if at_first >= n {
+            bail!("all {n} events were stored between two polls: use more events");
+        }
+        // Events stored after the first poll that saw any, over the time since that poll.
+        let rate = (n - at_first) as f64 / (last - first).as_secs_f64();
         println!("{name:>16}: {rate:>10.0} events/s into queryable storage ({n} events)");
         if outbound {
             let metrics = get(&server.base, "/metrics", None).await?;
@@ -200,8 +204,9 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
 }
 
-/// Times of the first poll that saw a stored event and of the one that saw all `n`.
-async fn wait_stored(server: &Server, n: usize) -> anyhow::Result<(Instant, Instant)> {
+/// The time of the first poll that saw a stored event and how many it saw, and the time of
+/// the poll that saw all `n`.
+async fn wait_stored(server: &Server, n: usize) -> anyhow::Result<(Instant, usize, Instant)> {
     let mut first = None;
     let give_up = Instant::now() + Duration::from_secs(600);
     loop {
@@ -209,10 +214,11 @@ async fn wait_stored(server: &Server, n: usize) -> anyhow::Result<(Instant, Inst
         let stored = metric(&metrics, "tally_process_events_total").unwrap_or(0.0) as usize;
         let now = Instant::now();
         if stored > 0 {
-            first.get_or_insert(now);
+            first.get_or_insert((now, stored));
         }
         if stored >= n {
-            return Ok((first.unwrap_or(now), now));
+            let (first, at_first) = first.unwrap_or((now, stored));
+            return Ok((first, at_first, now));
         }
         if now > give_up {
             bail!("only {stored} of {n} events were stored");
