@@ -4,15 +4,14 @@
 //! store holds exactly the events of the log, each once.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{read_log, tally_bin};
+use crate::support::{read_log, serve_child, tally_bin};
 
 struct Running {
     child: Child,
@@ -42,22 +41,10 @@ fn start(data_dir: &Path) -> Running {
 }
 
 fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Running {
-    let mut child = Command::new(tally_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        // Small segments, so that the test crosses several rolls.
-        .env("TALLY_LOG__SEGMENT_BYTES", "262144")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("the banner").unwrap();
-    let base = first.rsplit(' ').next().unwrap().to_string();
-    assert!(base.starts_with("http://127.0.0.1:"), "{first}");
-    // Keep draining stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
+    // Small segments, so that the test crosses several rolls.
+    let mut env = env.to_vec();
+    env.insert(0, ("TALLY_LOG__SEGMENT_BYTES", "262144"));
+    let (child, base) = serve_child(data_dir, &[], &env);
     Running { child, base }
 }
 

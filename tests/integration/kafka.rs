@@ -12,7 +12,6 @@
 //!   killed with -9 mid-stream and replaced: every event stored exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -27,7 +26,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use tally_core::config::Config;
 
-use crate::support::{TestServer, stored_events, tally_bin};
+use crate::support::{TestServer, serve_child, stored_events, tally_bin};
 
 /// The shared test broker, or `None` (the test is skipped) when the run has none.
 fn broker() -> Option<String> {
@@ -432,19 +431,8 @@ impl Drop for Node {
 }
 
 fn node(data_dir: &Path, role: &str, env: &[(&str, String)]) -> Node {
-    let mut child = Command::new(tally_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--role", role, "--data-dir"])
-        .arg(data_dir)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("the banner").unwrap();
-    let base = first.rsplit(' ').next().unwrap().to_string();
-    assert!(base.starts_with("http://127.0.0.1:"), "{first}");
-    std::thread::spawn(move || lines.for_each(drop));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (child, base) = serve_child(data_dir, &["--role", role], &env);
     Node { child, base }
 }
 

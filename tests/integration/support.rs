@@ -229,6 +229,29 @@ pub fn geoip_testdata(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Starts `tally serve --listen 127.0.0.1:0 --data-dir DIR` plus `args` as a child process with
+/// `env`, and returns it with its base URL (read from the banner; stdout is drained after).
+pub fn serve_child(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(tally_bin())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("the banner").unwrap();
+    let base = first.rsplit(' ').next().unwrap().to_string();
+    assert!(base.starts_with("http://127.0.0.1:"), "{first}");
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, base)
+}
+
 /// The path to the `tally` binary built for these tests.
 pub fn tally_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tally")

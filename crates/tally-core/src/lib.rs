@@ -12,7 +12,8 @@
 //! * [`addons`]: the closed set of enrichment add-ons and the validation of their specs;
 //! * [`event`]: an accepted event and its binary log record, shared by every event log;
 //! * [`log`]: the `EventLog` boundary between ingest and the process stage;
-//! * [`config`]: the typed configuration, parsed once at start-up and passed down.
+//! * [`config`]: the typed configuration, parsed once at start-up and passed down;
+//! * [`worker`]: the stoppable background thread the stages and Kafka inbound run on.
 
 pub mod addons;
 pub mod clock;
@@ -24,6 +25,7 @@ pub mod ids;
 pub mod log;
 pub mod names;
 pub mod time;
+pub mod worker;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::ErrorCode;

@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -41,6 +40,7 @@ use tally_core::error::{ErrorCode, EventError};
 use tally_core::event::{PartitionPositions, partition_key};
 use tally_core::fsutil::write_atomically;
 use tally_core::ids::ProjectId;
+use tally_core::worker::StoppableThread;
 use tally_ingest::validate::json_error;
 use tally_ingest::{EventOutcome, IngestError, Ingestor, RequestMeta};
 
@@ -83,8 +83,7 @@ struct InboundMetrics {
 /// Running inbound consumption.
 #[derive(Debug)]
 pub struct Inbound {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: StoppableThread,
 }
 
 /// Tally's own record of the inbound offsets.
@@ -188,6 +187,11 @@ impl Inbound {
                 config.dead_letter_topic
             )));
         }
+        // A batch is one ingest call: it must stay within the batch limit HTTP has too.
+        let mut config = config;
+        config.max_batch_records = config
+            .max_batch_records
+            .clamp(1, ingestor.limits().max_batch_events.max(1));
         ensure_topic(&clients.admin()?, &config.dead_letter_topic, 1, -1).await?;
         let offsets = Arc::new(OffsetsFile::open(offsets_path)?);
         let own = {
@@ -232,7 +236,6 @@ impl Inbound {
             metrics.dead_lettered.clone(),
         );
         tracing::info!(topics = ?subscription, %project, "Kafka inbound consuming");
-        let stop = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             consumer,
             dead_letters,
@@ -247,30 +250,15 @@ impl Inbound {
             offsets,
             metrics,
             runtime: tokio::runtime::Handle::current(),
-            stop: stop.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("tally-kafka-inbound".into())
-            .spawn(move || worker.run())
+        let thread = StoppableThread::spawn("tally-kafka-inbound", move |stop| worker.run(stop))
             .map_err(|e| KafkaSetupError::Config(format!("cannot start the inbound thread: {e}")))?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Self { thread })
     }
 
     /// Stops after the batch in hand, and waits.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for Inbound {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+    pub fn stop(self) {
+        self.thread.stop();
     }
 }
 
@@ -283,17 +271,13 @@ struct Worker {
     offsets: Arc<OffsetsFile>,
     metrics: InboundMetrics,
     runtime: tokio::runtime::Handle,
-    stop: Arc<AtomicBool>,
 }
 
 impl Worker {
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-
-    fn run(self) {
-        while !self.stopped() {
-            let records = self.gather();
+    fn run(self, stop: &AtomicBool) {
+        let stopped = || stop.load(Ordering::Acquire);
+        while !stopped() {
+            let records = self.gather(stop);
             if records.is_empty() {
                 continue;
             }
@@ -307,7 +291,7 @@ impl Worker {
                     Ok(rejects) => break rejects,
                     Err(e) => {
                         tracing::warn!(error = %e, "Kafka inbound: the log refused a batch; retrying it");
-                        if self.stopped() {
+                        if stopped() {
                             return;
                         }
                         std::thread::sleep(Duration::from_millis(500));
@@ -316,7 +300,7 @@ impl Worker {
             };
             while let Err(e) = self.dead_letter(&records, &rejects) {
                 tracing::warn!(error = %e, "Kafka inbound: the dead-letter topic refused records; retrying");
-                if self.stopped() {
+                if stopped() {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(500));
@@ -342,11 +326,11 @@ impl Worker {
 
     /// Up to `max_batch_records` records, waiting at most 20 ms once one has arrived. Records
     /// gathered before a rebalance are dropped (the new assignment re-reads them).
-    fn gather(&self) -> Vec<Record> {
+    fn gather(&self, stop: &AtomicBool) -> Vec<Record> {
         let mut records = Vec::new();
         let mut generation = self.consumer.context().generation();
         let mut deadline = None::<Instant>;
-        while records.len() < self.config.max_batch_records.max(1) && !self.stopped() {
+        while records.len() < self.config.max_batch_records.max(1) && !stop.load(Ordering::Acquire) {
             let wait = match deadline {
                 None => Duration::from_millis(100),
                 Some(d) => d.saturating_duration_since(Instant::now()),

@@ -14,7 +14,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -23,6 +22,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use tally_core::config::KafkaLogConfig;
 use tally_core::event::{EventSink, PartitionPositions, partition_key};
+use tally_core::worker::StoppableThread;
 use tally_process::Enrichers;
 use tally_process::stage::{StageMetrics, enrich_record};
 
@@ -47,8 +47,7 @@ pub struct KafkaStageConfig {
 /// The running stage.
 #[derive(Debug)]
 pub struct KafkaProcessStage {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: StoppableThread,
 }
 
 impl KafkaProcessStage {
@@ -89,42 +88,24 @@ impl KafkaProcessStage {
             .set("partition.assignment.strategy", "range,roundrobin")
             .create_with_context(SeekContext::new("process", own))?;
         consumer.subscribe(&[config.log.topic.as_str()])?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("tally-kafka-process".into())
-                .spawn(move || {
-                    run(
-                        &consumer,
-                        &config,
-                        sink.as_ref(),
-                        &enrichers,
-                        &metrics,
-                        &lag,
-                        &stop,
-                    )
-                })
-                .map_err(|e| KafkaSetupError::Config(format!("cannot start the process thread: {e}")))?
-        };
-        Ok(Self {
-            stop,
-            thread: Some(thread),
+        let thread = StoppableThread::spawn("tally-kafka-process", move |stop| {
+            run(
+                &consumer,
+                &config,
+                sink.as_ref(),
+                &enrichers,
+                &metrics,
+                &lag,
+                stop,
+            )
         })
+        .map_err(|e| KafkaSetupError::Config(format!("cannot start the process thread: {e}")))?;
+        Ok(Self { thread })
     }
 
     /// Stops after the batch in hand (leaving the group), and waits.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for KafkaProcessStage {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+    pub fn stop(self) {
+        self.thread.stop();
     }
 }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tally_core::event::{EnrichedEvent, EventSink, LoggedEvent};
+use tally_core::worker::StoppableThread;
 use tally_ingest::EmbeddedEventLog;
 use tally_ingest::log::LogEntry;
 
@@ -100,8 +101,7 @@ impl StageMetrics {
 /// The running stage.
 #[derive(Debug)]
 pub struct ProcessStage {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: StoppableThread,
 }
 
 impl ProcessStage {
@@ -114,31 +114,15 @@ impl ProcessStage {
         registry: &mut Registry,
     ) -> std::io::Result<Self> {
         let metrics = StageMetrics::register(registry);
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("tally-process".into())
-                .spawn(move || run(&log, sink.as_ref(), &enrichers, &config, &metrics, &stop))?
-        };
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
+        let thread = StoppableThread::spawn("tally-process", move |stop| {
+            run(&log, sink.as_ref(), &enrichers, &config, &metrics, stop)
+        })?;
+        Ok(Self { thread })
     }
 
     /// Asks the stage to stop after the batch in hand, and waits for it.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for ProcessStage {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+    pub fn stop(self) {
+        self.thread.stop();
     }
 }
 

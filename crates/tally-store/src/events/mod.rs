@@ -836,6 +836,67 @@ mod tests {
     }
 
     #[test]
+    fn partition_offsets_are_committed_with_the_segments_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = ProjectId::random();
+        let positions = |pairs: &[(&str, u64)]| -> PartitionPositions {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+        };
+        let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
+        store
+            .write_partitioned(
+                &[event(p, "a", "2026-01-01T00:00:00Z", 1)],
+                &positions(&[("log/0", 5)]),
+            )
+            .unwrap();
+        store
+            .write_partitioned(
+                &[event(p, "a", "2026-01-01T00:00:00Z", 2)],
+                &positions(&[("log/1", 9)]),
+            )
+            .unwrap();
+        // Written, not yet durable: the stage carries on from the written offsets, the group is
+        // told only the durable ones.
+        assert_eq!(
+            store.written_partitions().unwrap(),
+            positions(&[("log/0", 5), ("log/1", 9)])
+        );
+        assert!(store.durable_partitions().unwrap().is_empty());
+        store.flush().unwrap();
+        assert_eq!(
+            store.durable_partitions().unwrap(),
+            positions(&[("log/0", 5), ("log/1", 9)])
+        );
+        // Unflushed at a crash: both the event and its offset are gone together.
+        store
+            .write_partitioned(
+                &[event(p, "a", "2026-01-01T00:00:00Z", 3)],
+                &positions(&[("log/0", 6)]),
+            )
+            .unwrap();
+        drop(store);
+        let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
+        assert_eq!(count(&store, p, "a"), 2);
+        assert_eq!(
+            store.written_partitions().unwrap(),
+            positions(&[("log/0", 5), ("log/1", 9)])
+        );
+        assert_eq!(
+            store.committed_position().unwrap(),
+            None,
+            "the embedded log's position is apart"
+        );
+        // A merge keeps them.
+        store.merge_small().unwrap();
+        drop(store);
+        let store = EventStore::open(dir.path(), StoreConfig::default()).unwrap();
+        assert_eq!(
+            store.durable_partitions().unwrap(),
+            positions(&[("log/0", 5), ("log/1", 9)])
+        );
+    }
+
+    #[test]
     fn unflushed_events_are_not_durable_and_orphans_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let p = ProjectId::random();
