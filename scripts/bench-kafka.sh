@@ -25,6 +25,6 @@ topic=tallybench$(date +%s).events
 "$tally" bench kafka --brokers "$brokers" --events "$work/events.jsonl" --topic "$topic" --latency-events 0 --only-produce
 echo "ceiling, Kafka's ConsumerPerformance on the same topic:"
 scripts/kafka.sh tool org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$brokers" \
-  --topic "$topic" --messages "$events" --timeout 60000 2>/dev/null | tail -n 2 \
-  | awk -F', *' 'NR == 1 { for (i = 1; i <= NF; i++) h[i] = $i } NR == 2 { for (i = 1; i <= NF; i++) printf "  %s: %s\n", h[i], $i }'
+  --topic "$topic" --messages "$events" --timeout 60000 2>/dev/null | grep -A1 '^start.time' \
+  | awk -F', *' 'NR == 1 { for (i = 1; i <= NF; i++) h[i] = $i } NR == 2 { for (i = 3; i <= NF; i++) printf "  %s: %s\n", h[i], $i }'
 "$tally" bench kafka --brokers "$brokers" --events "$work/events.jsonl" --topic "$topic" --reuse-topic "$@"

@@ -155,7 +155,9 @@ case "${1:-}" in
   tool)
     fetch
     shift
-    exec java -Xmx512m -Dlog4j.configuration="file:$home/log4j.properties" -cp "$home/lib/*" "$@"
+    # The tools log warnings only, to stderr, so that their reports on stdout stay parseable.
+    printf 'log4j.rootLogger=WARN, stderr\nlog4j.appender.stderr=org.apache.log4j.ConsoleAppender\nlog4j.appender.stderr.Target=System.err\nlog4j.appender.stderr.layout=org.apache.log4j.PatternLayout\nlog4j.appender.stderr.layout.ConversionPattern=[%%d] %%p %%m (%%c)%%n\n' >"$home/tools-log4j.properties"
+    exec java -Xmx512m -Dlog4j.configuration="file:$home/tools-log4j.properties" -cp "$home/lib/*" "$@"
     ;;
   *)
     echo "usage: $0 start|stop|restart|status|fetch|tool" >&2

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -324,16 +324,19 @@ impl Worker {
         self.consumer.unsubscribe();
     }
 
-    /// Up to `max_batch_records` records, waiting at most 20 ms once one has arrived. Records
-    /// gathered before a rebalance are dropped (the new assignment re-reads them).
+    /// Up to `max_batch_records` records: the first waited for, then those already fetched.
+    /// Records gathered before a rebalance are dropped (the new assignment re-reads them).
     fn gather(&self, stop: &AtomicBool) -> Vec<Record> {
         let mut records = Vec::new();
         let mut generation = self.consumer.context().generation();
-        let mut deadline = None::<Instant>;
+        // The first poll waits for a record; the rest take only what the client has already
+        // fetched, so a batch is whatever is there (up to the cap) and never waits to fill.
+        let mut started = false;
         while records.len() < self.config.max_batch_records.max(1) && !stop.load(Ordering::Acquire) {
-            let wait = match deadline {
-                None => Duration::from_millis(100),
-                Some(d) => d.saturating_duration_since(Instant::now()),
+            let wait = if started {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(100)
             };
             let Some(polled) = self.consumer.poll(wait) else {
                 break;
@@ -363,7 +366,7 @@ impl Worker {
                     break;
                 }
             }
-            deadline.get_or_insert_with(|| Instant::now() + Duration::from_millis(20));
+            started = true;
         }
         records
     }

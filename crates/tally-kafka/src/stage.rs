@@ -36,8 +36,6 @@ pub struct KafkaStageConfig {
     pub log: KafkaLogConfig,
     /// Records per batch, at most.
     pub max_batch_records: usize,
-    /// How long a batch waits to fill once it has a record.
-    pub batch_wait: Duration,
     /// This node's lasting identity in the group (`group.instance.id`, Kafka's static
     /// membership): a node restarted or replaced on the same data directory takes its
     /// partitions back at once instead of waiting out the old member's session.
@@ -125,12 +123,15 @@ fn run(
         let mut events = Vec::new();
         let mut positions = PartitionPositions::new();
         let mut generation = consumer.context().generation();
-        let mut deadline = None::<Instant>;
+        // The first poll waits for a record; the rest take only what the client has already
+        // fetched, so a batch is whatever is there (up to the cap) and never waits to fill.
+        let mut started = false;
         let geo = enrichers.geo().current();
         while events.len() < config.max_batch_records && !stopped() {
-            let wait = match deadline {
-                None => Duration::from_millis(100),
-                Some(d) => d.saturating_duration_since(Instant::now()),
+            let wait = if started {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(100)
             };
             let Some(polled) = consumer.poll(wait) else { break };
             if consumer.context().generation() != generation {
@@ -158,7 +159,7 @@ fn run(
                 events.push(event);
             }
             positions.insert(partition_key(topic, partition), offset as u64 + 1);
-            deadline.get_or_insert_with(|| Instant::now() + config.batch_wait);
+            started = true;
         }
         if !positions.is_empty() {
             while let Err(e) = sink.write_partitioned(&events, &positions) {

@@ -284,7 +284,6 @@ impl Tally {
             let stage = KafkaStageConfig {
                 log: kafka.log.clone(),
                 max_batch_records: 10_000,
-                batch_wait: Duration::from_millis(20),
                 instance_id: Some(format!(
                     "tally-{}",
                     data_dir.node_id().map_err(StartError::Process)?
