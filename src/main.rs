@@ -153,17 +153,12 @@ fn load_config(common: &Common, flags: &[(&str, Option<String>)]) -> anyhow::Res
 fn parse_roles(text: &str) -> anyhow::Result<Vec<Role>> {
     let mut roles = Vec::new();
     for word in text.split(',').map(str::trim) {
-        let role = match word {
-            "all" => {
-                roles.extend([Role::Ingest, Role::Process, Role::Query]);
-                continue;
-            }
-            "ingest" => Role::Ingest,
-            "process" => Role::Process,
-            "query" => Role::Query,
-            other => anyhow::bail!("--role: {other:?} is not one of all, ingest, process, query"),
-        };
-        roles.push(role);
+        let all = [Role::Ingest, Role::Process, Role::Query];
+        match all.iter().find(|r| r.as_str() == word) {
+            Some(role) => roles.push(*role),
+            None if word == "all" => roles.extend(all),
+            None => anyhow::bail!("--role: {word:?} is not one of all, ingest, process, query"),
+        }
     }
     roles.dedup();
     Ok(roles)

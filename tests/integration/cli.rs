@@ -109,6 +109,48 @@ fn bad_configuration_is_a_clear_error() {
     );
 }
 
+#[test]
+fn roles_and_kafka_settings_that_cannot_work_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |args: &[&str], env: &[(&str, &str)]| {
+        let output = output_or_kill(
+            Command::new(tally_bin())
+                .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args(args)
+                .envs(env.iter().copied()),
+        );
+        assert!(!output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = serve(&["--role", "reporting"], &[]);
+    assert!(
+        stderr.contains("is not one of all, ingest, process, query"),
+        "{stderr}"
+    );
+    let stderr = serve(&["--role", "ingest"], &[]);
+    assert!(stderr.contains("Kafka as the event log"), "{stderr}");
+    let stderr = serve(
+        &["--role", "query"],
+        &[
+            ("TALLY_KAFKA__LOG__ENABLED", "true"),
+            ("TALLY_KAFKA__BROKERS", "127.0.0.1:1"),
+        ],
+    );
+    assert!(stderr.contains("--role process,query"), "{stderr}");
+    let stderr = serve(&[], &[("TALLY_KAFKA__OUTBOUND__ENABLED", "true")]);
+    assert!(stderr.contains("kafka.brokers is empty"), "{stderr}");
+    let stderr = serve(
+        &[],
+        &[
+            ("TALLY_KAFKA__BROKERS", "127.0.0.1:1"),
+            ("TALLY_KAFKA__OUTBOUND__ENABLED", "true"),
+            ("TALLY_KAFKA__SECURITY__SASL_PASSWORD_FILE", "/nonexistent/secret"),
+        ],
+    );
+    assert!(stderr.contains("/nonexistent/secret"), "{stderr}");
+}
+
 /// Runs a command that is expected to exit by itself; if it is still running after a generous
 /// while (a server that started when it should have refused to), kills it so the test fails
 /// instead of hanging.

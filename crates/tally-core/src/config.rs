@@ -327,6 +327,17 @@ pub enum Role {
     Query,
 }
 
+impl Role {
+    /// The name used in `--role` and the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ingest => "ingest",
+            Role::Process => "process",
+            Role::Query => "query",
+        }
+    }
+}
+
 /// Apache Kafka. Empty `brokers` means no Kafka at all; each use of it is switched on on its own.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]

@@ -228,15 +228,7 @@ async fn serve_roles(
                 Role::Process => "process events",
                 Role::Query => "answer queries",
             };
-            let roles: Vec<&str> = state
-                .roles
-                .iter()
-                .map(|r| match r {
-                    Role::Ingest => "ingest",
-                    Role::Process => "process",
-                    Role::Query => "query",
-                })
-                .collect();
+            let roles: Vec<&str> = state.roles.iter().map(|r| r.as_str()).collect();
             axum::response::IntoResponse::into_response(ApiError::new(
                 ErrorCode::ResourceNotFound,
                 format!(
