@@ -162,7 +162,7 @@ impl Enrichers {
         };
         let input = &spec.input;
         let outcome = match kind {
-            AddonKind::IpToGeo => self.ip_to_geo(event, input.ip.as_deref(), geo).map(Output::Value),
+            AddonKind::IpToGeo => self.ip_to_geo(event, input.ip.as_deref(), geo).map(Output::Json),
             AddonKind::UaParser => read_str(event, input.ua_string.as_deref())
                 .and_then(|ua| self.ua.parse_json(&ua).map_err(|_| SkipReason::Unparseable))
                 .map(Output::Json),
@@ -203,7 +203,7 @@ impl Enrichers {
         event: &mut E,
         ip_path: Option<&str>,
         geo: Option<&GeoDatabase>,
-    ) -> Result<Value, SkipReason> {
+    ) -> Result<std::sync::Arc<str>, SkipReason> {
         let text = read_str(event, ip_path)?;
         let ip: IpAddr = text.trim().parse().map_err(|_| SkipReason::Unparseable)?;
         let Some(geo) = geo else {
@@ -215,7 +215,7 @@ impl Enrichers {
             return Err(SkipReason::NoDatabase);
         };
         match geo.lookup(ip) {
-            GeoLookup::Found(found) => Ok(Value::Object(found)),
+            GeoLookup::Found(found) => Ok(found),
             GeoLookup::NotFound => Err(SkipReason::NotFound),
         }
     }

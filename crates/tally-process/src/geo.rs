@@ -18,7 +18,6 @@ use std::time::SystemTime;
 
 use maxminddb::{Reader, WithinOptions};
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
 /// Why a database could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -133,8 +132,9 @@ impl std::fmt::Debug for GeoDatabase {
 /// What a lookup found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GeoLookup {
-    /// The location object for the event.
-    Found(Map<String, Value>),
+    /// The location object for the event, as JSON text: written once here and copied into the
+    /// event as it is (no tree built, serialised and dropped per event).
+    Found(Arc<str>),
     /// The address is in no database.
     NotFound,
 }
@@ -177,24 +177,63 @@ fn english<'a>(names: Option<Names<'a>>) -> Option<&'a str> {
     names.and_then(|n| n.en)
 }
 
-fn decode(db: &OneDatabase, ip: IpAddr) -> Result<Option<Map<String, Value>>, maxminddb::MaxMindDbError> {
+/// Writes a JSON object member by member.
+struct ObjectWriter {
+    out: Vec<u8>,
+}
+
+impl ObjectWriter {
+    fn new() -> Self {
+        let mut out = Vec::with_capacity(192);
+        out.push(b'{');
+        Self { out }
+    }
+
+    fn key(&mut self, key: &str) {
+        if self.out.len() > 1 {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    /// A string member, left out when the value is missing or empty.
+    fn string(&mut self, key: &str, value: Option<&str>) {
+        if let Some(value) = value.filter(|v| !v.is_empty()) {
+            self.key(key);
+            serde_json::to_writer(&mut self.out, value).expect("a string serialises");
+        }
+    }
+
+    fn coordinates(&mut self, lon: f64, lat: f64) {
+        self.key("coordinates");
+        self.out.push(b'[');
+        serde_json::to_writer(&mut self.out, &lon).expect("a number serialises");
+        self.out.push(b',');
+        serde_json::to_writer(&mut self.out, &lat).expect("a number serialises");
+        self.out.push(b']');
+    }
+
+    fn finish(mut self) -> Arc<str> {
+        self.out.push(b'}');
+        String::from_utf8(self.out).expect("JSON text is UTF-8").into()
+    }
+}
+
+fn decode(db: &OneDatabase, ip: IpAddr) -> Result<Option<Arc<str>>, maxminddb::MaxMindDbError> {
     let result = db.reader.lookup(ip)?;
     if !result.has_data() {
         return Ok(None);
     }
-    let mut out = Map::new();
-    let mut put = |key: &str, value: Option<&str>| {
-        if let Some(value) = value.filter(|v| !v.is_empty()) {
-            out.insert(key.to_string(), Value::String(value.to_string()));
-        }
-    };
+    let mut out = ObjectWriter::new();
     let coordinates = match db.layout {
         Layout::MaxMindCity => {
             let Some(record) = result.decode::<MaxMindCity>()? else {
                 return Ok(None);
             };
-            put("city", record.city.and_then(|c| english(c.names)));
-            put(
+            out.string("city", record.city.and_then(|c| english(c.names)));
+            out.string(
                 "province",
                 record
                     .subdivisions
@@ -204,27 +243,27 @@ fn decode(db: &OneDatabase, ip: IpAddr) -> Result<Option<Map<String, Value>>, ma
             let (code, name) = record
                 .country
                 .map_or((None, None), |c| (c.iso_code, english(c.names)));
-            put("country", name);
-            put("country_code", code);
-            put("continent", record.continent.and_then(|c| english(c.names)));
-            put("postal_code", record.postal.and_then(|p| p.code));
+            out.string("country", name);
+            out.string("country_code", code);
+            out.string("continent", record.continent.and_then(|c| english(c.names)));
+            out.string("postal_code", record.postal.and_then(|p| p.code));
             record.location.map(|l| (l.longitude, l.latitude))
         }
         Layout::DbIpFlat => {
             let Some(record) = result.decode::<DbIpCity>()? else {
                 return Ok(None);
             };
-            put("city", record.city);
-            put("province", record.state1);
-            put("country_code", record.country_code);
-            put("postal_code", record.postcode);
+            out.string("city", record.city);
+            out.string("province", record.state1);
+            out.string("country_code", record.country_code);
+            out.string("postal_code", record.postcode);
             Some((record.longitude, record.latitude))
         }
     };
     if let Some((Some(lon), Some(lat))) = coordinates {
-        out.insert("coordinates".into(), serde_json::json!([lon, lat]));
+        out.coordinates(lon, lat);
     }
-    Ok(Some(out))
+    Ok(Some(out.finish()))
 }
 
 fn open_one(path: &Path) -> Result<OneDatabase, GeoError> {
@@ -412,7 +451,7 @@ fn mtimes(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Map, Value, json};
 
     fn testdata(name: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -455,7 +494,10 @@ mod tests {
                 let first_ip: IpAddr = network.split('/').next().unwrap().parse().unwrap();
                 let expected = expected_from_source(&record);
                 match db.lookup(first_ip) {
-                    GeoLookup::Found(found) => assert_eq!(found, expected, "{network}"),
+                    GeoLookup::Found(found) => {
+                        let found: Map<String, Value> = serde_json::from_str(&found).unwrap();
+                        assert_eq!(found, expected, "{network}")
+                    }
                     GeoLookup::NotFound => panic!("{network} not found"),
                 }
                 checked += 1;
@@ -467,15 +509,13 @@ mod tests {
     #[test]
     fn known_addresses_resolve_to_keens_shape() {
         let db = GeoDatabase::open(&[testdata("GeoIP2-City-Test.mmdb")]).unwrap();
+        let GeoLookup::Found(found) = db.lookup("81.2.69.142".parse().unwrap()) else {
+            panic!("81.2.69.142 not found");
+        };
         assert_eq!(
-            db.lookup("81.2.69.142".parse().unwrap()),
-            GeoLookup::Found(
-                json!({"city": "London", "province": "England", "country": "United Kingdom", "country_code": "GB",
-                       "continent": "Europe", "coordinates": [-0.0931, 51.5142]})
-                .as_object()
-                .unwrap()
-                .clone()
-            )
+            serde_json::from_str::<Value>(&found).unwrap(),
+            json!({"city": "London", "province": "England", "country": "United Kingdom", "country_code": "GB",
+                   "continent": "Europe", "coordinates": [-0.0931, 51.5142]})
         );
         assert_eq!(db.lookup("10.0.0.1".parse().unwrap()), GeoLookup::NotFound);
     }
