@@ -247,6 +247,7 @@ fn the_full_dbip_lite_database_loads_with_its_flat_layout() {
     ] {
         match db.lookup(ip.parse().unwrap()) {
             tally_process::geo::GeoLookup::Found(found) => {
+                let found: Value = serde_json::from_str(&found).unwrap();
                 let code = found["country_code"].as_str().unwrap_or_default();
                 assert_eq!(code.len(), 2, "{ip}: {found:?}");
                 if let Some(country) = country {
