@@ -10,6 +10,16 @@ cd "$(dirname "$0")/.."
 cache=${TALLY_CACHE_DIR:-$HOME/.cache/tally}
 mkdir -p "$cache"
 
+# rdkafka builds the bundled librdkafka against the system's OpenSSL (TLS and SASL SCRAM):
+# its headers come from Debian's libssl-dev.
+if ! pkg-config --exists openssl 2>/dev/null || ! command -v make >/dev/null 2>&1; then
+  echo "==> installing Debian's build-essential, libssl-dev and pkg-config (for librdkafka)"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get install -y -q build-essential libssl-dev pkg-config >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q build-essential libssl-dev pkg-config >/dev/null; }
+fi
+
 # Keen's Python client, for the wire-compatibility tests, and DuckDB, the differential test's
 # oracle.
 venv=$cache/python-venv
