@@ -143,7 +143,13 @@ impl KafkaClients {
             secret_names,
         };
         // librdkafka checks names and values when a configuration is made: a typo fails here.
-        clients.config().create_native_config()?;
+        // Its message quotes the value, which may be a secret: only the property is named.
+        clients.config().create_native_config().map_err(|e| match e {
+            KafkaError::ClientConfig(_, _, name, _) => {
+                KafkaSetupError::Config(format!("librdkafka refused the property {name:?} or its value"))
+            }
+            other => KafkaSetupError::Kafka(other),
+        })?;
         Ok(clients)
     }
 
@@ -267,10 +273,13 @@ mod tests {
             Err(KafkaSetupError::Config(_))
         ));
         config.security.protocol = None;
-        config.properties.insert("no.such.property".into(), "1".into());
-        assert!(matches!(
-            KafkaClients::new(&config),
-            Err(KafkaSetupError::Kafka(_))
-        ));
+        config
+            .properties
+            .insert("no.such.property".into(), "s3cret".into());
+        let refused = KafkaClients::new(&config).unwrap_err().to_string();
+        assert!(
+            refused.contains("no.such.property") && !refused.contains("s3cret"),
+            "{refused}"
+        );
     }
 }

@@ -32,6 +32,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::value::RawValue;
@@ -45,7 +46,7 @@ use tally_ingest::validate::json_error;
 use tally_ingest::{EventOutcome, IngestError, Ingestor, RequestMeta};
 
 use crate::client::{KafkaClients, KafkaSetupError, ensure_topic};
-use crate::seek::{SeekContext, commit_list};
+use crate::seek::SeekContext;
 
 /// One consumed record, copied out of the consumer.
 #[derive(Debug)]
@@ -56,6 +57,8 @@ struct Record {
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
     headers: Vec<(String, Option<Vec<u8>>)>,
+    /// A header name was not UTF-8 (the client library cannot read such headers).
+    unreadable_headers: bool,
 }
 
 impl Record {
@@ -132,8 +135,10 @@ impl OffsetsFile {
 /// A regex matching topic names that start with `prefix`, for librdkafka's `^` subscriptions.
 fn prefix_pattern(prefix: &str) -> String {
     let mut pattern = String::from("^");
+    // Kafka topic names hold [a-zA-Z0-9._-]; of these only `.` means something to librdkafka's
+    // regex engine, which refuses escapes it does not know (`\_`).
     for c in prefix.chars() {
-        if !c.is_ascii_alphanumeric() {
+        if c == '.' {
             pattern.push('\\');
         }
         pattern.push(c);
@@ -144,6 +149,12 @@ fn prefix_pattern(prefix: &str) -> String {
 
 /// The collection of a record: its header, or its topic's name after the prefix.
 fn collection_of<'a>(record: &'a Record, config: &KafkaInboundConfig) -> Result<&'a str, EventError> {
+    if record.unreadable_headers {
+        return Err(EventError::new(
+            ErrorCode::InvalidEvent,
+            "The record has a header whose name is not UTF-8.",
+        ));
+    }
     if let Some(name) = record.header(&config.collection_header) {
         return std::str::from_utf8(name).map_err(|_| {
             EventError::new(
@@ -207,7 +218,7 @@ impl Inbound {
             .set("auto.offset.reset", "earliest")
             .set("topic.metadata.refresh.interval.ms", "5000")
             .set("partition.assignment.strategy", "range,roundrobin")
-            .create_with_context(SeekContext::new("inbound", own))?;
+            .create_with_context(SeekContext::new("inbound", own, true))?;
         let mut subscription: Vec<String> = config.topics.clone();
         if !config.topic_prefix.is_empty() {
             subscription.push(prefix_pattern(&config.topic_prefix));
@@ -218,6 +229,9 @@ impl Inbound {
             .config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            // A failed delivery is retried by the worker (which also notices shutdown), not
+            // waited out for librdkafka's default five minutes.
+            .set("message.timeout.ms", "30000")
             .create()?;
         let metrics = InboundMetrics::default();
         registry.register(
@@ -310,11 +324,15 @@ impl Worker {
                     Ok(positions) => break positions,
                     Err(e) => {
                         tracing::error!(error = %e, "Kafka inbound: cannot record offsets; retrying");
+                        if stopped() {
+                            // The batch is in the log; unrecorded, it is read again (at least once).
+                            return;
+                        }
                         std::thread::sleep(Duration::from_millis(500));
                     }
                 }
             };
-            let list = commit_list(&positions, &self.consumer.context().assigned());
+            let list = self.consumer.context().commit_list(&positions);
             if list.count() > 0
                 && let Err(e) = self.consumer.commit(&list, CommitMode::Async)
             {
@@ -338,28 +356,35 @@ impl Worker {
             } else {
                 Duration::from_millis(100)
             };
-            let Some(polled) = self.consumer.poll(wait) else {
-                break;
-            };
+            // A rebalance runs inside poll, which may then return nothing: look after every poll.
+            let polled = self.consumer.poll(wait);
             if self.consumer.context().generation() != generation {
                 records.clear();
                 generation = self.consumer.context().generation();
             }
+            let Some(polled) = polled else { break };
             match polled {
-                Ok(m) => records.push(Record {
-                    topic: m.topic().to_owned(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                Ok(m) => records.push({
+                    // rdkafka panics on a header name that is not UTF-8; such a record is
+                    // dead-lettered rather than taking the thread down.
+                    let headers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        m.headers()
+                            .map(|h| {
+                                h.iter()
+                                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                                    .collect::<Vec<_>>()
+                            })
+                            .unwrap_or_default()
+                    }));
+                    Record {
+                        unreadable_headers: headers.is_err(),
+                        headers: headers.unwrap_or_default(),
+                        topic: m.topic().to_owned(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().map(<[u8]>::to_vec),
+                    }
                 }),
                 Err(e) => {
                     tracing::warn!(error = %e, "Kafka inbound: consumer error");
@@ -484,6 +509,21 @@ impl Worker {
             }
             match self.dead_letters.send_result(out) {
                 Ok(delivery) => deliveries.push(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), mut back)) => {
+                    // With Tally's headers the record no longer fits: send it without its value,
+                    // saying so, so that the reason and the source are still recorded.
+                    back.payload = None;
+                    back.headers = Some(back.headers.take().unwrap_or_else(OwnedHeaders::new).insert(
+                        Header {
+                            key: "tally.value_dropped",
+                            value: Some(b"too large for the dead-letter topic"),
+                        },
+                    ));
+                    match self.dead_letters.send_result(back) {
+                        Ok(delivery) => deliveries.push(delivery),
+                        Err((e, _)) => return Err(e.to_string()),
+                    }
+                }
                 Err((e, _)) => return Err(e.to_string()),
             }
         }
@@ -514,7 +554,8 @@ mod tests {
     #[test]
     fn prefixes_become_anchored_patterns() {
         assert_eq!(prefix_pattern("tally.in."), "^tally\\.in\\..+");
-        assert_eq!(prefix_pattern("ev-"), "^ev\\-.+");
+        assert_eq!(prefix_pattern("ev-"), "^ev-.+");
+        assert_eq!(prefix_pattern("my_app."), "^my_app\\..+");
     }
 
     fn record(topic: &str, headers: Vec<(&str, &[u8])>) -> Record {
@@ -524,6 +565,7 @@ mod tests {
             offset: 0,
             key: None,
             value: None,
+            unreadable_headers: false,
             headers: headers
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), Some(v.to_vec())))

@@ -52,6 +52,7 @@ impl std::fmt::Debug for OutboundSink {
 struct OutboundMetrics {
     produced: Counter,
     failed_batches: Counter,
+    too_large: Counter,
     pending: Gauge,
 }
 
@@ -98,6 +99,11 @@ impl OutboundSink {
             "tally_kafka_outbound_failed_batches",
             "Batches Kafka did not acknowledge (the process stage retries them)",
             metrics.failed_batches.clone(),
+        );
+        registry.register(
+            "tally_kafka_outbound_too_large_events",
+            "Events larger than the producer's message.max.bytes: stored, not produced",
+            metrics.too_large.clone(),
         );
         registry.register(
             "tally_kafka_outbound_pending_events",
@@ -159,6 +165,12 @@ impl OutboundSink {
                         // The producer's queue is full: let it drain.
                         record = back;
                         std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                        // It can never be produced; retrying would stop the stage for good.
+                        self.metrics.too_large.inc();
+                        tracing::error!(topic = %topic, bytes = event.json.len(), "Kafka outbound: an event is larger than the producer's message.max.bytes; not produced (it is stored)");
+                        break;
                     }
                     Err((e, _)) => return Err(self.failed(e.to_string())),
                 }

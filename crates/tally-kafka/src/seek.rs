@@ -17,6 +17,12 @@ pub(crate) type OwnPositions = Box<dyn Fn() -> PartitionPositions + Send + Sync>
 
 pub(crate) struct SeekContext {
     own: OwnPositions,
+    /// Inbound only: Tally's own record is durable, so on a revocation it is committed to the
+    /// group at once (synchronously), before the partitions' next owner reads the group's offset.
+    commit_on_revoke: bool,
+    /// The offset each assigned partition was sought to: a floor for what is committed back, so
+    /// a stale own record never moves the group's offset backwards.
+    sought: Mutex<PartitionPositions>,
     /// Bumped by every assignment and revocation.
     generation: AtomicU64,
     /// The partitions assigned now.
@@ -26,9 +32,11 @@ pub(crate) struct SeekContext {
 }
 
 impl SeekContext {
-    pub(crate) fn new(what: &'static str, own: OwnPositions) -> Self {
+    pub(crate) fn new(what: &'static str, own: OwnPositions, commit_on_revoke: bool) -> Self {
         Self {
             own,
+            commit_on_revoke,
+            sought: Mutex::new(PartitionPositions::new()),
             generation: AtomicU64::new(0),
             assigned: Mutex::new(Vec::new()),
             what,
@@ -51,6 +59,7 @@ impl SeekContext {
             .ok();
         let mut seeks = TopicPartitionList::new();
         let mut assigned = Vec::new();
+        let mut sought = PartitionPositions::new();
         for elem in offered.elements() {
             let (topic, partition) = (elem.topic(), elem.partition());
             let mine = own.get(&partition_key(topic, partition)).map(|&o| o as i64);
@@ -60,7 +69,10 @@ impl SeekContext {
                 .and_then(|e| e.offset().to_raw())
                 .filter(|&o| o >= 0);
             let offset = match mine.max(group) {
-                Some(o) => Offset::Offset(o),
+                Some(o) => {
+                    sought.insert(partition_key(topic, partition), o as u64);
+                    Offset::Offset(o)
+                }
                 None => Offset::Invalid,
             };
             tracing::info!(consumer = self.what, topic, partition, own = ?mine, group = ?group, "partition assigned");
@@ -73,6 +85,19 @@ impl SeekContext {
             tracing::error!(consumer = self.what, error = %e, "assigning partitions failed");
         }
         *self.assigned.lock().unwrap_or_else(|p| p.into_inner()) = assigned;
+        *self.sought.lock().unwrap_or_else(|p| p.into_inner()) = sought;
+    }
+
+    /// What to commit to the group for the partitions assigned now: `positions`, never below
+    /// where a partition was sought to.
+    pub(crate) fn commit_list(&self, positions: &PartitionPositions) -> TopicPartitionList {
+        let sought = self.sought.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut merged = positions.clone();
+        for (key, offset) in sought {
+            let at = merged.entry(key).or_insert(offset);
+            *at = (*at).max(offset);
+        }
+        commit_list(&merged, &self.assigned())
     }
 }
 
@@ -91,6 +116,14 @@ impl ConsumerContext for SeekContext {
                         partitions = tpl.count(),
                         "partitions revoked"
                     );
+                    if self.commit_on_revoke {
+                        let list = self.commit_list(&(self.own)());
+                        if list.count() > 0
+                            && let Err(e) = consumer.commit(&list, rdkafka::consumer::CommitMode::Sync)
+                        {
+                            tracing::warn!(consumer = self.what, error = %e, "committing offsets at revocation failed");
+                        }
+                    }
                 }
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(consumer = self.what, error = %e, "unassigning partitions failed");
@@ -102,8 +135,8 @@ impl ConsumerContext for SeekContext {
     }
 }
 
-/// The offsets to commit to the group: `positions` of the partitions assigned now.
-pub(crate) fn commit_list(positions: &PartitionPositions, assigned: &[(String, i32)]) -> TopicPartitionList {
+/// The offsets to commit to the group: `positions` of the `assigned` partitions.
+fn commit_list(positions: &PartitionPositions, assigned: &[(String, i32)]) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for (topic, partition) in assigned {
         if let Some(&offset) = positions.get(&partition_key(topic, *partition)) {

@@ -27,7 +27,7 @@ use tally_process::Enrichers;
 use tally_process::stage::{StageMetrics, enrich_record};
 
 use crate::client::{KafkaClients, KafkaSetupError};
-use crate::seek::{SeekContext, commit_list};
+use crate::seek::SeekContext;
 
 /// Settings of the Kafka process stage.
 #[derive(Debug, Clone)]
@@ -84,7 +84,7 @@ impl KafkaProcessStage {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "range,roundrobin")
-            .create_with_context(SeekContext::new("process", own))?;
+            .create_with_context(SeekContext::new("process", own, false))?;
         consumer.subscribe(&[config.log.topic.as_str()])?;
         let thread = StoppableThread::spawn("tally-kafka-process", move |stop| {
             run(
@@ -133,7 +133,8 @@ fn run(
             } else {
                 Duration::from_millis(100)
             };
-            let Some(polled) = consumer.poll(wait) else { break };
+            // A rebalance runs inside poll, which may then return nothing: look after every poll.
+            let polled = consumer.poll(wait);
             if consumer.context().generation() != generation {
                 // The assignment changed while this batch was gathered: drop it (see the module
                 // documentation).
@@ -141,6 +142,7 @@ fn run(
                 positions.clear();
                 generation = consumer.context().generation();
             }
+            let Some(polled) = polled else { break };
             let message = match polled {
                 Ok(message) => message,
                 Err(e) => {
@@ -194,7 +196,7 @@ fn commit_durable(
     if durable == *committed {
         return;
     }
-    let list = commit_list(&durable, &consumer.context().assigned());
+    let list = consumer.context().commit_list(&durable);
     if list.count() == 0 {
         return;
     }

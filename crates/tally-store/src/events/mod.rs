@@ -406,6 +406,14 @@ impl EventStore {
         if fresh.is_empty() && position == manifest.position && partitions == manifest.partitions {
             return Ok(0);
         }
+        // Until the manifest is committed, the taken segments go back on failure (a full disk,
+        // say): the next flush must still write them, or it would commit positions past them.
+        let taken = fresh.clone();
+        let put_back = |e: StoreError| {
+            let mut writes = self.writes.lock().expect("writes lock");
+            writes.fresh.splice(0..0, taken.iter().cloned());
+            e
+        };
         let mut by_table: HashMap<TableKey, Vec<Arc<StoredSegment>>> = HashMap::new();
         for (key, seg) in fresh {
             by_table.entry(key).or_default().push(seg);
@@ -421,7 +429,7 @@ impl EventStore {
             if merged.rows() == 0 {
                 continue;
             }
-            let stored = self.write_segment_file(merged)?;
+            let stored = self.write_segment_file(merged).map_err(put_back)?;
             made.push((key.clone(), stored));
         }
         let mut next = manifest.clone();
@@ -435,7 +443,7 @@ impl EventStore {
                 rows: stored.segment.rows(),
             });
         }
-        self.commit_manifest(manifest, next)?;
+        self.commit_manifest(manifest, next).map_err(put_back)?;
         let mut tables = self.tables.write().expect("tables lock");
         for (key, parts) in &by_table {
             let replacement = made.iter().find(|(k, _)| k == key).map(|(_, s)| s.clone());
