@@ -295,10 +295,14 @@ impl Worker {
             if records.is_empty() {
                 continue;
             }
-            let mut next = PartitionPositions::new();
+            let mut last = std::collections::BTreeMap::new();
             for r in &records {
-                next.insert(partition_key(&r.topic, r.partition), r.offset as u64 + 1);
+                last.insert((r.topic.as_str(), r.partition), r.offset as u64 + 1);
             }
+            let next: PartitionPositions = last
+                .into_iter()
+                .map(|((topic, partition), offset)| (partition_key(topic, partition), offset))
+                .collect();
             // Each step is retried until it succeeds: moving on would lose the batch.
             let rejects = loop {
                 match self.ingest(&records) {

@@ -34,8 +34,9 @@ pub struct OutboundSink {
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     template: String,
-    /// Topic names by project and collection, once created.
-    topics: Mutex<HashMap<(ProjectId, String), Arc<str>>>,
+    /// Topic names by project and collection, once created (nested so that a lookup borrows the
+    /// collection name instead of allocating a key per event).
+    topics: Mutex<HashMap<ProjectId, HashMap<String, Arc<str>>>>,
     metrics: OutboundMetrics,
 }
 
@@ -121,9 +122,14 @@ impl OutboundSink {
     }
 
     fn topic(&self, project: ProjectId, collection: &str) -> Result<Arc<str>, SinkError> {
-        let key = (project, collection.to_owned());
-        if let Some(topic) = self.topics.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(topic.clone());
+        let known = self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&project)
+            .and_then(|collections| collections.get(collection).cloned());
+        if let Some(topic) = known {
+            return Ok(topic);
         }
         let name = topic_name(
             &self
@@ -137,7 +143,9 @@ impl OutboundSink {
         self.topics
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, topic.clone());
+            .entry(project)
+            .or_default()
+            .insert(collection.to_owned(), topic.clone());
         Ok(topic)
     }
 

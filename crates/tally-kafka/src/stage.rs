@@ -12,6 +12,7 @@
 //! nothing is stored twice. Every `group_commit_interval_ms` (a second by default), the store's
 //! *durable* offsets are committed to the group, which standard tools read as the lag.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -121,7 +122,9 @@ fn run(
     let mut committed = PartitionPositions::new();
     while !stopped() {
         let mut events = Vec::new();
-        let mut positions = PartitionPositions::new();
+        // Next offset by partition of the log topic (the only one subscribed); keyed for the
+        // sink once per batch, not per record.
+        let mut offsets: BTreeMap<i32, u64> = BTreeMap::new();
         let mut generation = consumer.context().generation();
         // The first poll waits for a record; the rest take only what the client has already
         // fetched, so a batch is whatever is there (up to the cap) and never waits to fill.
@@ -139,7 +142,7 @@ fn run(
                 // The assignment changed while this batch was gathered: drop it (see the module
                 // documentation).
                 events.clear();
-                positions.clear();
+                offsets.clear();
                 generation = consumer.context().generation();
             }
             let Some(polled) = polled else { break };
@@ -160,10 +163,14 @@ fn run(
             ) {
                 events.push(event);
             }
-            positions.insert(partition_key(topic, partition), offset as u64 + 1);
+            offsets.insert(partition, offset as u64 + 1);
             started = true;
         }
-        if !positions.is_empty() {
+        if !offsets.is_empty() {
+            let positions: PartitionPositions = offsets
+                .iter()
+                .map(|(&partition, &next)| (partition_key(&config.log.topic, partition), next))
+                .collect();
             while let Err(e) = sink.write_partitioned(&events, &positions) {
                 metrics.sink_errors.inc();
                 tracing::error!(error = %e, "Kafka process stage: the store refused a batch; retrying it");

@@ -279,32 +279,31 @@ impl Tally {
             },
             ..StageConfig::default()
         };
-        let mut kafka_process = None;
-        let process = if let (true, true, Some(clients)) = (runs_process, kafka.log.enabled, &kafka_clients) {
-            let stage = KafkaStageConfig {
-                log: kafka.log.clone(),
-                max_batch_records: 10_000,
-                instance_id: Some(format!(
-                    "tally-{}",
-                    data_dir.node_id().map_err(StartError::Process)?
-                )),
-            };
-            kafka_process = Some(KafkaProcessStage::start(
-                clients,
-                stage,
-                sink,
-                enrichers.clone(),
-                &mut registry,
-            )?);
-            None
-        } else if runs_process {
-            Some(
-                ProcessStage::start(log.clone(), sink, enrichers.clone(), stage_config, &mut registry)
-                    .map_err(StartError::Process)?,
-            )
-        } else {
-            tracing::warn!("process stage disabled: events stay in the log until a stage runs");
-            None
+        // The stage reads Kafka when Kafka is the log, the embedded log otherwise.
+        let kafka_log_clients = kafka_clients.as_ref().filter(|_| kafka.log.enabled);
+        let (process, kafka_process) = match (runs_process, kafka_log_clients) {
+            (false, _) => {
+                tracing::warn!("process stage disabled: events stay in the log until a stage runs");
+                (None, None)
+            }
+            (true, Some(clients)) => {
+                let stage = KafkaStageConfig {
+                    log: kafka.log.clone(),
+                    max_batch_records: 10_000,
+                    instance_id: Some(format!(
+                        "tally-{}",
+                        data_dir.node_id().map_err(StartError::Process)?
+                    )),
+                };
+                let stage = KafkaProcessStage::start(clients, stage, sink, enrichers.clone(), &mut registry)?;
+                (None, Some(stage))
+            }
+            (true, None) => {
+                let stage =
+                    ProcessStage::start(log.clone(), sink, enrichers.clone(), stage_config, &mut registry)
+                        .map_err(StartError::Process)?;
+                (Some(stage), None)
+            }
         };
 
         let dedupe = Arc::new(Dedupe::new(config.ingest.uniqueness_window_days));
@@ -326,11 +325,11 @@ impl Tally {
             );
         }
 
-        let kafka_log = match (&kafka_clients, kafka.log.enabled) {
-            (Some(clients), true) => Some(Arc::new(
+        let kafka_log = match kafka_log_clients {
+            Some(clients) => Some(Arc::new(
                 KafkaEventLog::start(clients, &kafka.log, &mut registry).await?,
             )),
-            _ => None,
+            None => None,
         };
         let ingest_log: Arc<dyn EventLog> = match &kafka_log {
             Some(kafka_log) => kafka_log.clone(),
