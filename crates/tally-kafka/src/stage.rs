@@ -25,6 +25,7 @@ use tally_core::config::KafkaLogConfig;
 use tally_core::event::{EventSink, PartitionPositions, partition_key};
 use tally_core::worker::StoppableThread;
 use tally_process::Enrichers;
+use tally_process::enrich::EnrichMemo;
 use tally_process::stage::{StageMetrics, enrich_record};
 
 use crate::client::{KafkaClients, KafkaSetupError};
@@ -120,6 +121,7 @@ fn run(
     let stopped = || stop.load(Ordering::Acquire);
     let mut last_commit = Instant::now();
     let mut committed = PartitionPositions::new();
+    let mut memo = EnrichMemo::default();
     while !stopped() {
         let mut events = Vec::new();
         // Next offset by partition of the log topic (the only one subscribed); keyed for the
@@ -159,6 +161,7 @@ fn run(
                 &format_args!("{topic}/{partition}@{offset}"),
                 enrichers,
                 geo.as_deref(),
+                &mut memo,
                 metrics,
             ) {
                 events.push(event);

@@ -5,7 +5,9 @@
 //! (`tally_enrich_skipped_total{addon, reason}`). Without a GeoIP database `ip_to_geo` is skipped
 //! with reason `no_database`, and one warning says so.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -22,8 +24,8 @@ use tally_core::addons::AddonKind;
 use crate::access::EventAccess;
 use crate::datetime::parse_date_time;
 use crate::geo::{GeoDatabase, GeoIp, GeoLookup};
-use crate::referrer::ReferrerParser;
-use crate::urlparse::parse_url;
+use crate::referrer::{ReferrerParser, ReferrerSide};
+use crate::urlparse::url_json;
 use crate::useragent::UaParser;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,21 +130,24 @@ impl Enrichers {
         let Ok(raw) = serde_json::value::to_raw_value(&addons) else {
             return;
         };
-        self.enrich_with(event, &raw, geo);
+        self.enrich_with(event, &raw, geo, &mut EnrichMemo::default());
     }
 
     /// Applies `addons` (the raw JSON of a `keen.addons` list, already taken out of the event) in
-    /// order. The specs are read into borrowed structs, not a JSON tree.
-    pub fn enrich_with<E: EventAccess>(&self, event: &mut E, addons: &RawValue, geo: Option<&GeoDatabase>) {
-        let specs: Vec<Spec<'_>> = match serde_json::from_str(addons.get()) {
-            Ok(specs) => specs,
-            Err(_) => {
-                self.skip("unknown", SkipReason::InvalidSpec);
-                return;
-            }
+    /// order. `memo` is the calling thread's memory of recent add-on work.
+    pub fn enrich_with<E: EventAccess>(
+        &self,
+        event: &mut E,
+        addons: &RawValue,
+        geo: Option<&GeoDatabase>,
+        memo: &mut EnrichMemo,
+    ) {
+        let Some(specs) = memo.specs(addons.get()) else {
+            self.skip("unknown", SkipReason::InvalidSpec);
+            return;
         };
-        for spec in &specs {
-            self.apply(event, spec, geo);
+        for spec in specs.iter() {
+            self.apply(event, spec, geo, memo);
         }
     }
 
@@ -155,7 +160,13 @@ impl Enrichers {
             .inc();
     }
 
-    fn apply<E: EventAccess>(&self, event: &mut E, spec: &Spec<'_>, geo: Option<&GeoDatabase>) {
+    fn apply<E: EventAccess>(
+        &self,
+        event: &mut E,
+        spec: &Spec,
+        geo: Option<&GeoDatabase>,
+        memo: &mut EnrichMemo,
+    ) {
         let Some(kind) = AddonKind::from_name(&spec.name) else {
             self.skip("unknown", SkipReason::InvalidSpec);
             return;
@@ -167,17 +178,18 @@ impl Enrichers {
                 .and_then(|ua| self.ua.parse_json(&ua).map_err(|_| SkipReason::Unparseable))
                 .map(Output::Json),
             AddonKind::UrlParser => read_str(event, input.url.as_deref())
-                .and_then(|url| parse_url(&url).ok_or(SkipReason::Unparseable))
-                .map(Output::Value),
+                .and_then(|url| memo.url(&url).and_then(url_json).ok_or(SkipReason::Unparseable))
+                .map(Output::Json),
             AddonKind::ReferrerParser => read_str(event, input.referrer_url.as_deref())
-                .map(Cow::into_owned)
                 .and_then(|referrer| {
-                    let page = read_str(event, input.page_url.as_deref())?;
-                    self.referrer
-                        .parse(&referrer, &page)
+                    memo.referrer_side(&self.referrer, &referrer)
                         .ok_or(SkipReason::Unparseable)
                 })
-                .map(Output::Value),
+                .and_then(|side| {
+                    let page = read_str(event, input.page_url.as_deref())?;
+                    Ok(self.referrer.classify(&side, memo.url(&page)))
+                })
+                .map(Output::Json),
             AddonKind::DateTimeParser => read_str(event, input.date_time.as_deref())
                 .and_then(|text| parse_date_time(&text).ok_or(SkipReason::Unparseable))
                 .map(Output::Value),
@@ -221,35 +233,92 @@ impl Enrichers {
     }
 }
 
-/// One add-on spec, borrowed from the log record. Ingest checked it; unknown input keys are
+/// One add-on spec as read from a log record. Ingest checked it; unknown input keys are
 /// ignored.
 #[derive(Debug, Deserialize)]
-pub struct Spec<'a> {
-    #[serde(borrow)]
-    name: Cow<'a, str>,
-    #[serde(borrow, default)]
-    input: Inputs<'a>,
-    #[serde(borrow)]
-    output: Cow<'a, str>,
+pub struct Spec {
+    name: String,
+    #[serde(default)]
+    input: Inputs,
+    output: String,
 }
 
 /// The input keys of all add-ons.
 #[derive(Debug, Default, Deserialize)]
-struct Inputs<'a> {
-    #[serde(borrow, default)]
-    ip: Option<Cow<'a, str>>,
+struct Inputs {
+    #[serde(default)]
+    ip: Option<String>,
     #[serde(default)]
     remove_ip_property: Option<bool>,
-    #[serde(borrow, default)]
-    ua_string: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    url: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    referrer_url: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    page_url: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    date_time: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ua_string: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    referrer_url: Option<String>,
+    #[serde(default)]
+    page_url: Option<String>,
+    #[serde(default)]
+    date_time: Option<String>,
+}
+
+/// What one enrichment thread remembers between events, so that work repeated from event to
+/// event is done once. Each thread keeps its own (no locks, nothing shared); every part is
+/// bounded. Measured on `gen_events.py --addons` events, parsing each event's add-on list was
+/// an eighth of the stage's time and URL parsing (three per event: page for `url_parser`, page
+/// and referrer for `referrer_parser`) about a tenth.
+#[derive(Debug, Default)]
+pub struct EnrichMemo {
+    /// Recently seen `keen.addons` lists, as text, with their parsed specs: an application
+    /// sends the same list with every event, so this is almost always a hit.
+    specs: Vec<(Box<str>, Arc<[Spec]>)>,
+    /// The last URL parsed (its trimmed text): `url_parser` and `referrer_parser` usually read
+    /// the same page URL one after the other.
+    last_url: Option<(String, Option<url::Url>)>,
+    /// What each recent referrer URL says on its own (`None`: not a URL with a host).
+    referrers: HashMap<Box<str>, Option<ReferrerSide>>,
+}
+
+impl EnrichMemo {
+    /// How many add-on lists are remembered.
+    const SPEC_LISTS: usize = 16;
+    /// How many referrers are remembered before the memory starts again.
+    const REFERRERS: usize = 4096;
+
+    /// The parsed specs of the add-on list `text`; `None` if it is not a list of specs.
+    fn specs(&mut self, text: &str) -> Option<Arc<[Spec]>> {
+        if let Some((_, specs)) = self.specs.iter().find(|(seen, _)| **seen == *text) {
+            return Some(specs.clone());
+        }
+        let specs: Arc<[Spec]> = serde_json::from_str::<Vec<Spec>>(text).ok()?.into();
+        if self.specs.len() == Self::SPEC_LISTS {
+            self.specs.remove(0);
+        }
+        self.specs.push((text.into(), specs.clone()));
+        Some(specs)
+    }
+
+    /// `text` parsed as a URL (trimmed), reusing the last parse when it is the same text.
+    fn url(&mut self, text: &str) -> Option<&url::Url> {
+        let text = text.trim();
+        if self.last_url.as_ref().is_none_or(|(seen, _)| seen != text) {
+            self.last_url = Some((text.to_owned(), url::Url::parse(text).ok()));
+        }
+        self.last_url.as_ref().and_then(|(_, parsed)| parsed.as_ref())
+    }
+
+    /// What the referrer URL `text` says on its own, remembered.
+    fn referrer_side(&mut self, parser: &ReferrerParser, text: &str) -> Option<ReferrerSide> {
+        if let Some(side) = self.referrers.get(text) {
+            return side.clone();
+        }
+        if self.referrers.len() >= Self::REFERRERS {
+            self.referrers.clear();
+        }
+        let side = parser.referrer_side(text);
+        self.referrers.insert(text.into(), side.clone());
+        side
+    }
 }
 
 /// What an add-on made: a value, or JSON text shared with a cache.
@@ -261,4 +330,67 @@ enum Output {
 /// The string property an add-on input names.
 fn read_str<'e, E: EventAccess>(event: &'e mut E, path: Option<&str>) -> Result<Cow<'e, str>, SkipReason> {
     event.get_str(path.ok_or(SkipReason::InvalidSpec)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// What a thread remembers must never change an event's result: every event enriched with
+    /// one memo kept across all of them equals the same event enriched with a fresh memo. The
+    /// events alternate pages and referrers (so the last-URL memory misses and hits), use more
+    /// add-on lists than are remembered (so lists are forgotten and parsed again), and include
+    /// referrers that are not URLs.
+    #[test]
+    fn memoised_enrichment_equals_fresh_enrichment() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/testdata/geoip/GeoIP2-City-Test.mmdb");
+        let enrichers = Enrichers::new(GeoIp::open(vec![path]).unwrap(), &mut Registry::default());
+        let geo = enrichers.geo().current();
+        let pages = [
+            "https://shop.example.com/a?utm_source=news&x=1",
+            "https://shop.example.com/b?gclid=abc",
+            "http://other.example/p#frag",
+            "not a url",
+        ];
+        let referrers = [
+            "https://www.google.com/search?q=event+analytics",
+            "https://t.co/abc123",
+            "https://shop.example.com/docs",
+            "",
+            "garbage",
+            "https://mail.google.com/mail/u/0/",
+        ];
+        let mut memo = EnrichMemo::default();
+        for i in 0..200usize {
+            let list = i % (EnrichMemo::SPEC_LISTS + 4);
+            let addons = json!([
+                {"name": "keen:ip_to_geo", "input": {"ip": "ip"}, "output": format!("geo{list}")},
+                {"name": "keen:url_parser", "input": {"url": "page.url"}, "output": "parsed_page"},
+                {"name": "keen:referrer_parser",
+                 "input": {"referrer_url": "referrer", "page_url": "page.url"}, "output": "info"},
+                {"name": "keen:url_parser", "input": {"url": "referrer"}, "output": "parsed_referrer"},
+            ]);
+            let event = json!({
+                "ip": "81.2.69.142",
+                "page": {"url": pages[i % pages.len()]},
+                "referrer": referrers[i % referrers.len()],
+            });
+            let raw = serde_json::value::to_raw_value(&addons).unwrap();
+            let mut memoised = event.as_object().unwrap().clone();
+            enrichers.enrich_with(&mut memoised, &raw, geo.as_deref(), &mut memo);
+            let mut fresh = event.as_object().unwrap().clone();
+            enrichers.enrich_with(&mut fresh, &raw, geo.as_deref(), &mut EnrichMemo::default());
+            assert_eq!(memoised, fresh, "event {i}");
+            assert!(
+                memoised.contains_key(&format!("geo{list}")),
+                "event {i}: {memoised:?}"
+            );
+        }
+        assert!(memo.specs.len() <= EnrichMemo::SPEC_LISTS);
+    }
 }

@@ -19,6 +19,8 @@ use std::time::SystemTime;
 use maxminddb::{Reader, WithinOptions};
 use serde::Deserialize;
 
+use crate::jsontext::ObjectWriter;
+
 /// Why a database could not be used.
 #[derive(Debug, thiserror::Error)]
 #[error("GeoIP database {path}: {reason}")]
@@ -177,50 +179,6 @@ fn english<'a>(names: Option<Names<'a>>) -> Option<&'a str> {
     names.and_then(|n| n.en)
 }
 
-/// Writes a JSON object member by member.
-struct ObjectWriter {
-    out: Vec<u8>,
-}
-
-impl ObjectWriter {
-    fn new() -> Self {
-        let mut out = Vec::with_capacity(192);
-        out.push(b'{');
-        Self { out }
-    }
-
-    fn key(&mut self, key: &str) {
-        if self.out.len() > 1 {
-            self.out.push(b',');
-        }
-        self.out.push(b'"');
-        self.out.extend_from_slice(key.as_bytes());
-        self.out.extend_from_slice(b"\":");
-    }
-
-    /// A string member, left out when the value is missing or empty.
-    fn string(&mut self, key: &str, value: Option<&str>) {
-        if let Some(value) = value.filter(|v| !v.is_empty()) {
-            self.key(key);
-            serde_json::to_writer(&mut self.out, value).expect("a string serialises");
-        }
-    }
-
-    fn coordinates(&mut self, lon: f64, lat: f64) {
-        self.key("coordinates");
-        self.out.push(b'[');
-        serde_json::to_writer(&mut self.out, &lon).expect("a number serialises");
-        self.out.push(b',');
-        serde_json::to_writer(&mut self.out, &lat).expect("a number serialises");
-        self.out.push(b']');
-    }
-
-    fn finish(mut self) -> Arc<str> {
-        self.out.push(b'}');
-        String::from_utf8(self.out).expect("JSON text is UTF-8").into()
-    }
-}
-
 fn decode(db: &OneDatabase, ip: IpAddr) -> Result<Option<Arc<str>>, maxminddb::MaxMindDbError> {
     let result = db.reader.lookup(ip)?;
     if !result.has_data() {
@@ -232,8 +190,8 @@ fn decode(db: &OneDatabase, ip: IpAddr) -> Result<Option<Arc<str>>, maxminddb::M
             let Some(record) = result.decode::<MaxMindCity>()? else {
                 return Ok(None);
             };
-            out.string("city", record.city.and_then(|c| english(c.names)));
-            out.string(
+            out.string_if_any("city", record.city.and_then(|c| english(c.names)));
+            out.string_if_any(
                 "province",
                 record
                     .subdivisions
@@ -243,25 +201,25 @@ fn decode(db: &OneDatabase, ip: IpAddr) -> Result<Option<Arc<str>>, maxminddb::M
             let (code, name) = record
                 .country
                 .map_or((None, None), |c| (c.iso_code, english(c.names)));
-            out.string("country", name);
-            out.string("country_code", code);
-            out.string("continent", record.continent.and_then(|c| english(c.names)));
-            out.string("postal_code", record.postal.and_then(|p| p.code));
+            out.string_if_any("country", name);
+            out.string_if_any("country_code", code);
+            out.string_if_any("continent", record.continent.and_then(|c| english(c.names)));
+            out.string_if_any("postal_code", record.postal.and_then(|p| p.code));
             record.location.map(|l| (l.longitude, l.latitude))
         }
         Layout::DbIpFlat => {
             let Some(record) = result.decode::<DbIpCity>()? else {
                 return Ok(None);
             };
-            out.string("city", record.city);
-            out.string("province", record.state1);
-            out.string("country_code", record.country_code);
-            out.string("postal_code", record.postcode);
+            out.string_if_any("city", record.city);
+            out.string_if_any("province", record.state1);
+            out.string_if_any("country_code", record.country_code);
+            out.string_if_any("postal_code", record.postcode);
             Some((record.longitude, record.latitude))
         }
     };
     if let Some((Some(lon), Some(lat))) = coordinates {
-        out.coordinates(lon, lat);
+        out.pair("coordinates", lon, lat);
     }
     Ok(Some(out.finish()))
 }

@@ -13,6 +13,7 @@ pub mod access;
 pub mod datetime;
 pub mod enrich;
 pub mod geo;
+mod jsontext;
 pub mod path;
 pub mod referrer;
 pub mod sink;

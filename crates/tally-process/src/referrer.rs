@@ -6,10 +6,12 @@
 //! search `term` from the engine's query parameter), and `UNKNOWN` for any other site.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
+
+use crate::jsontext::ObjectWriter;
 
 static DATABASE: &str = include_str!("../data/referers.json");
 
@@ -113,20 +115,47 @@ impl ReferrerParser {
     /// traffic sends an empty referrer); the page URL is only used to recognise internal and paid
     /// traffic, so a bad one does not prevent a result.
     pub fn parse(&self, referrer: &str, page: &str) -> Option<Value> {
-        let referrer = url::Url::parse(referrer.trim()).ok()?;
-        let referrer_host = referrer.host_str()?.to_ascii_lowercase();
+        let side = self.referrer_side(referrer)?;
         let page = url::Url::parse(page.trim()).ok();
-        let strip_www = |h: &str| h.strip_prefix("www.").unwrap_or(h).to_string();
+        let json = self.classify(&side, page.as_ref());
+        Some(serde_json::from_str(&json).expect("classify writes valid JSON"))
+    }
 
-        let page_host = page
-            .as_ref()
-            .and_then(|p| p.host_str())
-            .map(str::to_ascii_lowercase);
-        if page_host.is_some_and(|host| strip_www(&host) == strip_www(&referrer_host)) {
-            return Some(json!({"medium": "INTERNAL", "source": null, "term": null}));
+    /// What the referrer URL alone says: everything about a visit except what the page URL
+    /// changes. `None` when it is not an absolute URL with a host. This is the part worth
+    /// remembering per referrer ([`crate::enrich::EnrichMemo`]): a site's visits come from a few
+    /// referrers again and again.
+    pub fn referrer_side(&self, referrer: &str) -> Option<ReferrerSide> {
+        let referrer = url::Url::parse(referrer.trim()).ok()?;
+        let host = referrer.host_str()?.to_ascii_lowercase();
+        let known = self.lookup(&host, referrer.path()).map(|known| {
+            let term = (known.medium == "SEARCH")
+                .then(|| {
+                    referrer
+                        .query_pairs()
+                        .find(|(name, _)| known.parameters.iter().any(|p| p == name))
+                        .map(|(_, value)| value.into_owned())
+                })
+                .flatten();
+            KnownReferrer {
+                medium: known.medium,
+                source: known.source.clone(),
+                term,
+            }
+        });
+        Some(ReferrerSide { host, known })
+    }
+
+    /// The add-on's output, as JSON text, for a referrer seen on `page` (if the page URL parsed).
+    pub fn classify(&self, side: &ReferrerSide, page: Option<&url::Url>) -> Arc<str> {
+        let mut out = ObjectWriter::new();
+        let strip_www = |h: &str| h.strip_prefix("www.").unwrap_or(h).to_string();
+        let page_host = page.and_then(|p| p.host_str()).map(str::to_ascii_lowercase);
+        if page_host.is_some_and(|host| strip_www(&host) == strip_www(&side.host)) {
+            return medium_only(out, "INTERNAL");
         }
-        let known = self.lookup(&referrer_host, referrer.path());
-        if let Some(page) = &page {
+        let known = side.known.as_ref();
+        if let Some(page) = page {
             let mut utm_source = None;
             let mut paid = false;
             for (name, value) in page.query_pairs() {
@@ -135,36 +164,61 @@ impl ReferrerParser {
                 if AD_CLICK_IDS.contains(&name.as_ref()) || paid_medium {
                     paid = true;
                 } else if name == "utm_source" {
-                    utm_source = Some(value.into_owned());
+                    utm_source = Some(value);
                 }
             }
             if paid {
                 let source = known
-                    .map(|k| k.source.clone())
-                    .or(utm_source)
-                    .unwrap_or(referrer_host);
-                return Some(json!({"medium": "PAID", "source": source, "term": null}));
+                    .map(|k| k.source.as_str())
+                    .or(utm_source.as_deref())
+                    .unwrap_or(&side.host);
+                out.string("medium", "PAID");
+                out.string("source", source);
+                out.string_or_null("term", None);
+                return out.finish();
             }
         }
-        Some(match known {
+        match known {
             Some(known) => {
-                let term = (known.medium == "SEARCH")
-                    .then(|| {
-                        referrer
-                            .query_pairs()
-                            .find(|(name, _)| known.parameters.iter().any(|p| p == name))
-                            .map(|(_, value)| value.into_owned())
-                    })
-                    .flatten();
-                json!({"medium": known.medium, "source": known.source, "term": term})
+                out.string("medium", known.medium);
+                out.string("source", &known.source);
+                out.string_or_null("term", known.term.as_deref());
+                out.finish()
             }
-            None => json!({"medium": "UNKNOWN", "source": null, "term": null}),
-        })
+            None => medium_only(out, "UNKNOWN"),
+        }
     }
+}
+
+/// `{"medium": medium, "source": null, "term": null}`.
+fn medium_only(mut out: ObjectWriter, medium: &str) -> Arc<str> {
+    out.string("medium", medium);
+    out.string_or_null("source", None);
+    out.string_or_null("term", None);
+    out.finish()
+}
+
+/// What a referrer URL says on its own ([`ReferrerParser::referrer_side`]).
+#[derive(Debug, Clone)]
+pub struct ReferrerSide {
+    /// The referrer's host, lower case: compared with the page's to recognise internal visits.
+    host: String,
+    /// The referer database's entry for it, if any.
+    known: Option<KnownReferrer>,
+}
+
+#[derive(Debug, Clone)]
+struct KnownReferrer {
+    medium: &'static str,
+    source: String,
+    /// The search term, for search engines whose query parameter the referrer carries.
+    term: Option<String>,
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

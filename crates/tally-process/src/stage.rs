@@ -22,7 +22,7 @@ use tally_ingest::EmbeddedEventLog;
 use tally_ingest::log::LogEntry;
 
 use crate::access::RawEvent;
-use crate::enrich::Enrichers;
+use crate::enrich::{EnrichMemo, Enrichers};
 use crate::geo::GeoDatabase;
 
 /// Settings of the process stage.
@@ -248,13 +248,16 @@ impl WorkerPool {
                     .name(format!("tally-enrich-{i}"))
                     .spawn(move || {
                         lower_priority(config_niceness);
+                        let mut memo = EnrichMemo::default();
                         while let Ok(work) = receiver.recv() {
                             match work {
                                 Work::Enrich(entries, reply) => {
                                     let geo = enrichers.geo().current();
                                     let events = entries
                                         .iter()
-                                        .filter_map(|e| process_one(e, &enrichers, geo.as_deref(), &metrics))
+                                        .filter_map(|e| {
+                                            process_one(e, &enrichers, geo.as_deref(), &mut memo, &metrics)
+                                        })
                                         .collect();
                                     drop(entries);
                                     let _ = reply.send(events);
@@ -333,9 +336,10 @@ pub fn process_batch(
     metrics: &StageMetrics,
 ) -> Vec<EnrichedEvent> {
     let geo = enrichers.geo().current();
+    let mut memo = EnrichMemo::default();
     batch
         .iter()
-        .filter_map(|e| process_one(e, enrichers, geo.as_deref(), metrics))
+        .filter_map(|e| process_one(e, enrichers, geo.as_deref(), &mut memo, metrics))
         .collect()
 }
 
@@ -343,19 +347,22 @@ fn process_one(
     entry: &LogEntry,
     enrichers: &Enrichers,
     geo: Option<&GeoDatabase>,
+    memo: &mut EnrichMemo,
     metrics: &StageMetrics,
 ) -> Option<EnrichedEvent> {
-    enrich_record(&entry.payload, &entry.position, enrichers, geo, metrics)
+    enrich_record(&entry.payload, &entry.position, enrichers, geo, memo, metrics)
 }
 
 /// Decodes one log record and applies its add-ons: the work of the stage for one event,
 /// whichever log it came from. `at` names the record in the error logged for an undecodable
-/// one (which is counted and skipped).
+/// one (which is counted and skipped). `memo` is the calling thread's own (one per thread, kept
+/// from batch to batch).
 pub fn enrich_record(
     payload: &[u8],
     at: &dyn std::fmt::Display,
     enrichers: &Enrichers,
     geo: Option<&GeoDatabase>,
+    memo: &mut EnrichMemo,
     metrics: &StageMetrics,
 ) -> Option<EnrichedEvent> {
     let decoded = LoggedEvent::decode(payload)
@@ -377,7 +384,7 @@ pub fn enrich_record(
     // The stamped keen goes in first: add-ons may read it (date_time_parser on keen.timestamp).
     event.push_front_text("keen", keen.to_json());
     if let Some(addons) = addons {
-        enrichers.enrich_with(&mut event, addons, geo);
+        enrichers.enrich_with(&mut event, addons, geo, memo);
     }
     Some(EnrichedEvent {
         project: logged.project,
