@@ -23,7 +23,7 @@ use tally_core::addons::AddonKind;
 
 use crate::access::EventAccess;
 use crate::datetime::parse_date_time;
-use crate::geo::{GeoDatabase, GeoIp, GeoLookup};
+use crate::geo::{GeoDatabase, GeoIp, GeoLookup, GeoRecordCache};
 use crate::referrer::{ReferrerParser, ReferrerSide};
 use crate::urlparse::url_json;
 use crate::useragent::UaParser;
@@ -173,7 +173,9 @@ impl Enrichers {
         };
         let input = &spec.input;
         let outcome = match kind {
-            AddonKind::IpToGeo => self.ip_to_geo(event, input.ip.as_deref(), geo).map(Output::Json),
+            AddonKind::IpToGeo => self
+                .ip_to_geo(event, input.ip.as_deref(), geo, &mut memo.geo)
+                .map(Output::Json),
             AddonKind::UaParser => read_str(event, input.ua_string.as_deref())
                 .and_then(|ua| self.ua.parse_json(&ua).map_err(|_| SkipReason::Unparseable))
                 .map(Output::Json),
@@ -215,6 +217,7 @@ impl Enrichers {
         event: &mut E,
         ip_path: Option<&str>,
         geo: Option<&GeoDatabase>,
+        cache: &mut GeoRecordCache,
     ) -> Result<std::sync::Arc<str>, SkipReason> {
         let text = read_str(event, ip_path)?;
         let ip: IpAddr = text.trim().parse().map_err(|_| SkipReason::Unparseable)?;
@@ -226,7 +229,7 @@ impl Enrichers {
             }
             return Err(SkipReason::NoDatabase);
         };
-        match geo.lookup(ip) {
+        match geo.lookup_cached(ip, cache) {
             GeoLookup::Found(found) => Ok(found),
             GeoLookup::NotFound => Err(SkipReason::NotFound),
         }
@@ -265,8 +268,9 @@ struct Inputs {
 /// What one enrichment thread remembers between events, so that work repeated from event to
 /// event is done once. Each thread keeps its own (no locks, nothing shared); every part is
 /// bounded. Measured on `gen_events.py --addons` events, parsing each event's add-on list was
-/// an eighth of the stage's time and URL parsing (three per event: page for `url_parser`, page
-/// and referrer for `referrer_parser`) about a tenth.
+/// an eighth of the stage's time, URL parsing (three per event: page for `url_parser`, page and
+/// referrer for `referrer_parser`) about a tenth, and decoding GeoIP records that many addresses
+/// share most of `ip_to_geo`'s.
 #[derive(Debug, Default)]
 pub struct EnrichMemo {
     /// Recently seen `keen.addons` lists, as text, with their parsed specs: an application
@@ -277,6 +281,8 @@ pub struct EnrichMemo {
     last_url: Option<(String, Option<url::Url>)>,
     /// What each recent referrer URL says on its own (`None`: not a URL with a host).
     referrers: HashMap<Box<str>, Option<ReferrerSide>>,
+    /// Decoded GeoIP records (many addresses share a city's record).
+    geo: GeoRecordCache,
 }
 
 impl EnrichMemo {
