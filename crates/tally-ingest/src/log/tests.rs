@@ -212,3 +212,38 @@ async fn retention_and_the_unconsumed_bound() {
     assert_eq!(rest.len(), 1);
     assert_eq!(LoggedEvent::decode(&rest[0].payload).unwrap().created_at_ms, 99);
 }
+
+/// Groups are padded with zeros to a page boundary, and the next group starts where the data
+/// ends, not after the padding: appends of sizes that are not page multiples, one after another,
+/// read back contiguously, leave only zeros after the data, and reopen with nothing cut.
+#[tokio::test]
+async fn page_padding_never_leaves_gaps_or_garbage() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 64 * 1024,
+        ..LogConfig::default()
+    };
+    let log = open(dir.path(), config.clone());
+    let mut end = 0;
+    for n in 0..300 {
+        // 1 to 5 records per append: group sizes of every remainder modulo the page size.
+        let events: Vec<_> = (0..1 + n % 5).map(|k| event(n * 10 + k)).collect();
+        let next = log.append(&events).await.unwrap();
+        assert!(next > end);
+        end = next;
+    }
+    drop(log);
+    let expected: Vec<i64> = (0..300)
+        .flat_map(|n| (0..1 + n % 5).map(move |k| (n * 10 + k) as i64))
+        .collect();
+    assert_eq!(read_all(dir.path()), expected);
+    let last = list_segments(dir.path()).unwrap().into_iter().last().unwrap();
+    let file = File::open(segment_path(dir.path(), last)).unwrap();
+    let valid = frame::scan_valid_len(&file).unwrap();
+    let mut tail = vec![0u8; (file.metadata().unwrap().len() - valid) as usize];
+    file.read_exact_at(&mut tail, valid).unwrap();
+    assert!(tail.iter().all(|b| *b == 0), "non-zero bytes after the data");
+    let reopened = open(dir.path(), config);
+    assert_eq!(reopened.recovery().cut_bytes, 0);
+    assert_eq!(reopened.recovery().durable_end, end);
+}
