@@ -182,13 +182,15 @@ impl Enrichers {
             AddonKind::UrlParser => read_str(event, input.url.as_deref())
                 .and_then(|url| memo.url(&url).and_then(url_json).ok_or(SkipReason::Unparseable))
                 .map(Output::Json),
+            // Both inputs are read before either is parsed, so a missing page input is reported
+            // as such whatever the referrer holds.
             AddonKind::ReferrerParser => read_str(event, input.referrer_url.as_deref())
+                .map(Cow::into_owned)
                 .and_then(|referrer| {
-                    memo.referrer_side(&self.referrer, &referrer)
-                        .ok_or(SkipReason::Unparseable)
-                })
-                .and_then(|side| {
                     let page = read_str(event, input.page_url.as_deref())?;
+                    let side = memo
+                        .referrer_side(&self.referrer, &referrer)
+                        .ok_or(SkipReason::Unparseable)?;
                     Ok(self.referrer.classify(&side, memo.url(&page)))
                 })
                 .map(Output::Json),
@@ -290,6 +292,9 @@ impl EnrichMemo {
     const SPEC_LISTS: usize = 16;
     /// How many referrers are remembered before the memory starts again.
     const REFERRERS: usize = 4096;
+    /// Longer add-on lists and referrer URLs are worked out every time, not remembered, so the
+    /// memo stays within a few megabytes whatever events hold (an event may be 900 KB).
+    const LONGEST_REMEMBERED: usize = 2048;
 
     /// The parsed specs of the add-on list `text`; `None` if it is not a list of specs.
     fn specs(&mut self, text: &str) -> Option<Arc<[Spec]>> {
@@ -297,6 +302,9 @@ impl EnrichMemo {
             return Some(specs.clone());
         }
         let specs: Arc<[Spec]> = serde_json::from_str::<Vec<Spec>>(text).ok()?.into();
+        if text.len() > Self::LONGEST_REMEMBERED {
+            return Some(specs);
+        }
         if self.specs.len() == Self::SPEC_LISTS {
             self.specs.remove(0);
         }
@@ -313,8 +321,12 @@ impl EnrichMemo {
         self.last_url.as_ref().and_then(|(_, parsed)| parsed.as_ref())
     }
 
-    /// What the referrer URL `text` says on its own, remembered.
+    /// What the referrer URL `text` says on its own, remembered unless the text is long (event
+    /// data is untrusted: entries are bounded in size as well as in number).
     fn referrer_side(&mut self, parser: &ReferrerParser, text: &str) -> Option<ReferrerSide> {
+        if text.len() > Self::LONGEST_REMEMBERED {
+            return parser.referrer_side(text);
+        }
         if let Some(side) = self.referrers.get(text) {
             return side.clone();
         }
@@ -398,5 +410,43 @@ mod tests {
             );
         }
         assert!(memo.specs.len() <= EnrichMemo::SPEC_LISTS);
+        assert!(!memo.referrers.is_empty());
+        // A long referrer is classified but not remembered.
+        let long = format!(
+            "https://www.google.com/search?q={}",
+            "a".repeat(EnrichMemo::LONGEST_REMEMBERED)
+        );
+        let before = memo.referrers.len();
+        assert!(memo.referrer_side(&enrichers.referrer, &long).is_some());
+        assert_eq!(memo.referrers.len(), before);
+    }
+}
+
+#[cfg(test)]
+mod skip_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// `referrer_parser` reads both inputs before parsing either: with no page input, the skip
+    /// is `missing_input` even when the referrer is not a URL (direct traffic's empty referrer).
+    #[test]
+    fn a_missing_page_input_is_missing_whatever_the_referrer() {
+        let enrichers = Enrichers::new(GeoIp::none(), &mut Registry::default());
+        let addons = json!([{"name": "keen:referrer_parser",
+                             "input": {"referrer_url": "ref", "page_url": "page"}, "output": "info"}]);
+        let raw = serde_json::value::to_raw_value(&addons).unwrap();
+        let mut event = json!({"ref": ""}).as_object().unwrap().clone();
+        enrichers.enrich_with(&mut event, &raw, None, &mut EnrichMemo::default());
+        let count = |reason| {
+            enrichers
+                .skipped
+                .get_or_create(&SkipLabels {
+                    addon: "keen:referrer_parser",
+                    reason,
+                })
+                .get()
+        };
+        assert_eq!((count("missing_input"), count("unparseable")), (1, 0));
     }
 }
