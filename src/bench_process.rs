@@ -118,19 +118,19 @@ pub fn run(args: ProcessArgs) -> anyhow::Result<()> {
     // first (the cold cost, not a warmed cache).
     let started = Instant::now();
     let mut lookups = 0u64;
-    let mut records_decoded = 0usize;
+    let mut cached_at_end = 0usize;
     while !args.skip_lookups && started.elapsed() < Duration::from_secs(3) {
         let mut cache = GeoRecordCache::default();
         for ip in &ips {
             std::hint::black_box(database.lookup_cached(*ip, &mut cache));
         }
-        records_decoded = cache.len();
+        cached_at_end = cache.len();
         lookups += ips.len() as u64;
     }
     println!(
         "ip_to_geo lookups with the stage's record cache, emptied every pass, 1 thread: {:.0}/s ({} records cached at the end of a pass)",
         lookups as f64 / started.elapsed().as_secs_f64(),
-        records_decoded
+        cached_at_end
     );
 
     let enrichers = Arc::new(Enrichers::new(geo, &mut Registry::default()));

@@ -281,8 +281,9 @@ pub struct EnrichMemo {
     /// The last URL parsed (its trimmed text): `url_parser` and `referrer_parser` usually read
     /// the same page URL one after the other.
     last_url: Option<(String, Option<url::Url>)>,
-    /// What each recent referrer URL says on its own (`None`: not a URL with a host).
-    referrers: HashMap<Box<str>, Option<ReferrerSide>>,
+    /// What each recent referrer URL says on its own (`None`: not a URL with a host), shared
+    /// so that a hit copies nothing.
+    referrers: HashMap<Box<str>, Option<Arc<ReferrerSide>>>,
     /// Decoded GeoIP records (many addresses share a city's record).
     geo: GeoRecordCache,
 }
@@ -323,9 +324,9 @@ impl EnrichMemo {
 
     /// What the referrer URL `text` says on its own, remembered unless the text is long (event
     /// data is untrusted: entries are bounded in size as well as in number).
-    fn referrer_side(&mut self, parser: &ReferrerParser, text: &str) -> Option<ReferrerSide> {
+    fn referrer_side(&mut self, parser: &ReferrerParser, text: &str) -> Option<Arc<ReferrerSide>> {
         if text.len() > Self::LONGEST_REMEMBERED {
-            return parser.referrer_side(text);
+            return parser.referrer_side(text).map(Arc::new);
         }
         if let Some(side) = self.referrers.get(text) {
             return side.clone();
@@ -333,7 +334,7 @@ impl EnrichMemo {
         if self.referrers.len() >= Self::REFERRERS {
             self.referrers.clear();
         }
-        let side = parser.referrer_side(text);
+        let side = parser.referrer_side(text).map(Arc::new);
         self.referrers.insert(text.into(), side.clone());
         side
     }
