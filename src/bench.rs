@@ -10,7 +10,17 @@
 //! * `single@half`, `batch@half`: the same at half the rate the closed-loop phase reached, paced
 //!   open-loop so latency is measured from when each request was due (no coordinated omission).
 //!
+//! `--phases` chooses, orders and repeats them (default `ping,single,single-half,batch,
+//! batch-half`); the single/ping ratio is taken over every single and ping phase, so
+//! interleaving them evens out a machine whose speed drifts.
+//!
 //! Every request is checked: a non-2xx answer counts as an error, and errors are printed.
+//! Around each phase the bench reads the server's `/metrics`, and prints per phase: CPU time per
+//! request of the server (`process_cpu_seconds_total`) and of the bench itself (steadier on a
+//! shared machine than a rate), the process stage's backlog at the start and end, the log's
+//! syncs, slow group commits and segment rolls; then the stalls (requests of 10 ms or more,
+//! grouped into episodes by when they were due, with the phase's wall-clock start to find them
+//! in the server's debug log).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,6 +72,75 @@ pub struct IngestArgs {
     /// Run only the closed-loop single-event phase (for profiling).
     #[arg(long)]
     only_single: bool,
+    /// The phases to run, in order, comma-separated: ping, single, single-half, batch,
+    /// batch-half. A half-rate phase paces itself at half the rate of the last closed-loop phase
+    /// of its kind. Repeating ping and single (`ping,single,ping,single`) evens out a machine
+    /// whose speed drifts; the single/ping ratio is taken over all of them.
+    #[arg(long, default_value = "ping,single,single-half,batch,batch-half")]
+    phases: String,
+}
+
+/// The kinds of phase (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PhaseKind {
+    Ping,
+    Single,
+    SingleHalf,
+    Batch,
+    BatchHalf,
+}
+
+impl PhaseKind {
+    const ALL: [PhaseKind; 5] = [
+        PhaseKind::Ping,
+        PhaseKind::Single,
+        PhaseKind::SingleHalf,
+        PhaseKind::Batch,
+        PhaseKind::BatchHalf,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            PhaseKind::Ping => "ping",
+            PhaseKind::Single => "single",
+            PhaseKind::SingleHalf => "single-half",
+            PhaseKind::Batch => "batch",
+            PhaseKind::BatchHalf => "batch-half",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            PhaseKind::Ping => "ping (204, no log)",
+            PhaseKind::Single => "single event POST",
+            PhaseKind::SingleHalf => "single @ half max rate",
+            PhaseKind::Batch => "batch POST (500)",
+            PhaseKind::BatchHalf => "batch @ half max rate",
+        }
+    }
+
+    /// The closed-loop phase whose rate a paced phase halves.
+    fn closed_loop_of(self) -> Option<PhaseKind> {
+        match self {
+            PhaseKind::SingleHalf => Some(PhaseKind::Single),
+            PhaseKind::BatchHalf => Some(PhaseKind::Batch),
+            _ => None,
+        }
+    }
+
+    fn parse_list(list: &str) -> anyhow::Result<Vec<PhaseKind>> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(|name| {
+                Self::ALL.into_iter().find(|k| k.name() == name).with_context(|| {
+                    format!(
+                        "unknown phase {name:?}; the phases are ping, single, single-half, batch, batch-half"
+                    )
+                })
+            })
+            .collect()
+    }
 }
 
 /// One request to send: path and body; `events` is how many events it carries.
@@ -79,7 +158,15 @@ struct PhaseResult {
     errors: u64,
     elapsed: Duration,
     latencies_us: Vec<u32>,
+    /// For each request slower than [`STALL_MS`]: when it was due (µs since the phase started)
+    /// and its latency (µs). Grouped into episodes by [`stall_episodes`].
+    slow: Vec<(u32, u32)>,
     first_error: Option<String>,
+    /// When the phase started, UTC milliseconds (to line stalls up with the server's log).
+    started_at_ms: i64,
+    /// The server as it was when the phase started and ended.
+    server_before: Option<ServerSample>,
+    server_after: Option<ServerSample>,
 }
 
 impl PhaseResult {
@@ -91,7 +178,11 @@ impl PhaseResult {
             errors: 0,
             elapsed: Duration::ZERO,
             latencies_us: Vec::new(),
+            slow: Vec::new(),
             first_error: None,
+            started_at_ms: 0,
+            server_before: None,
+            server_after: None,
         }
     }
 
@@ -177,6 +268,11 @@ fn load_jobs(args: &IngestArgs) -> anyhow::Result<(Vec<Job>, Vec<Job>, Vec<Job>)
 async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let (pings, singles, batches) = load_jobs(&args)?;
     let duration = Duration::from_secs_f64(args.seconds);
+    let phases = if args.only_single {
+        vec![PhaseKind::Single]
+    } else {
+        PhaseKind::parse_list(&args.phases)?
+    };
     println!(
         "tally bench ingest: {} connections, {:.0} s per phase, {} load-generator thread(s), {} single events, {} batches",
         args.connections,
@@ -185,71 +281,37 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         singles.len(),
         batches.len()
     );
-    let mut results = Vec::new();
-    let ping = if args.only_single {
-        None
-    } else {
-        Some(
-            phase(
-                &args,
-                "ping (204, no log)",
-                &pings,
-                args.connections,
-                duration,
-                None,
-            )
-            .await?,
-        )
+    let mut results: Vec<(PhaseKind, PhaseResult)> = Vec::new();
+    for kind in phases {
+        // A paced phase runs at half the rate its closed-loop phase reached last.
+        let rate = match kind.closed_loop_of() {
+            None => None,
+            Some(max) => {
+                let Some((_, last)) = results.iter().rev().find(|(k, _)| *k == max) else {
+                    anyhow::bail!("{} needs a {} phase before it", kind.name(), max.name());
+                };
+                Some(last.requests_per_sec() / 2.0)
+            }
+        };
+        let (jobs, connections) = match kind {
+            PhaseKind::Ping => (&pings, args.connections),
+            PhaseKind::Single | PhaseKind::SingleHalf => (&singles, args.connections),
+            PhaseKind::Batch | PhaseKind::BatchHalf => (&batches, args.connections.min(8)),
+        };
+        let result = phase(&args, kind.label(), jobs, connections, duration, rate).await?;
+        results.push((kind, result));
+    }
+    let rate_of = |kind: PhaseKind| {
+        let (requests, seconds) = results
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .fold((0u64, 0.0), |(n, t), (_, r)| {
+                (n + r.requests, t + r.elapsed.as_secs_f64())
+            });
+        (seconds > 0.0).then(|| requests as f64 / seconds)
     };
-    let single = phase(
-        &args,
-        "single event POST",
-        &singles,
-        args.connections,
-        duration,
-        None,
-    )
-    .await?;
-    let Some(ping) = ping else {
-        println!(
-            "single: {:.0} req/s, p99 {:.2} ms",
-            single.requests_per_sec(),
-            single.percentile_ms(99.0)
-        );
-        return Ok(());
-    };
-    let half_single = single.requests_per_sec() / 2.0;
-    let single_half = phase(
-        &args,
-        "single @ half max rate",
-        &singles,
-        args.connections,
-        duration,
-        Some(half_single),
-    )
-    .await?;
-    let batch_connections = args.connections.min(8);
-    let batch = phase(
-        &args,
-        "batch POST (500)",
-        &batches,
-        batch_connections,
-        duration,
-        None,
-    )
-    .await?;
-    let half_batch = batch.requests_per_sec() / 2.0;
-    let batch_half = phase(
-        &args,
-        "batch @ half max rate",
-        &batches,
-        batch_connections,
-        duration,
-        Some(half_batch),
-    )
-    .await?;
-    let single_vs_ping = single.requests_per_sec() / ping.requests_per_sec();
-    results.extend([ping, single, single_half, batch, batch_half]);
+    let single_vs_ping = rate_of(PhaseKind::Single).zip(rate_of(PhaseKind::Ping));
+    let results: Vec<PhaseResult> = results.into_iter().map(|(_, r)| r).collect();
 
     println!(
         "\n{:<26} {:>10} {:>12} {:>10} {:>10} {:>8}",
@@ -269,8 +331,209 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             println!("    first error: {e}");
         }
     }
-    println!("\nsingle-event rate / ping rate = {:.0}%", single_vs_ping * 100.0);
+    if let Some((single, ping)) = single_vs_ping {
+        println!(
+            "\nsingle-event rate / ping rate = {:.0}% ({single:.0} / {ping:.0} req/s, over all single and ping phases)",
+            single / ping * 100.0
+        );
+    }
+    println!(
+        "\nserver during each phase: CPU per request (server and this load generator), the stage's \
+         backlog (events accepted, not yet processed), the log's syncs and rolls:"
+    );
+    println!(
+        "{:<26} {:>11} {:>11} {:>14} {:>14} {:>10} {:>14} {:>18} {:>8} {:>13}",
+        "phase",
+        "server µs/r",
+        "bench µs/r",
+        "backlog start",
+        "backlog end",
+        "fsyncs",
+        "fsync mean ms",
+        "commits > 12.8 ms",
+        "rolls",
+        "roll mean ms"
+    );
+    for r in &results {
+        let (Some(before), Some(after)) = (&r.server_before, &r.server_after) else {
+            println!("{:<26} (metrics unavailable)", r.name);
+            continue;
+        };
+        let syncs = after.fsyncs - before.fsyncs;
+        let mean_ms = if syncs > 0.0 {
+            (after.fsync_seconds - before.fsync_seconds) / syncs * 1000.0
+        } else {
+            f64::NAN
+        };
+        let slow_commits = (after.commits - after.commits_fast) - (before.commits - before.commits_fast);
+        let rolls = after.rolls - before.rolls;
+        let roll_ms = if rolls > 0.0 {
+            (after.roll_seconds - before.roll_seconds) / rolls * 1000.0
+        } else {
+            f64::NAN
+        };
+        let per_request = |seconds: f64| seconds / r.requests.max(1) as f64 * 1e6;
+        println!(
+            "{:<26} {:>11.1} {:>11.1} {:>14.0} {:>14.0} {:>10.0} {:>14.3} {:>18.0} {:>8.0} {:>13.2}",
+            r.name,
+            per_request(after.cpu_seconds - before.cpu_seconds),
+            per_request(after.bench_cpu_seconds - before.bench_cpu_seconds),
+            before.backlog(),
+            after.backlog(),
+            syncs,
+            mean_ms,
+            slow_commits,
+            rolls,
+            roll_ms
+        );
+    }
+    println!(
+        "\nstalls: requests of {STALL_MS} ms or more, grouped by when they were due (a gap of {EPISODE_GAP_MS} ms or more starts a new episode)"
+    );
+    for r in &results {
+        let episodes = stall_episodes(&r.slow);
+        let slow: usize = episodes.iter().map(|e| e.requests).sum();
+        println!(
+            "{:<26} {slow} slow of {} requests, {} episodes (phase started {})",
+            r.name,
+            r.latencies_us.len(),
+            episodes.len(),
+            tally_core::time::format_timestamp_ms(r.started_at_ms)
+        );
+        let mut worst = episodes;
+        worst.sort_by_key(|e| std::cmp::Reverse(e.requests));
+        for e in worst.iter().take(5) {
+            println!(
+                "    at {:>7.3} s for {:>6.1} ms: {:>5} requests, worst {:>7.1} ms",
+                f64::from(e.first_due_us) / 1e6,
+                f64::from(e.last_due_us - e.first_due_us) / 1e3,
+                e.requests,
+                f64::from(e.worst_us) / 1e3
+            );
+        }
+    }
     Ok(())
+}
+
+/// A request at least this slow (ms) counts as stalled in the stall report.
+const STALL_MS: u32 = 10;
+/// Slow requests due this close together (ms) belong to one episode.
+const EPISODE_GAP_MS: u32 = 50;
+
+/// Slow requests due close together: one stall of the server, as the clients saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct StallEpisode {
+    first_due_us: u32,
+    last_due_us: u32,
+    requests: usize,
+    worst_us: u32,
+}
+
+/// Groups slow requests `(due µs, latency µs)` into episodes: sorted by due time, a gap of
+/// [`EPISODE_GAP_MS`] or more between consecutive ones starts a new episode.
+fn stall_episodes(slow: &[(u32, u32)]) -> Vec<StallEpisode> {
+    let mut sorted = slow.to_vec();
+    sorted.sort_unstable();
+    let mut episodes: Vec<StallEpisode> = Vec::new();
+    for (due, latency) in sorted {
+        match episodes.last_mut() {
+            Some(e) if due - e.last_due_us < EPISODE_GAP_MS * 1000 => {
+                e.last_due_us = due;
+                e.requests += 1;
+                e.worst_us = e.worst_us.max(latency);
+            }
+            _ => episodes.push(StallEpisode {
+                first_due_us: due,
+                last_due_us: due,
+                requests: 1,
+                worst_us: latency,
+            }),
+        }
+    }
+    episodes
+}
+
+/// What the bench reads from the server's `/metrics` around each phase.
+#[derive(Debug, Clone, Default)]
+struct ServerSample {
+    accepted: f64,
+    processed: f64,
+    fsyncs: f64,
+    fsync_seconds: f64,
+    /// The server's CPU time so far (`process_cpu_seconds_total`).
+    cpu_seconds: f64,
+    /// The bench's own CPU time when the sample was taken.
+    bench_cpu_seconds: f64,
+    /// Group commits, and those that took at most [`SLOW_COMMIT_BUCKET`] seconds.
+    commits: f64,
+    commits_fast: f64,
+    rolls: f64,
+    roll_seconds: f64,
+}
+
+/// The `tally_log_group_commit_seconds` bucket bound the bench counts slow commits above.
+const SLOW_COMMIT_BUCKET: f64 = 0.0128;
+
+impl ServerSample {
+    /// Events accepted but not yet through the process stage.
+    fn backlog(&self) -> f64 {
+        (self.accepted - self.processed).max(0.0)
+    }
+
+    /// Reads `/metrics`; `None` if the server does not answer (the bench goes on without it).
+    async fn fetch(addr: &str) -> Option<Self> {
+        let text = fetch_text(addr, "/metrics").await.ok()?;
+        Some(Self {
+            bench_cpu_seconds: tally_core::worker::process_cpu_seconds(),
+            ..Self::parse(&text)
+        })
+    }
+
+    fn parse(text: &str) -> Self {
+        let mut sample = Self::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            if let Some(le) = name
+                .strip_prefix("tally_log_group_commit_seconds_bucket{le=\"")
+                .and_then(|rest| rest.strip_suffix("\"}"))
+                .and_then(|le| le.parse::<f64>().ok())
+            {
+                if (le - SLOW_COMMIT_BUCKET).abs() < 1e-9 {
+                    sample.commits_fast = value;
+                }
+                continue;
+            }
+            match name {
+                "process_cpu_seconds_total" => sample.cpu_seconds = value,
+                "tally_log_group_commit_seconds_count" => sample.commits = value,
+                "tally_log_roll_seconds_count" => sample.rolls = value,
+                "tally_log_roll_seconds_sum" => sample.roll_seconds = value,
+                "tally_events_accepted_total" => sample.accepted = value,
+                "tally_process_events_total" => sample.processed = value,
+                "tally_log_fsync_seconds_count" => sample.fsyncs = value,
+                "tally_log_fsync_seconds_sum" => sample.fsync_seconds = value,
+                _ => {}
+            }
+        }
+        sample
+    }
+}
+
+async fn fetch_text(addr: &str, path: &str) -> anyhow::Result<String> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header("host", addr)
+        .body(Full::new(Bytes::new()))?;
+    let response = sender.send_request(request).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 async fn phase(
@@ -282,7 +545,9 @@ async fn phase(
     rate: Option<f64>,
 ) -> anyhow::Result<PhaseResult> {
     let jobs = Arc::new(jobs.to_vec());
+    let server_before = ServerSample::fetch(&args.addr).await;
     let started = Instant::now();
+    let started_at_ms = tally_core::clock::Clock::now_ms(&tally_core::clock::SystemClock);
     let deadline = started + duration;
     let mut tasks = Vec::new();
     for c in 0..connections {
@@ -291,7 +556,7 @@ async fn phase(
         // the request was due.
         let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r.max(1.0)));
         tasks.push(tokio::spawn(async move {
-            connection_loop(c, connections, &addr, &key, &jobs, deadline, interval).await
+            connection_loop(c, connections, &addr, &key, &jobs, started, deadline, interval).await
         }));
     }
     let mut result = PhaseResult::new(name);
@@ -301,18 +566,24 @@ async fn phase(
         result.events += part.events;
         result.errors += part.errors;
         result.latencies_us.extend(part.latencies_us);
+        result.slow.extend(part.slow);
         result.first_error = result.first_error.or(part.first_error);
     }
     result.elapsed = started.elapsed();
+    result.started_at_ms = started_at_ms;
+    result.server_before = server_before;
+    result.server_after = ServerSample::fetch(&args.addr).await;
     Ok(result)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection_loop(
     index: usize,
     connections: usize,
     addr: &str,
     key: &str,
     jobs: &[Job],
+    started: Instant,
     deadline: Instant,
     interval: Option<Duration>,
 ) -> anyhow::Result<PhaseResult> {
@@ -350,8 +621,15 @@ async fn connection_loop(
         let response = sender.send_request(request).await?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
-        part.latencies_us
-            .push(due.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        let latency_us = due.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+        part.latencies_us.push(latency_us);
+        if latency_us >= STALL_MS * 1000 {
+            let due_us = due
+                .saturating_duration_since(started)
+                .as_micros()
+                .min(u128::from(u32::MAX)) as u32;
+            part.slow.push((due_us, latency_us));
+        }
         part.requests += 1;
         if status.is_success() {
             part.events += job.events;
@@ -366,4 +644,68 @@ async fn connection_loop(
         }
     }
     Ok(part)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_requests_due_close_together_are_one_episode() {
+        let ms = |m: u32| m * 1000;
+        let slow = [
+            (ms(1_000), ms(30)),
+            (ms(1_020), ms(60)),
+            (ms(1_060), ms(12)),
+            (ms(3_000), ms(11)),
+            (ms(1_010), ms(45)),
+        ];
+        assert_eq!(
+            stall_episodes(&slow),
+            vec![
+                StallEpisode {
+                    first_due_us: ms(1_000),
+                    last_due_us: ms(1_060),
+                    requests: 4,
+                    worst_us: ms(60),
+                },
+                StallEpisode {
+                    first_due_us: ms(3_000),
+                    last_due_us: ms(3_000),
+                    requests: 1,
+                    worst_us: ms(11),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn phase_lists_parse_and_refuse_unknown_names() {
+        assert_eq!(
+            PhaseKind::parse_list("ping, single,ping,batch-half").unwrap(),
+            vec![
+                PhaseKind::Ping,
+                PhaseKind::Single,
+                PhaseKind::Ping,
+                PhaseKind::BatchHalf
+            ]
+        );
+        assert!(PhaseKind::parse_list("ping,pong").is_err());
+    }
+
+    #[test]
+    fn metrics_text_gives_the_backlog_and_fsyncs() {
+        let text = "# HELP x\ntally_events_accepted_total 120\ntally_process_events_total 100\n\
+                    tally_log_fsync_seconds_sum 0.5\ntally_log_fsync_seconds_count 1000\n\
+                    tally_log_fsync_seconds_bucket{le=\"0.001\"} 999\n\
+                    tally_log_group_commit_seconds_bucket{le=\"0.0128\"} 990\n\
+                    tally_log_group_commit_seconds_count 1000\n\
+                    process_cpu_seconds_total 12.5\n";
+        let sample = ServerSample::parse(text);
+        assert_eq!(sample.backlog(), 20.0);
+        assert_eq!(sample.fsyncs, 1000.0);
+        assert_eq!(sample.fsync_seconds, 0.5);
+        assert_eq!(sample.commits - sample.commits_fast, 10.0);
+        assert_eq!(sample.cpu_seconds, 12.5);
+    }
 }

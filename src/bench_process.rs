@@ -4,8 +4,9 @@
 //! The events (gen_events.py `--addons` output) are first appended to a fresh embedded log, as
 //! ingest would; then the real process stage drains the log (read, decode, enrich on every core,
 //! hand on) into a sink, and the time to drain is measured. Two sinks are run: one that only
-//! counts (the stage's own cost) and the JSON-lines file the server uses until the event store
-//! exists. Separately, every event's IP address is looked up on one thread.
+//! counts (the stage's own cost) and the event store with its flushes and merges running (what
+//! a server does with each event after ingest), until the store's flushed position reaches the
+//! end of the log. Separately, every event's IP address is looked up on one thread.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,8 +23,8 @@ use tally_core::ids::{EventIdGenerator, ProjectId};
 use tally_core::log::EventLog;
 use tally_ingest::EmbeddedEventLog;
 use tally_process::geo::{GeoDatabase, GeoLookup, GeoRecordCache};
-use tally_process::sink::JsonLinesSink;
 use tally_process::{Enrichers, GeoIp, ProcessStage, StageConfig};
+use tally_store::events::{EventStore, StoreConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct ProcessArgs {
@@ -42,6 +43,10 @@ pub struct ProcessArgs {
     /// Skip the separate lookup measurement (for profiling the stage alone).
     #[arg(long)]
     skip_lookups: bool,
+    /// Drop each event's `keen.addons` before logging it: the stage's and the store's cost
+    /// for events that ask for no enrichment (what `tally bench ingest` sends).
+    #[arg(long)]
+    without_addons: bool,
 }
 
 /// A sink that only counts.
@@ -138,9 +143,14 @@ pub fn run(args: ProcessArgs) -> anyhow::Result<()> {
     if args.breakdown {
         breakdown(&records, &enrichers, &database)?;
     }
-    for (name, json_lines) in [
+    let addons = if args.without_addons {
+        "no add-ons"
+    } else {
+        "ip_to_geo + ua_parser + url_parser + referrer_parser"
+    };
+    for (name, into_store) in [
         ("counting sink", false),
-        ("JSON-lines sink (fsync per batch)", true),
+        ("event store (flushes and merges running)", true),
     ] {
         let dir = tempfile::tempdir()?;
         let log = Arc::new(EmbeddedEventLog::open(
@@ -148,19 +158,26 @@ pub fn run(args: ProcessArgs) -> anyhow::Result<()> {
             LogConfig::default(),
             &mut Registry::default(),
         )?);
-        fill_log(&log, &records)?;
+        fill_log(&log, &records, args.without_addons)?;
         let end = log.status().durable_end;
         if args.skip_lookups {
             // A moment to attach a profiler to just the stage.
             println!("log filled; stage starts in 2 s");
             std::thread::sleep(Duration::from_secs(2));
         }
-        let counting = Arc::new(CountingSink::default());
-        let sink: Arc<dyn EventSink> = if json_lines {
-            Arc::new(JsonLinesSink::open(&dir.path().join("enriched.jsonl"))?)
+        let mut maintenance = None;
+        let sink: Arc<dyn EventSink> = if into_store {
+            let store = Arc::new(EventStore::open(
+                &dir.path().join("store"),
+                StoreConfig::default(),
+            )?);
+            maintenance = Some(store.start_maintenance()?);
+            store
         } else {
-            counting.clone()
+            Arc::new(CountingSink::default())
         };
+        // The stage reports the sink's durable position to the log as consumed: the store's
+        // after a flush, which the wait below includes.
         let config = StageConfig {
             threads,
             idle_wait: Duration::from_micros(200),
@@ -179,8 +196,11 @@ pub fn run(args: ProcessArgs) -> anyhow::Result<()> {
         }
         let elapsed = started.elapsed();
         stage.stop();
+        if let Some(maintenance) = maintenance {
+            maintenance.stop();
+        }
         println!(
-            "process stage, ip_to_geo + ua_parser + url_parser + referrer_parser, {name}: {:.0} events/s ({} events in {:.2} s)",
+            "process stage, {addons}, {name}: {:.0} events/s ({} events in {:.2} s)",
             records.len() as f64 / elapsed.as_secs_f64(),
             records.len(),
             elapsed.as_secs_f64()
@@ -189,8 +209,9 @@ pub fn run(args: ProcessArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Appends the events to the log in batches of 500, stamped as ingest would.
-fn fill_log(log: &EmbeddedEventLog, records: &[Value]) -> anyhow::Result<()> {
+/// Appends the events to the log in batches of 500, stamped as ingest would, without their
+/// `keen.addons` if asked.
+fn fill_log(log: &EmbeddedEventLog, records: &[Value], without_addons: bool) -> anyhow::Result<()> {
     let ids = EventIdGenerator::new();
     let project = ProjectId::from_bytes([1; 12]);
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
@@ -198,7 +219,10 @@ fn fill_log(log: &EmbeddedEventLog, records: &[Value]) -> anyhow::Result<()> {
         let events: Vec<AcceptedEvent> = chunk
             .iter()
             .map(|record| {
-                let event = &record["event"];
+                let mut event = record["event"].clone();
+                if without_addons && let Some(keen) = event.get_mut("keen").and_then(Value::as_object_mut) {
+                    keen.remove("addons");
+                }
                 let mut keen = event["keen"].as_object().cloned().unwrap_or_default();
                 keen.insert(
                     "created_at".into(),
@@ -228,7 +252,7 @@ fn breakdown(records: &[Value], enrichers: &Enrichers, database: &GeoDatabase) -
         LogConfig::default(),
         &mut Registry::default(),
     )?;
-    fill_log(&log, records)?;
+    fill_log(&log, records, false)?;
     let mut reader = log.reader(0);
     let mut entries = Vec::new();
     loop {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
@@ -34,6 +34,10 @@ pub struct StageConfig {
     pub threads: usize,
     /// How long to wait when the log has nothing new.
     pub idle_wait: Duration,
+    /// After a small batch (under a quarter of `max_batch_bytes`: the stage has caught up), the
+    /// least time between one read of the log and the next, so events gather into bigger
+    /// batches (`process.linger_ms`).
+    pub linger: Duration,
     /// Scheduling niceness of the stage's threads (0 = same as ingest; higher yields to it).
     pub niceness: i32,
 }
@@ -44,23 +48,9 @@ impl Default for StageConfig {
             max_batch_bytes: 4 << 20,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             idle_wait: Duration::from_millis(5),
+            linger: Duration::ZERO,
             niceness: 10,
         }
-    }
-}
-
-/// Lowers the calling thread's scheduling priority. The process stage works behind the log, so
-/// when ingest and enrichment compete for the cores, ingest (whose acknowledgements clients wait
-/// for) should win and enrichment catch up afterwards; the log absorbs the difference, within
-/// `max_unconsumed_bytes`.
-fn lower_priority(niceness: i32) {
-    // SAFETY: gettid and setpriority take plain integers and only affect the calling thread.
-    let result = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, niceness)
-    };
-    if result != 0 {
-        tracing::debug!("could not lower the process stage's priority");
     }
 }
 
@@ -144,7 +134,7 @@ fn run(
             }
         },
     };
-    lower_priority(config.niceness);
+    tally_core::worker::lower_priority(config.niceness);
     let stopped = || stop.load(Ordering::Acquire);
     let backoff = Duration::from_millis(500);
     let mut position = loop {
@@ -165,6 +155,7 @@ fn run(
     // Reading the next batch while this one is enriched was tried and measured slower on two
     // cores: the reader then competes with both enrichment threads.
     while !stopped() {
+        let read_at = Instant::now();
         let batch = match reader.read_batch(config.max_batch_bytes) {
             Ok(batch) => batch,
             Err(e) => {
@@ -193,9 +184,19 @@ fn run(
         }
         report_durable(log, sink);
         metrics.events.inc_by(events.len() as u64);
+        let batch_bytes = next - position;
         position = next;
         if let Some(pool) = &pool {
             pool.free(events, &sizes);
+        }
+        if batch_bytes < (config.max_batch_bytes / 4) as u64 {
+            // Caught up: let the next events gather (see `StageConfig::linger`).
+            while let Some(rest) = config.linger.checked_sub(read_at.elapsed()) {
+                if stopped() || rest.is_zero() {
+                    break;
+                }
+                std::thread::sleep(rest.min(Duration::from_millis(50)));
+            }
         }
     }
 }
@@ -216,8 +217,9 @@ fn report_durable(log: &EmbeddedEventLog, sink: &dyn EventSink) {
 
 /// Work for a pool thread.
 enum Work {
-    /// Decode and enrich these records; send the events back.
-    Enrich(Vec<LogEntry>, mpsc::Sender<Vec<EnrichedEvent>>),
+    /// Decode and enrich these records; send the events back, and the records too, so that
+    /// the thread that read them frees them.
+    Enrich(Vec<LogEntry>, mpsc::Sender<(Vec<EnrichedEvent>, Vec<LogEntry>)>),
     /// Free these events (the ones this thread made).
     Free(Vec<EnrichedEvent>),
 }
@@ -247,7 +249,7 @@ impl WorkerPool {
                 std::thread::Builder::new()
                     .name(format!("tally-enrich-{i}"))
                     .spawn(move || {
-                        lower_priority(config_niceness);
+                        tally_core::worker::lower_priority(config_niceness);
                         let mut memo = EnrichMemo::default();
                         while let Ok(work) = receiver.recv() {
                             match work {
@@ -259,8 +261,7 @@ impl WorkerPool {
                                             process_one(e, &enrichers, geo.as_deref(), &mut memo, &metrics)
                                         })
                                         .collect();
-                                    drop(entries);
-                                    let _ = reply.send(events);
+                                    let _ = reply.send((events, entries));
                                 }
                                 Work::Free(events) => drop(events),
                             }
@@ -302,17 +303,19 @@ impl WorkerPool {
 
 /// A batch being enriched by the pool.
 struct Pending {
-    replies: Vec<mpsc::Receiver<Vec<EnrichedEvent>>>,
+    replies: Vec<mpsc::Receiver<(Vec<EnrichedEvent>, Vec<LogEntry>)>>,
 }
 
 impl Pending {
     /// The events, in order, and how many came from each thread (to hand them back with
-    /// [`WorkerPool::free`]).
+    /// [`WorkerPool::free`]). The log records are freed here, on the thread that read them:
+    /// freed on another thread, the allocator kept taking fresh pages for new ones.
     fn collect(self) -> (Vec<EnrichedEvent>, Vec<usize>) {
         let mut events = Vec::new();
         let mut sizes = Vec::new();
         for answer in self.replies {
-            let part = answer.recv().expect("enrichment thread alive");
+            let (part, entries) = answer.recv().expect("enrichment thread alive");
+            drop(entries);
             sizes.push(part.len());
             events.extend(part);
         }
@@ -365,14 +368,22 @@ pub fn enrich_record(
     memo: &mut EnrichMemo,
     metrics: &StageMetrics,
 ) -> Option<EnrichedEvent> {
-    let decoded = LoggedEvent::decode(payload)
-        .map_err(|e| e.to_string())
-        .and_then(|logged| {
-            let (keen, addons) =
-                RawEvent::parse_taking(logged.keen_json.as_bytes(), "addons").map_err(|e| e.to_string())?;
-            let body = RawEvent::parse(logged.body_json, "keen").map_err(|e| e.to_string())?;
-            Ok((logged, keen, addons, body))
+    let decoded = LoggedEvent::decode(payload).map_err(|e| e.to_string());
+    if let Ok(logged) = &decoded
+        && let Some(json) = stamped_as_sent(logged.keen_json, logged.body_json)
+    {
+        return Some(EnrichedEvent {
+            project: logged.project,
+            collection: logged.collection.to_string(),
+            json,
         });
+    }
+    let decoded = decoded.and_then(|logged| {
+        let (keen, addons) =
+            RawEvent::parse_taking(logged.keen_json.as_bytes(), "addons").map_err(|e| e.to_string())?;
+        let body = RawEvent::parse(logged.body_json, "keen").map_err(|e| e.to_string())?;
+        Ok((logged, keen, addons, body))
+    });
     let (logged, keen, addons, mut event) = match decoded {
         Ok(ok) => ok,
         Err(e) => {
@@ -391,6 +402,165 @@ pub fn enrich_record(
         collection: logged.collection.to_string(),
         json: event.to_json(),
     })
+}
+
+/// The stored text of an event that asks for no add-ons: the stamped `keen` object, then the
+/// body's other top-level members as the client sent them. This is what splitting the event
+/// into its members and writing them out again gives (the same members in the same order;
+/// spacing and escapes inside them as sent), found with a scan of the body's top level instead
+/// of a parse: for such events that parse was most of the stage's own work. `None` for every
+/// other event, which takes the general path.
+///
+/// The body's own `keen` members are left out (the stamped one replaces them). A name can be
+/// spelt with `\u` escapes, which this scan does not decode, so bodies containing `\u` take
+/// the general path. The body was validated as a JSON object at ingest; anything the scan does
+/// not recognise also takes the general path.
+fn stamped_as_sent(keen_json: &str, body: &[u8]) -> Option<String> {
+    use memchr::memmem;
+    if memmem::find(keen_json.as_bytes(), b"\"addons\"").is_some() || memmem::find(body, b"\\u").is_some() {
+        return None;
+    }
+    let body = std::str::from_utf8(body).ok()?;
+    let mut json = String::with_capacity(keen_json.len() + body.len() + 10);
+    json.push_str("{\"keen\":");
+    json.push_str(keen_json);
+    for (name, member) in TopLevelMembers::new(body.as_bytes())? {
+        let member = member?;
+        if name != b"keen" {
+            json.push(',');
+            json.push_str(&body[member]);
+        }
+    }
+    json.push('}');
+    Some(json)
+}
+
+/// The top-level members of a JSON object's text, each as its name's raw bytes (between the
+/// quotes) and the byte range of the whole member (`"name": value`). Yields `None` (and stops)
+/// where the text is not the object it should be.
+struct TopLevelMembers<'a> {
+    text: &'a [u8],
+    at: usize,
+    done: bool,
+}
+
+impl<'a> TopLevelMembers<'a> {
+    fn new(text: &'a [u8]) -> Option<Self> {
+        let mut members = Self {
+            text,
+            at: 0,
+            done: false,
+        };
+        members.skip_space();
+        (members.text.get(members.at) == Some(&b'{')).then(|| {
+            members.at += 1;
+            members.skip_space();
+            if members.text.get(members.at) == Some(&b'}') {
+                members.done = true;
+            }
+            members
+        })
+    }
+
+    fn skip_space(&mut self) {
+        while self.text.get(self.at).is_some_and(|b| b.is_ascii_whitespace()) {
+            self.at += 1;
+        }
+    }
+
+    /// From an opening quote to just past its closing quote.
+    fn skip_string(&mut self) -> Option<()> {
+        let mut at = self.at + 1;
+        loop {
+            at += memchr::memchr2(b'"', b'\\', &self.text[at..])?;
+            if self.text[at] == b'\\' {
+                at += 2;
+            } else {
+                self.at = at + 1;
+                return Some(());
+            }
+        }
+    }
+
+    /// Past one value: a string, an object or array (brackets counted outside strings), or a
+    /// number or literal (up to the next delimiter).
+    fn skip_value(&mut self) -> Option<()> {
+        match *self.text.get(self.at)? {
+            b'"' => self.skip_string(),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match *self.text.get(self.at)? {
+                        b'"' => {
+                            self.skip_string()?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                self.at += 1;
+                                return Some(());
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.at += 1;
+                }
+            }
+            _ => {
+                let rest = &self.text[self.at..];
+                let len = rest
+                    .iter()
+                    .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())?;
+                (len > 0).then(|| self.at += len)
+            }
+        }
+    }
+
+    fn next_member(&mut self) -> Option<(&'a [u8], std::ops::Range<usize>)> {
+        let start = self.at;
+        if self.text.get(start) != Some(&b'"') {
+            return None;
+        }
+        self.skip_string()?;
+        let name = &self.text[start + 1..self.at - 1];
+        self.skip_space();
+        if self.text.get(self.at) != Some(&b':') {
+            return None;
+        }
+        self.at += 1;
+        self.skip_space();
+        self.skip_value()?;
+        let end = self.at;
+        self.skip_space();
+        match self.text.get(self.at) {
+            Some(b',') => {
+                self.at += 1;
+                self.skip_space();
+            }
+            Some(b'}') => self.done = true,
+            _ => return None,
+        }
+        Some((name, start..end))
+    }
+}
+
+impl<'a> Iterator for TopLevelMembers<'a> {
+    type Item = (&'a [u8], Option<std::ops::Range<usize>>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.next_member() {
+            Some((name, range)) => Some((name, Some(range))),
+            None => {
+                self.done = true;
+                Some((b"", None))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -546,5 +716,146 @@ mod tests {
             position,
             Some(tally_core::log::EventLog::status(log.as_ref()).durable_end)
         );
+    }
+}
+
+/// The shortcut for events without add-ons against the general path it stands in for.
+#[cfg(test)]
+mod stamped_as_sent_tests {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::stamped_as_sent;
+    use crate::access::RawEvent;
+
+    /// The general path's text for an event without add-ons.
+    fn general(keen_json: &str, body: &str) -> String {
+        let (keen, addons) = RawEvent::parse_taking(keen_json.as_bytes(), "addons").unwrap();
+        assert!(addons.is_none());
+        let mut event = RawEvent::parse(body.as_bytes(), "keen").unwrap();
+        event.push_front_text("keen", keen.to_json());
+        event.to_json()
+    }
+
+    /// An object's members in order, repeated names kept, each value parsed.
+    fn members_of(json: &str) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        let mut de = serde_json::Deserializer::from_str(json);
+        struct Members<'o>(&'o mut Vec<(String, Value)>);
+        impl<'de> serde::de::Visitor<'de> for Members<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+                while let Some(name) = map.next_key::<String>()? {
+                    self.0.push((name, map.next_value()?));
+                }
+                Ok(())
+            }
+        }
+        serde::Deserializer::deserialize_map(&mut de, Members(&mut out)).unwrap();
+        de.end().unwrap();
+        out
+    }
+
+    const KEEN: &str = r#"{"timestamp":"2026-01-01T00:00:00.000Z","created_at":"2026-01-01T00:00:01.000Z","id":"0123456789abcdef01234567","location":{"coordinates":[1,2]}}"#;
+
+    #[test]
+    fn ordinary_events_take_the_shortcut_and_others_do_not() {
+        let body = r#"{"page":{"url":"https://a.example/x"},"n":1}"#;
+        let fast = stamped_as_sent(KEEN, body.as_bytes()).expect("shortcut");
+        assert_eq!(fast, general(KEEN, body));
+        assert_eq!(stamped_as_sent(KEEN, b" {} \n").unwrap(), general(KEEN, "{}"));
+        // The body's own keen (what clients send to set keen.timestamp) is replaced.
+        let body = r#"{"a":1, "keen" : {"timestamp":"2020-01-01T00:00:00Z"},"b":[{"keen":2}]}"#;
+        assert_eq!(
+            stamped_as_sent(KEEN, body.as_bytes()).unwrap(),
+            format!(r#"{{"keen":{KEEN},"a":1,"b":[{{"keen":2}}]}}"#)
+        );
+        assert_eq!(
+            stamped_as_sent(KEEN, body.as_bytes()).unwrap(),
+            general(KEEN, body)
+        );
+        for body in [
+            r#"{"\u006been":{"id":"forged"},"a":1}"#,
+            "[1]",
+            r#"{"a" 1}"#,
+            r#"{"a":1"#,
+        ] {
+            assert!(stamped_as_sent(KEEN, body.as_bytes()).is_none(), "{body}");
+        }
+        let with_addons = r#"{"timestamp":"2026-01-01T00:00:00.000Z","addons":[]}"#;
+        assert!(stamped_as_sent(with_addons, b"{}").is_none());
+    }
+
+    /// Property names, with or without the `\u` spelling of `keen`.
+    fn name_from(escaped_keen: bool) -> impl Strategy<Value = String> {
+        let mut names = vec![
+            r#""a""#.to_string(),
+            r#""b""#.to_string(),
+            r#""keen""#.to_string(),
+            r#""k\"een""#.to_string(),
+            "\"\u{e9}t\u{e9}\"".to_string(),
+        ];
+        if escaped_keen {
+            names.push(r#""\u006been""#.to_string());
+        }
+        prop::sample::select(names)
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        name_from(true)
+    }
+
+    fn value() -> impl Strategy<Value = String> {
+        value_from(true)
+    }
+
+    fn value_from(escaped_keen: bool) -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            any::<i32>().prop_map(|n| n.to_string()),
+            Just(r#""keen""#.to_string()),
+            Just(r#""x\"y\\z""#.to_string()),
+            Just("null".to_string()),
+            Just("[ 1 , {\"keen\" : 2} ]".to_string()),
+        ];
+        leaf.prop_recursive(2, 8, 3, move |inner| {
+            prop::collection::vec((name_from(escaped_keen), inner), 0..3).prop_map(|members| {
+                let members: Vec<String> = members.into_iter().map(|(n, v)| format!("{n}:{v}")).collect();
+                format!("{{{}}}", members.join(","))
+            })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Wherever the shortcut applies, it gives the same members, in the same order, as the
+        /// general path (spacing and escapes may differ: they are as the client sent them).
+        #[test]
+        fn the_shortcut_gives_what_the_general_path_gives(
+            members in prop::collection::vec((name(), value()), 0..5),
+            space in prop::sample::select(vec!["", " ", "\n\t "]),
+        ) {
+            let members: Vec<String> = members.iter().map(|(n, v)| format!("{n}{space}:{space}{v}")).collect();
+            let body = format!("{space}{{{space}{}{space}}}{space}", members.join(&format!(",{space}")));
+            if let Some(fast) = stamped_as_sent(KEEN, body.as_bytes()) {
+                prop_assert_eq!(members_of(&fast), members_of(&general(KEEN, &body)));
+            }
+        }
+
+        /// Without `\u` escapes, every object body takes the shortcut, `keen` members and all.
+        #[test]
+        fn bodies_without_escaped_names_always_take_the_shortcut(
+            members in prop::collection::vec((name_from(false), value_from(false)), 0..5),
+            space in prop::sample::select(vec!["", " ", "\n\t "]),
+        ) {
+            let members: Vec<String> = members.iter().map(|(n, v)| format!("{n}{space}:{space}{v}")).collect();
+            let body = format!("{space}{{{space}{}{space}}}{space}", members.join(&format!(",{space}")));
+            let fast = stamped_as_sent(KEEN, body.as_bytes());
+            prop_assert!(fast.is_some(), "{}", body);
+            prop_assert_eq!(members_of(&fast.unwrap()), members_of(&general(KEEN, &body)));
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! request counter, and gauges read from the event log when `/metrics` is scraped.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
@@ -62,6 +63,8 @@ pub struct ServerMetrics {
     log_retained_bytes: Gauge,
     log_pending_bytes: Gauge,
     log_lag_bytes: Gauge,
+    /// `process_cpu_seconds_total`, Prometheus' standard name, read when scraped.
+    cpu_seconds: Counter<f64, AtomicU64>,
 }
 
 impl ServerMetrics {
@@ -100,6 +103,15 @@ impl ServerMetrics {
                 "tally_log_consumer_lag_bytes",
                 "How far the process stage is behind the durable end of the event log",
             ),
+            cpu_seconds: {
+                let counter = Counter::<f64, AtomicU64>::default();
+                registry.register(
+                    "process_cpu_seconds",
+                    "User and system CPU time this process has used",
+                    counter.clone(),
+                );
+                counter
+            },
             registry,
             http_requests,
         }
@@ -112,6 +124,11 @@ impl ServerMetrics {
         self.log_retained_bytes.set(as_i64(log.retained_bytes));
         self.log_pending_bytes.set(as_i64(log.pending_bytes));
         self.log_lag_bytes.set(as_i64(log.lag_bytes()));
+        // A counter only goes up: add what was used since the last scrape.
+        let used = tally_core::worker::process_cpu_seconds() - self.cpu_seconds.get();
+        if used > 0.0 {
+            self.cpu_seconds.inc_by(used);
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");

@@ -249,6 +249,8 @@ impl Tally {
             flush_interval: Duration::from_millis(config.store.flush_interval_ms.max(10)),
             merge_target_rows: config.store.merge_target_rows.max(1),
             merge_min_segments: config.store.merge_min_segments.max(2),
+            direct_io: config.log.direct_io,
+            ..StoreConfig::default()
         };
         let store = Arc::new(
             tokio::task::spawn_blocking(move || EventStore::open(&store_dir, store_config))
@@ -277,6 +279,7 @@ impl Tally {
                 0 => StageConfig::default().threads,
                 n => n,
             },
+            linger: Duration::from_millis(config.process.linger_ms),
             ..StageConfig::default()
         };
         // The stage reads Kafka when Kafka is the log, the embedded log otherwise.

@@ -36,6 +36,7 @@
 //! `max_unconsumed_bytes` behind; the server answers 503 with `Retry-After` instead of growing
 //! without limit.
 
+mod direct;
 pub mod frame;
 mod reader;
 
@@ -56,11 +57,16 @@ use tally_core::event::AcceptedEvent;
 use tally_core::log::{BoxFuture, EventLog, LogError, LogStatus};
 use tokio::sync::oneshot;
 
+use direct::PageWriter;
 pub use reader::{LogEntry, LogReader};
 
 /// The most bytes one group commit writes before syncing; bounds the latency of the first
 /// append in a large group.
 const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
+
+/// A group commit at least this long (seconds) is logged at debug level, to line up with
+/// clients' slow acknowledgements.
+const SLOW_COMMIT_SECONDS: f64 = 0.01;
 
 /// What recovery found when the log was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +81,12 @@ pub struct RecoveryReport {
 #[derive(Debug, Clone)]
 struct LogMetrics {
     fsync_seconds: Histogram,
+    /// The whole of each group commit as its appenders wait for it: a segment roll if one is
+    /// due, the write, the sync. Its tail is the log's share of acknowledgement latency.
+    commit_seconds: Histogram,
+    /// Time each segment roll took (waiting for the pre-zeroed file, rename, directory sync):
+    /// a roll happens inside one group's commit, so it lands whole in that group's latency.
+    roll_seconds: Histogram,
     group_records: Histogram,
     bytes_written: Counter,
 }
@@ -83,6 +95,8 @@ impl LogMetrics {
     fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            roll_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             group_records: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             bytes_written: Counter::default(),
         };
@@ -90,6 +104,16 @@ impl LogMetrics {
             "tally_log_fsync_seconds",
             "Time of each group-commit fdatasync of the embedded event log",
             metrics.fsync_seconds.clone(),
+        );
+        registry.register(
+            "tally_log_group_commit_seconds",
+            "Time of each group commit of the embedded event log (roll if due, write, fdatasync)",
+            metrics.commit_seconds.clone(),
+        );
+        registry.register(
+            "tally_log_roll_seconds",
+            "Time of each segment roll of the embedded event log",
+            metrics.roll_seconds.clone(),
         );
         registry.register(
             "tally_log_group_commit_records",
@@ -199,7 +223,8 @@ fn prepare_segment(dir: &Path, bytes: u64) -> io::Result<PathBuf> {
         Ok(file) => (file, true),
         Err(_) => (File::create(&path)?, false),
     };
-    let zeros = AlignedZeros::new();
+    // 1 MiB of zeros, aligned as O_DIRECT requires.
+    let zeros = direct::AlignedBuf::zeroed(ZEROS.len());
     let mut written = 0u64;
     // O_DIRECT writes whole aligned blocks; the file is sized exactly afterwards.
     let target = if aligned {
@@ -219,42 +244,6 @@ fn prepare_segment(dir: &Path, bytes: u64) -> io::Result<PathBuf> {
     file.set_len(bytes)?;
     file.sync_all()?;
     Ok(path)
-}
-
-/// 1 MiB of zeros aligned to 4 KiB, as `O_DIRECT` requires.
-struct AlignedZeros {
-    ptr: std::ptr::NonNull<u8>,
-}
-
-impl AlignedZeros {
-    const LEN: usize = 1 << 20;
-    const LAYOUT: std::alloc::Layout = match std::alloc::Layout::from_size_align(Self::LEN, 4096) {
-        Ok(layout) => layout,
-        Err(_) => panic!("valid layout"),
-    };
-
-    fn new() -> Self {
-        // SAFETY: LAYOUT has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) };
-        let ptr = std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::LAYOUT));
-        Self { ptr }
-    }
-
-    fn len(&self) -> usize {
-        Self::LEN
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr points to LEN initialised (zeroed) bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), Self::LEN) }
-    }
-}
-
-impl Drop for AlignedZeros {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::LAYOUT) }
-    }
 }
 
 fn spawn_prepare(dir: PathBuf, bytes: u64) -> JoinHandle<io::Result<PathBuf>> {
@@ -300,9 +289,10 @@ impl EmbeddedEventLog {
         }
         let last_base = *bases.last().expect("at least one segment");
         let last_path = segment_path(dir, last_base);
-        let mut active = OpenOptions::new().read(true).write(true).open(&last_path)?;
-        let valid = frame::scan_valid_len(&active)?;
-        let cut_bytes = zero_after(&active, valid)?;
+        let scanned = OpenOptions::new().read(true).write(true).open(&last_path)?;
+        let valid = frame::scan_valid_len(&scanned)?;
+        let cut_bytes = zero_after(&scanned, valid)?;
+        drop(scanned);
         if cut_bytes > 0 {
             tracing::warn!(
                 segment = %last_path.display(),
@@ -310,7 +300,22 @@ impl EmbeddedEventLog {
                 "event log: zeroed a torn tail left by a crash (never acknowledged)"
             );
         }
-        active.seek(SeekFrom::Start(valid))?;
+        let (mut active, direct) = direct::open_segment(&last_path, true, config.direct_io)?;
+        let pages = if direct {
+            Some(PageWriter::new(&active, valid)?)
+        } else {
+            active.seek(SeekFrom::Start(valid))?;
+            None
+        };
+        tracing::debug!(
+            direct,
+            "event log: segments written {}",
+            if direct {
+                "with O_DIRECT"
+            } else {
+                "through the page cache"
+            }
+        );
         let durable_end = last_base + valid;
         let consumed = match fs::read_to_string(dir.join("consumed")) {
             Ok(text) => text.trim().parse::<u64>().map_err(|e| {
@@ -333,7 +338,9 @@ impl EmbeddedEventLog {
         let writer = Writer {
             dir: dir.to_path_buf(),
             segment_bytes: config.segment_bytes,
+            direct_io: config.direct_io,
             active,
+            pages,
             active_base: last_base,
             active_len: valid,
             spare: Some(spawn_prepare(dir.to_path_buf(), config.segment_bytes)),
@@ -362,9 +369,10 @@ impl EmbeddedEventLog {
         self.recovery
     }
 
-    /// A reader starting at `from` that sees only durable records.
+    /// A reader starting at `from` that sees only durable records (with `O_DIRECT` when the
+    /// log is written that way: the records are not in the page cache).
     pub fn reader(&self, from: u64) -> LogReader {
-        LogReader::new(&self.dir, from, Some(self.shared.durable_end.clone()))
+        LogReader::new(&self.dir, from, Some(self.shared.durable_end.clone())).direct(self.config.direct_io)
     }
 
     /// Records that the process stage has consumed everything before `position`. The in-memory
@@ -523,7 +531,12 @@ fn write_all_vectored(file: &mut File, group: &[AppendRequest], padding: &[u8]) 
 struct Writer {
     dir: PathBuf,
     segment_bytes: u64,
+    /// Whether to open segments with `O_DIRECT` (`log.direct_io`).
+    direct_io: bool,
     active: File,
+    /// How groups are written when `active` was opened with `O_DIRECT`; `None`: through the
+    /// page cache.
+    pages: Option<PageWriter>,
     active_base: u64,
     active_len: u64,
     /// The zero-filled file being prepared for the next roll.
@@ -575,23 +588,32 @@ impl Writer {
     }
 
     fn write_group(&mut self, group: &[AppendRequest], group_bytes: u64) -> io::Result<()> {
+        let commit_started = Instant::now();
         if self.active_len > 0 && self.active_len + group_bytes > self.segment_bytes {
             self.roll()?;
+            self.metrics
+                .roll_seconds
+                .observe(commit_started.elapsed().as_secs_f64());
         }
         let before = self.active_len;
-        // The group is followed by zeros up to the next page boundary (inside the file). The file
-        // holds zeros there already, so this changes nothing on disk; but it means no write ever
-        // covers part of a page the page cache does not hold. The pre-zeroed segment is written
-        // with O_DIRECT, so its pages are not cached, and a partial write into one made the
-        // kernel read that block from disk first, inside the writer's critical path (a 5 s
-        // sched_switch sample: 1,534 of the writer's 6,714 waits were these reads). The next group starts where the
-        // data ends, in a page now cached.
+        // The group is followed by zeros up to the next page boundary (inside the file), and the
+        // next group starts where the data ends. The file holds zeros there already, so this
+        // changes nothing on disk. With O_DIRECT ([`PageWriter`]) whole pages are the unit of
+        // transfer anyway. Through the page cache, it means no write covers part of a page the
+        // cache does not hold: the zero-filled segment's pages are not cached, and a partial
+        // write into one made the kernel read that block from disk first, inside the writer's
+        // critical path (a 5 s sched_switch sample: 1,534 of the writer's 6,714 waits).
         let end = before + group_bytes;
         let padding = ((PAGE - end % PAGE) % PAGE).min(self.segment_bytes.saturating_sub(end)) as usize;
         let written = (|| {
-            write_all_vectored(&mut self.active, group, &ZEROS[..padding])?;
-            if padding > 0 {
-                self.active.seek(SeekFrom::Start(end))?;
+            match &mut self.pages {
+                Some(pages) => pages.write(&self.active, before, group.iter().map(|r| &r.frames[..]))?,
+                None => {
+                    write_all_vectored(&mut self.active, group, &ZEROS[..padding])?;
+                    if padding > 0 {
+                        self.active.seek(SeekFrom::Start(end))?;
+                    }
+                }
             }
             let started = Instant::now();
             self.active.sync_data()?;
@@ -607,6 +629,16 @@ impl Writer {
             return Err(e);
         }
         let records: usize = group.iter().map(|r| r.records).sum();
+        let commit_seconds = commit_started.elapsed().as_secs_f64();
+        self.metrics.commit_seconds.observe(commit_seconds);
+        if commit_seconds >= SLOW_COMMIT_SECONDS {
+            tracing::debug!(
+                commit_ms = commit_seconds * 1e3,
+                records,
+                bytes = group_bytes,
+                "event log: slow group commit"
+            );
+        }
         self.metrics.group_records.observe(records as f64);
         self.metrics.bytes_written.inc_by(group_bytes);
         self.active_len += group_bytes;
@@ -632,7 +664,15 @@ impl Writer {
             }
         }
         sync_dir(&segments_dir(&self.dir))?;
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let (file, direct) = direct::open_segment(&path, true, self.direct_io)?;
+        self.pages = match (direct, self.pages.take()) {
+            (false, _) => None,
+            (true, Some(mut pages)) => {
+                pages.reset(&file, 0)?;
+                Some(pages)
+            }
+            (true, None) => Some(PageWriter::new(&file, 0)?),
+        };
         if self.spare.is_none() {
             self.spare = Some(spawn_prepare(self.dir.clone(), self.segment_bytes));
         }

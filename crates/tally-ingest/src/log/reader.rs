@@ -4,13 +4,12 @@
 //! a crash could still take back. An offline reader (`tally log dump`) has no bound and stops at
 //! the end of the valid records instead.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::direct::{AlignedBuf, PAGE, SegmentFile};
 use super::frame::{FRAME_HEADER_BYTES, MAX_RECORD_BYTES, read_frame};
 use super::{list_segments, segment_path};
 
@@ -31,9 +30,13 @@ pub struct LogReader {
     dir: PathBuf,
     position: u64,
     limit: Option<Arc<AtomicU64>>,
-    open: Option<(u64, File)>,
-    /// Reused between reads: a fresh multi-MiB buffer per batch costs page faults.
-    buf: Vec<u8>,
+    /// Open segments with `O_DIRECT` (where allowed).
+    direct: bool,
+    /// The segment being read, and its base.
+    open: Option<(u64, SegmentFile)>,
+    /// Where reads land, reused from read to read and segment to segment (a fresh multi-MiB
+    /// buffer per batch costs page faults).
+    buf: AlignedBuf,
 }
 
 impl LogReader {
@@ -43,9 +46,17 @@ impl LogReader {
             dir: dir.to_path_buf(),
             position: from,
             limit,
+            direct: false,
             open: None,
-            buf: Vec::new(),
+            buf: AlignedBuf::zeroed(PAGE),
         }
+    }
+
+    /// The same reader, reading segments with `O_DIRECT` (past the page cache) when `direct` and
+    /// the file system allows it: for records written that way, which the cache does not hold.
+    pub fn direct(mut self, direct: bool) -> Self {
+        self.direct = direct;
+        self
     }
 
     /// A reader with no bound, for a log no server is writing (or for looking at one that is:
@@ -72,26 +83,23 @@ impl LogReader {
             let Some(base) = self.open_segment_for_position()? else {
                 break;
             };
+            let position = self.position;
             let file = &self.open.as_ref().expect("just opened").1;
-            let file_len = file.metadata()?.len();
-            let mut end = base + file_len;
+            let mut end = base + file.len()?;
             if let Some(limit) = limit {
                 end = end.min(limit);
             }
-            if self.position >= end {
+            if position >= end {
                 break;
             }
-            let want = ((end - self.position) as usize).min(max_bytes - read_bytes + MAX_RECORD_BYTES / 16);
-            let mut buf = std::mem::take(&mut self.buf);
-            buf.resize(want.max(FRAME_HEADER_BYTES), 0);
-            let file = &self.open.as_ref().expect("just opened").1;
-            let got = read_at_most(file, &mut buf, self.position - base)?;
-            buf.truncate(got);
+            let want = ((end - position) as usize).min(max_bytes - read_bytes + MAX_RECORD_BYTES / 16);
+            let range = file.read(&mut self.buf, position - base, want.max(FRAME_HEADER_BYTES))?;
+            let buf = &self.buf.as_slice()[range];
             let mut at = 0;
             while let Some((payload, len)) = read_frame(&buf[at..]) {
                 entries.push(LogEntry {
-                    position: self.position + at as u64,
-                    next: self.position + (at + len) as u64,
+                    position: position + at as u64,
+                    next: position + (at + len) as u64,
                     payload: payload.to_vec(),
                 });
                 at += len;
@@ -102,32 +110,30 @@ impl LogReader {
             }
             if at == 0 {
                 // The frame did not fit in the read: read exactly it, if it is whole.
-                let Some(len) = frame_len_at(file, self.position - base)? else {
+                // A frame reaching past the durable end is not durable yet (the durable end is
+                // always a frame boundary, so this is only a guard).
+                let Some(len) = frame_len(buf).filter(|len| position + *len as u64 <= end) else {
                     break;
                 };
-                let mut frame = vec![0u8; len];
-                if read_at_most(file, &mut frame, self.position - base)? < len {
-                    break;
-                }
-                let Some((payload, len)) = read_frame(&frame) else {
+                let range = file.read(&mut self.buf, position - base, len)?;
+                let Some((payload, len)) = read_frame(&self.buf.as_slice()[range]) else {
                     if limit.is_some() {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
-                            format!("event log record at {} fails its checksum", self.position),
+                            format!("event log record at {position} fails its checksum"),
                         ));
                     }
                     break;
                 };
                 entries.push(LogEntry {
-                    position: self.position,
-                    next: self.position + len as u64,
+                    position,
+                    next: position + len as u64,
                     payload: payload.to_vec(),
                 });
                 at = len;
                 read_bytes += len;
             }
             self.position += at as u64;
-            self.buf = buf;
         }
         Ok(entries)
     }
@@ -139,31 +145,17 @@ impl LogReader {
             return Ok(None);
         };
         if self.open.as_ref().map(|(b, _)| *b) != Some(base) {
-            let file = File::open(segment_path(&self.dir, base))?;
+            let file = SegmentFile::open(&segment_path(&self.dir, base), self.direct)?;
             self.open = Some((base, file));
         }
         Ok(Some(base))
     }
 }
 
-fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read_at(&mut buf[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
-fn frame_len_at(file: &File, offset: u64) -> io::Result<Option<usize>> {
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    if read_at_most(file, &mut header, offset)? < FRAME_HEADER_BYTES {
-        return Ok(None);
-    }
+/// The whole length of the frame `buf` starts with, from its header, if the header is there and
+/// plausible.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    let header = buf.get(..FRAME_HEADER_BYTES)?;
     let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    Ok((len > 0 && len <= MAX_RECORD_BYTES).then_some(len + FRAME_HEADER_BYTES))
+    (len > 0 && len <= MAX_RECORD_BYTES).then_some(len + FRAME_HEADER_BYTES)
 }

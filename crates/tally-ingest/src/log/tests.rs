@@ -21,6 +21,41 @@ fn event(n: usize) -> AcceptedEvent {
     }
 }
 
+/// The default settings, writing segments with `O_DIRECT` or through the page cache.
+fn log_config(direct: bool) -> LogConfig {
+    LogConfig {
+        direct_io: direct,
+        ..LogConfig::default()
+    }
+}
+
+/// Runs each test twice: segments written and read with `O_DIRECT`, and through the page cache.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod direct_io {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(true).await
+            })*
+        }
+        mod page_cache {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(false).await
+            })*
+        }
+    };
+}
+
+in_both_modes!(
+    concurrent_appends_share_fsyncs_and_all_survive_reopening,
+    a_torn_tail_is_cut_and_appends_continue_after_it,
+    a_stale_frame_behind_a_torn_one_is_never_resurrected,
+    readers_see_only_durable_records_and_resume_from_a_position,
+    retention_and_the_unconsumed_bound,
+    page_padding_never_leaves_gaps_or_garbage,
+);
+
 fn open(dir: &Path, config: LogConfig) -> EmbeddedEventLog {
     EmbeddedEventLog::open(dir, config, &mut Registry::default()).unwrap()
 }
@@ -39,14 +74,13 @@ fn read_all(dir: &Path) -> Vec<i64> {
     }
 }
 
-#[tokio::test]
-async fn concurrent_appends_share_fsyncs_and_all_survive_reopening() {
+async fn concurrent_appends_share_fsyncs_and_all_survive_reopening(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(open(
         dir.path(),
         LogConfig {
             segment_bytes: 4096,
-            ..LogConfig::default()
+            ..log_config(direct)
         },
     ));
     let mut tasks = Vec::new();
@@ -70,15 +104,14 @@ async fn concurrent_appends_share_fsyncs_and_all_survive_reopening() {
     let mut seen = read_all(dir.path());
     seen.sort_unstable();
     assert_eq!(seen, (0..210).collect::<Vec<_>>());
-    let reopened = open(dir.path(), LogConfig::default());
+    let reopened = open(dir.path(), log_config(direct));
     assert_eq!(reopened.recovery().cut_bytes, 0);
     assert_eq!(reopened.status().durable_end, *ends.last().unwrap());
 }
 
-#[tokio::test]
-async fn a_torn_tail_is_cut_and_appends_continue_after_it() {
+async fn a_torn_tail_is_cut_and_appends_continue_after_it(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), LogConfig::default());
+    let log = open(dir.path(), log_config(direct));
     let end = log.append(&[event(1), event(2)]).await.unwrap();
     log.close();
     drop(log);
@@ -90,7 +123,7 @@ async fn a_torn_tail_is_cut_and_appends_continue_after_it() {
     file.write_all_at(&[42, 0, 0, 0, 1, 2, 3], end).unwrap();
     drop(file);
 
-    let log = open(dir.path(), LogConfig::default());
+    let log = open(dir.path(), log_config(direct));
     assert_eq!(
         log.recovery(),
         RecoveryReport {
@@ -103,10 +136,9 @@ async fn a_torn_tail_is_cut_and_appends_continue_after_it() {
     assert_eq!(read_all(dir.path()), vec![1, 2, 3]);
 }
 
-#[tokio::test]
-async fn a_stale_frame_behind_a_torn_one_is_never_resurrected() {
+async fn a_stale_frame_behind_a_torn_one_is_never_resurrected(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), LogConfig::default());
+    let log = open(dir.path(), log_config(direct));
     let end = log.append(&[event(1)]).await.unwrap();
     log.close();
     drop(log);
@@ -125,7 +157,7 @@ async fn a_stale_frame_behind_a_torn_one_is_never_resurrected() {
     file.write_all_at(&stale, end + torn_len).unwrap();
     drop(file);
 
-    let log = open(dir.path(), LogConfig::default());
+    let log = open(dir.path(), log_config(direct));
     assert_eq!(log.recovery().durable_end, end);
     // event(101) has the same size as event(100), so without the zeroing the stale frame would
     // start exactly where the new record ends.
@@ -135,14 +167,13 @@ async fn a_stale_frame_behind_a_torn_one_is_never_resurrected() {
     assert_eq!(read_all(dir.path()), vec![1, 101]);
 }
 
-#[tokio::test]
-async fn readers_see_only_durable_records_and_resume_from_a_position() {
+async fn readers_see_only_durable_records_and_resume_from_a_position(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
     let log = open(
         dir.path(),
         LogConfig {
             segment_bytes: 200,
-            ..LogConfig::default()
+            ..log_config(direct)
         },
     );
     for n in 0..20 {
@@ -172,13 +203,12 @@ async fn readers_see_only_durable_records_and_resume_from_a_position() {
     assert_eq!(rest.position(), log.status().durable_end);
 }
 
-#[tokio::test]
-async fn retention_and_the_unconsumed_bound() {
+async fn retention_and_the_unconsumed_bound(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig {
         segment_bytes: 100,
         max_unconsumed_bytes: 300,
-        ..LogConfig::default()
+        ..log_config(direct)
     };
     let log = open(dir.path(), config.clone());
     let mut end = 0;
@@ -216,12 +246,11 @@ async fn retention_and_the_unconsumed_bound() {
 /// Groups are padded with zeros to a page boundary, and the next group starts where the data
 /// ends, not after the padding: appends of sizes that are not page multiples, one after another,
 /// read back contiguously, leave only zeros after the data, and reopen with nothing cut.
-#[tokio::test]
-async fn page_padding_never_leaves_gaps_or_garbage() {
+async fn page_padding_never_leaves_gaps_or_garbage(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig {
         segment_bytes: 64 * 1024,
-        ..LogConfig::default()
+        ..log_config(direct)
     };
     let log = open(dir.path(), config.clone());
     let mut end = 0;

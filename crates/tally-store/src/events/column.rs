@@ -274,6 +274,42 @@ impl Column {
     }
 }
 
+impl Column {
+    /// The column with its rows in the order `rows` gives (a permutation of all rows), its
+    /// dictionary renumbered by first appearance in that order: what building the column row
+    /// by row in that order would have made.
+    pub(crate) fn gather_recoded(&self, rows: &[u32]) -> Column {
+        let tags: Vec<u8> = rows.iter().map(|&r| self.tags[r as usize]).collect();
+        let nums = if self.nums.is_empty() {
+            Vec::new()
+        } else {
+            rows.iter().map(|&r| self.nums[r as usize]).collect()
+        };
+        let mut dict = Vec::with_capacity(self.dict.len());
+        let codes = if self.codes.is_empty() {
+            Vec::new()
+        } else {
+            let mut renumbered = vec![u32::MAX; self.dict.len()];
+            rows.iter()
+                .zip(&tags)
+                .map(|(&r, &tag)| {
+                    let code = self.codes[r as usize];
+                    if tag != Tag::Str as u8 && tag != Tag::List as u8 {
+                        return code;
+                    }
+                    let new = &mut renumbered[code as usize];
+                    if *new == u32::MAX {
+                        *new = dict.len() as u32;
+                        dict.push(self.dict[code as usize].clone());
+                    }
+                    *new
+                })
+                .collect()
+        };
+        Column::new(tags, nums, codes, dict)
+    }
+}
+
 /// The Keen type name for a column given how many rows carry each tag.
 pub fn dominant_type(counts: &[u64; 8]) -> &'static str {
     let mut best: Option<(u64, u8)> = None;
@@ -294,11 +330,30 @@ pub(crate) struct ColumnBuilder {
     codes: Vec<u32>,
     dict: Vec<Arc<str>>,
     lookup: rustc_hash::FxHashMap<Arc<str>, u32>,
+    /// The rows the column will have, when known: every slot vector in use ends that long, so
+    /// each is allocated once at that size instead of growing by doubling (each growth is a
+    /// copy, and new memory is costly to touch).
+    rows: usize,
 }
 
 impl ColumnBuilder {
-    /// Sets `row` (which must not be before the last row set) to `cell`.
+    /// A builder for a column of `rows` rows.
+    pub(crate) fn with_rows(rows: usize) -> Self {
+        Self {
+            tags: Vec::with_capacity(rows),
+            rows,
+            ..Self::default()
+        }
+    }
+
+    /// Sets `row` (which must not be before the last row set) to `cell`. Setting the last row
+    /// again replaces its value (the last one wins, and the column keeps one slot per row).
     pub(crate) fn set(&mut self, row: usize, cell: Cell<'_>) {
+        if self.tags.len() == row + 1 {
+            self.tags.truncate(row);
+            self.nums.truncate(row);
+            self.codes.truncate(row);
+        }
         self.pad(row);
         match cell {
             Cell::Null => self.push(Tag::Null, None, None),
@@ -332,12 +387,18 @@ impl ColumnBuilder {
         let row = self.tags.len();
         self.tags.push(tag as u8);
         if let Some(n) = num {
+            if self.nums.capacity() == 0 {
+                self.nums.reserve_exact(self.rows.max(row + 1));
+            }
             if self.nums.len() < row {
                 self.nums.resize(row, 0.0);
             }
             self.nums.push(n);
         }
         if let Some(c) = code {
+            if self.codes.capacity() == 0 {
+                self.codes.reserve_exact(self.rows.max(row + 1));
+            }
             if self.codes.len() < row {
                 self.codes.resize(row, 0);
             }

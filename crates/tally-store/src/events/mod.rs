@@ -24,6 +24,7 @@
 //! [`EventStore::changes_since`] answers "what changed since this version". Flushes and merges
 //! move data without changing it, so they record nothing.
 
+mod build;
 pub mod column;
 pub mod segment;
 
@@ -37,7 +38,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tally_core::event::{EnrichedEvent, EventSink, PartitionPositions, SinkError};
-use tally_core::fsutil::{sync_dir, write_atomically};
+use tally_core::fsutil::{AlignedBuf, sync_dir, write_atomically, write_new_file};
 use tally_core::ids::ProjectId;
 
 pub use column::{Cell, Column, NumStats, Tag, text_hash};
@@ -70,6 +71,13 @@ pub struct StoreConfig {
     pub merge_target_rows: usize,
     /// A collection's small segments are merged once there are at least this many.
     pub merge_min_segments: usize,
+    /// Scheduling niceness of the thread that flushes and merges: like the process stage, it
+    /// works behind the log and should yield the cores to ingest (a merge at the same priority
+    /// as ingest stalled acknowledgements for as long as it ran, up to half a second).
+    pub niceness: i32,
+    /// Write segment files with `O_DIRECT`, in chunks (see [`write_new_file`]), where the file
+    /// system allows it.
+    pub direct_io: bool,
 }
 
 impl Default for StoreConfig {
@@ -78,6 +86,8 @@ impl Default for StoreConfig {
             flush_interval: Duration::from_millis(1000),
             merge_target_rows: 1 << 20,
             merge_min_segments: 8,
+            niceness: 10,
+            direct_io: true,
         }
     }
 }
@@ -216,7 +226,13 @@ pub struct EventStore {
     changes: Mutex<HashMap<TableKey, ChangeHistory>>,
     /// Distinguishes this opening of the store from earlier ones (see [`DataVersion`]).
     epoch: u64,
+    /// The buffer segment files are written through (`O_DIRECT`), kept for reuse: touching
+    /// new memory is costly.
+    write_buf: Mutex<AlignedBuf>,
 }
+
+/// How much of a segment file goes to the disk at once (see [`write_new_file`]).
+const WRITE_CHUNK_BYTES: usize = 1 << 20;
 
 impl EventStore {
     /// Opens (creating) the store in `dir`, loading every segment the manifest names.
@@ -289,6 +305,7 @@ impl EventStore {
             maintenance: Mutex::new(manifest),
             changes: Mutex::new(HashMap::new()),
             epoch: rand::random::<u64>() | 1,
+            write_buf: Mutex::new(AlignedBuf::zeroed(WRITE_CHUNK_BYTES)),
         })
     }
 
@@ -581,13 +598,8 @@ impl EventStore {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let path = segment_path(&self.dir, id);
         let bytes = segment.encode();
-        let write = || -> io::Result<()> {
-            use std::io::Write;
-            let mut file = std::fs::File::create(&path)?;
-            file.write_all(&bytes)?;
-            file.sync_data()
-        };
-        write().map_err(|source| StoreError::Io {
+        let mut buf = self.write_buf.lock().expect("write buffer lock");
+        write_new_file(&path, &bytes, &mut buf, self.config.direct_io).map_err(|source| StoreError::Io {
             path: path.clone(),
             source,
         })?;
@@ -623,20 +635,35 @@ impl EventStore {
             std::thread::Builder::new()
                 .name("tally-store".into())
                 .spawn(move || {
+                    tally_core::worker::lower_priority(store.config.niceness);
                     let tick = Duration::from_millis(20);
                     let mut waited = Duration::ZERO;
                     loop {
                         let stopping = stop.load(Ordering::Acquire);
                         if stopping || waited >= store.config.flush_interval {
                             waited = Duration::ZERO;
-                            if let Err(e) = store.flush() {
-                                tracing::error!(error = %e, "event store: flush failed; retrying");
+                            let started = std::time::Instant::now();
+                            match store.flush() {
+                                Ok(segments) if segments > 0 => tracing::debug!(
+                                    segments,
+                                    ms = started.elapsed().as_secs_f64() * 1e3,
+                                    "event store: flushed"
+                                ),
+                                Ok(_) => {}
+                                Err(e) => tracing::error!(error = %e, "event store: flush failed; retrying"),
                             }
                             if stopping {
                                 return;
                             }
-                            if let Err(e) = store.merge_small() {
-                                tracing::error!(error = %e, "event store: merge failed; retrying");
+                            let started = std::time::Instant::now();
+                            match store.merge_small() {
+                                Ok(segments) if segments > 0 => tracing::debug!(
+                                    segments,
+                                    ms = started.elapsed().as_secs_f64() * 1e3,
+                                    "event store: merged small segments"
+                                ),
+                                Ok(_) => {}
+                                Err(e) => tracing::error!(error = %e, "event store: merge failed; retrying"),
                             }
                         }
                         std::thread::sleep(tick);

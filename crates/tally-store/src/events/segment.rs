@@ -14,12 +14,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
-use tally_core::time::{format_timestamp_ms, parse_timestamp_ms};
+use tally_core::time::format_timestamp_ms;
 
-use super::column::{Cell, Column, ColumnBuilder, Tag};
-
-/// Properties stored as datetimes rather than strings.
-const DATETIME_PATHS: [&str; 2] = ["keen.timestamp", "keen.created_at"];
+use super::build::SegmentBuilder;
+use super::column::{Cell, Column, Tag};
 
 /// An immutable block of events of one collection, sorted by `keen.timestamp`.
 #[derive(Debug, Clone, Default)]
@@ -68,57 +66,16 @@ impl Segment {
         self.timestamps.len() * 8 + self.columns.values().map(Column::heap_bytes).sum::<usize>()
     }
 
-    /// Builds a segment from events given as JSON text. Events that are not JSON objects are
-    /// skipped and counted in the second return value (the process stage never produces them).
+    /// Builds a segment from events given as JSON text (see [`super::build`]). Events that are
+    /// not JSON objects are skipped and counted in the second return value (the process stage
+    /// never produces them).
     pub fn from_events<'a>(events: impl IntoIterator<Item = &'a str>) -> (Segment, usize) {
-        let mut rows: Vec<(i64, Vec<(String, Value)>)> = Vec::new();
-        let mut skipped = 0;
+        let events = events.into_iter();
+        let mut builder = SegmentBuilder::with_rows(events.size_hint().0);
         for text in events {
-            let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text) else {
-                skipped += 1;
-                continue;
-            };
-            let mut cells = Vec::new();
-            flatten(String::new(), map, &mut cells);
-            let ts = cells
-                .iter()
-                .find(|(path, _)| path == "keen.timestamp")
-                .and_then(|(_, v)| v.as_str())
-                .and_then(parse_timestamp_ms)
-                .unwrap_or(0);
-            rows.push((ts, cells));
+            builder.add(text);
         }
-        rows.sort_by_key(|(ts, _)| *ts);
-        let mut builders: BTreeMap<Arc<str>, ColumnBuilder> = BTreeMap::new();
-        let mut timestamps = Vec::with_capacity(rows.len());
-        for (row, (ts, cells)) in rows.iter().enumerate() {
-            timestamps.push(*ts);
-            for (path, value) in cells {
-                let cell = match value {
-                    Value::Null => Cell::Null,
-                    Value::Bool(b) => Cell::Bool(*b),
-                    Value::Number(n) => Cell::Num(n.as_f64().unwrap_or(0.0)),
-                    Value::String(s) => match DATETIME_PATHS
-                        .contains(&path.as_str())
-                        .then(|| parse_timestamp_ms(s))
-                        .flatten()
-                    {
-                        Some(ms) => Cell::DateTime(ms),
-                        None => Cell::Str(s),
-                    },
-                    Value::Array(_) => {
-                        let text = value.to_string();
-                        builder(&mut builders, path).set(row, Cell::List(&text));
-                        continue;
-                    }
-                    Value::Object(_) => Cell::EmptyObject,
-                };
-                builder(&mut builders, path).set(row, cell);
-            }
-        }
-        let n = timestamps.len();
-        let columns = builders.into_iter().map(|(k, b)| (k, b.finish(n))).collect();
-        (Segment { timestamps, columns }, skipped)
+        builder.finish()
     }
 
     /// Concatenates segments into one, sorted by time.
@@ -142,8 +99,11 @@ impl Segment {
         let mut columns = BTreeMap::new();
         for path in paths {
             let sources: Vec<Option<&Column>> = parts.iter().map(|s| s.columns.get(path.as_ref())).collect();
-            let mut dict: Vec<Arc<str>> = Vec::new();
-            let mut lookup: rustc_hash::FxHashMap<Arc<str>, u32> = rustc_hash::FxHashMap::default();
+            // Sized for the case of no string in common (ids), so the map never grows.
+            let most = sources.iter().flatten().map(|c| c.dict.len()).sum::<usize>();
+            let mut dict: Vec<Arc<str>> = Vec::with_capacity(most);
+            let mut lookup: rustc_hash::FxHashMap<Arc<str>, u32> =
+                rustc_hash::FxHashMap::with_capacity_and_hasher(most, Default::default());
             let remaps: Vec<Vec<u32>> = sources
                 .iter()
                 .map(|c| {
@@ -354,31 +314,6 @@ impl Segment {
 }
 
 const MAGIC: &[u8; 8] = b"TALLYSG1";
-
-fn builder<'b>(builders: &'b mut BTreeMap<Arc<str>, ColumnBuilder>, path: &str) -> &'b mut ColumnBuilder {
-    if !builders.contains_key(path) {
-        builders.insert(Arc::from(path), ColumnBuilder::default());
-    }
-    builders.get_mut(path).expect("inserted above")
-}
-
-fn flatten(prefix: String, map: Map<String, Value>, out: &mut Vec<(String, Value)>) {
-    if map.is_empty() && !prefix.is_empty() {
-        out.push((prefix, Value::Object(Map::new())));
-        return;
-    }
-    for (key, value) in map {
-        let path = if prefix.is_empty() {
-            key
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value {
-            Value::Object(inner) => flatten(path, inner, out),
-            other => out.push((path, other)),
-        }
-    }
-}
 
 /// A cell as the JSON value it was stored from.
 pub fn cell_value(cell: Cell<'_>) -> Value {
