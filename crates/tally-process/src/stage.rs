@@ -152,11 +152,14 @@ fn run(
     };
     tracing::info!(position, "process stage started");
     let mut reader = log.reader(position);
-    // Reading the next batch while this one is enriched was tried and measured slower on two
-    // cores: the reader then competes with both enrichment threads.
+    // The batch read while the previous one was enriched, if the stage was behind.
+    let mut read_ahead: Option<Vec<LogEntry>> = None;
     while !stopped() {
         let read_at = Instant::now();
-        let batch = match reader.read_batch(config.max_batch_bytes) {
+        let batch = match read_ahead
+            .take()
+            .map_or_else(|| reader.read_batch(config.max_batch_bytes), Ok)
+        {
             Ok(batch) => batch,
             Err(e) => {
                 tracing::error!(error = %e, position, "process stage: reading the log failed; retrying");
@@ -170,8 +173,26 @@ fn run(
             std::thread::sleep(config.idle_wait);
             continue;
         };
+        let behind = next - position >= (config.max_batch_bytes / 4) as u64;
         let (events, sizes) = match &pool {
-            Some(pool) => pool.dispatch(batch).collect(),
+            Some(pool) => {
+                let pending = pool.dispatch(batch);
+                // While the enrichment threads work, a stage that is behind reads its next
+                // batch: with O_DIRECT that is mostly waiting for the disk, which would otherwise
+                // hold up the next batch (about 8% of the stage's time, measured). Reading ahead
+                // through the page cache had cost CPU the enrichment threads needed, and was
+                // slower on two cores.
+                if behind {
+                    match reader.read_batch(config.max_batch_bytes) {
+                        Ok(ahead) => read_ahead = Some(ahead),
+                        Err(e) => {
+                            tracing::error!(error = %e, position = next, "process stage: reading the log failed; retrying");
+                            reader = log.reader(next);
+                        }
+                    }
+                }
+                pending.collect()
+            }
             None => (process_batch(&batch, enrichers, metrics), Vec::new()),
         };
         while let Err(e) = sink.write(&events, next) {
@@ -184,12 +205,11 @@ fn run(
         }
         report_durable(log, sink);
         metrics.events.inc_by(events.len() as u64);
-        let batch_bytes = next - position;
         position = next;
         if let Some(pool) = &pool {
             pool.free(events, &sizes);
         }
-        if batch_bytes < (config.max_batch_bytes / 4) as u64 {
+        if !behind {
             // Caught up: let the next events gather (see `StageConfig::linger`).
             while let Some(rest) = config.linger.checked_sub(read_at.elapsed()) {
                 if stopped() || rest.is_zero() {
