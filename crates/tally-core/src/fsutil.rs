@@ -113,8 +113,9 @@ impl Drop for AlignedBuf {
 /// more CPU than the write itself on the machines Tally was measured on), and the disk's queue
 /// never holds more than one such chunk of this file, so a concurrent small sync (the event
 /// log's group commit) waits behind one chunk instead of behind the whole file's write-back.
-/// The last chunk is padded to a page and the file then cut to its length.
-pub fn write_new_file(path: &Path, contents: &[u8], buf: &mut AlignedBuf, direct: bool) -> io::Result<()> {
+/// The last chunk is padded to a page and the file then cut to its length. Returns whether the
+/// file was written with `O_DIRECT`.
+pub fn write_new_file(path: &Path, contents: &[u8], buf: &mut AlignedBuf, direct: bool) -> io::Result<bool> {
     let opened = if direct {
         match OpenOptions::new()
             .write(true)
@@ -134,7 +135,7 @@ pub fn write_new_file(path: &Path, contents: &[u8], buf: &mut AlignedBuf, direct
     let Some(file) = opened else {
         let mut file = File::create(path)?;
         file.write_all(contents)?;
-        return file.sync_data();
+        return file.sync_data().map(|()| false);
     };
     let chunk = buf.len();
     let mut offset = 0usize;
@@ -149,7 +150,21 @@ pub fn write_new_file(path: &Path, contents: &[u8], buf: &mut AlignedBuf, direct
     if !contents.len().is_multiple_of(PAGE) {
         file.set_len(contents.len() as u64)?;
     }
-    file.sync_data()
+    file.sync_data().map(|()| true)
+}
+
+/// Whether `path` is on tmpfs, the file system here that refuses `O_DIRECT` (tests use it to
+/// tell a refused flag from a silently unused one).
+pub fn is_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs reads the NUL-terminated path and writes into the zeroed struct.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type == libc::TMPFS_MAGIC
+    }
 }
 
 #[cfg(test)]
@@ -168,7 +183,12 @@ mod tests {
             let contents: Vec<u8> = (0..len).map(|k| (k * 7 + i) as u8).collect();
             for direct in [true, false] {
                 let path = dir.join(format!("f{i}-{direct}"));
-                write_new_file(&path, &contents, &mut buf, direct).unwrap();
+                let written_directly = write_new_file(&path, &contents, &mut buf, direct).unwrap();
+                assert!(
+                    !direct || written_directly || is_tmpfs(&dir),
+                    "O_DIRECT refused outside tmpfs"
+                );
+                assert!(direct || !written_directly);
                 assert_eq!(
                     fs::read(&path).unwrap(),
                     contents,

@@ -26,7 +26,7 @@ use tally_core::event::{EventSink, PartitionPositions, partition_key};
 use tally_core::worker::StoppableThread;
 use tally_process::Enrichers;
 use tally_process::enrich::EnrichMemo;
-use tally_process::stage::{StageMetrics, enrich_record};
+use tally_process::stage::{RecordOrigin, StageMetrics, enrich_record};
 
 use crate::client::{KafkaClients, KafkaSetupError};
 use crate::seek::SeekContext;
@@ -159,6 +159,7 @@ fn run(
             if let Some(event) = enrich_record(
                 message.payload().unwrap_or_default(),
                 &format_args!("{topic}/{partition}@{offset}"),
+                RecordOrigin::SharedTopic,
                 enrichers,
                 geo.as_deref(),
                 &mut memo,

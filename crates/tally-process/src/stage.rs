@@ -373,7 +373,15 @@ fn process_one(
     memo: &mut EnrichMemo,
     metrics: &StageMetrics,
 ) -> Option<EnrichedEvent> {
-    enrich_record(&entry.payload, &entry.position, enrichers, geo, memo, metrics)
+    enrich_record(
+        &entry.payload,
+        &entry.position,
+        RecordOrigin::OwnLog,
+        enrichers,
+        geo,
+        memo,
+        metrics,
+    )
 }
 
 /// Decodes one log record and applies its add-ons: the work of the stage for one event,
@@ -383,6 +391,7 @@ fn process_one(
 pub fn enrich_record(
     payload: &[u8],
     at: &dyn std::fmt::Display,
+    origin: RecordOrigin,
     enrichers: &Enrichers,
     geo: Option<&GeoDatabase>,
     memo: &mut EnrichMemo,
@@ -390,6 +399,7 @@ pub fn enrich_record(
 ) -> Option<EnrichedEvent> {
     let decoded = LoggedEvent::decode(payload).map_err(|e| e.to_string());
     if let Ok(logged) = &decoded
+        && origin == RecordOrigin::OwnLog
         && let Some(json) = stamped_as_sent(logged.keen_json, logged.body_json)
     {
         return Some(EnrichedEvent {
@@ -424,6 +434,18 @@ pub fn enrich_record(
     })
 }
 
+/// Where a log record was read from, which decides how much it is trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOrigin {
+    /// This node's embedded log: written by this node's ingest after validation, each record
+    /// checksummed. Events without add-ons may take [`stamped_as_sent`], which does not parse
+    /// the body again.
+    OwnLog,
+    /// A shared topic anything can produce to (Kafka as the log): every record is parsed, and
+    /// one that is not a valid event is counted in `tally_process_bad_records` and skipped.
+    SharedTopic,
+}
+
 /// The stored text of an event that asks for no add-ons: the stamped `keen` object, then the
 /// body's other top-level members as the client sent them. This is what splitting the event
 /// into its members and writing them out again gives (the same members in the same order;
@@ -444,12 +466,20 @@ fn stamped_as_sent(keen_json: &str, body: &[u8]) -> Option<String> {
     let mut json = String::with_capacity(keen_json.len() + body.len() + 10);
     json.push_str("{\"keen\":");
     json.push_str(keen_json);
-    for (name, member) in TopLevelMembers::new(body.as_bytes())? {
+    let mut members = TopLevelMembers::new(body.as_bytes())?;
+    for (name, member) in members.by_ref() {
         let member = member?;
         if name != b"keen" {
             json.push(',');
             json.push_str(&body[member]);
         }
+    }
+    // Only whitespace may follow the object's closing brace.
+    if !body.as_bytes()[members.at + 1..]
+        .iter()
+        .all(u8::is_ascii_whitespace)
+    {
+        return None;
     }
     json.push('}');
     Some(json)
@@ -802,6 +832,8 @@ mod stamped_as_sent_tests {
             "[1]",
             r#"{"a" 1}"#,
             r#"{"a":1"#,
+            r#"{"a":1}}"#,
+            r#"{"a":1} x"#,
         ] {
             assert!(stamped_as_sent(KEEN, body.as_bytes()).is_none(), "{body}");
         }

@@ -65,6 +65,9 @@ pub struct ServerMetrics {
     log_lag_bytes: Gauge,
     /// `process_cpu_seconds_total`, Prometheus' standard name, read when scraped.
     cpu_seconds: Counter<f64, AtomicU64>,
+    /// Held while the counter is brought up to date, so that concurrent scrapes do not both add
+    /// the same CPU time.
+    cpu_update: std::sync::Mutex<()>,
 }
 
 impl ServerMetrics {
@@ -112,6 +115,7 @@ impl ServerMetrics {
                 );
                 counter
             },
+            cpu_update: std::sync::Mutex::new(()),
             registry,
             http_requests,
         }
@@ -125,9 +129,12 @@ impl ServerMetrics {
         self.log_pending_bytes.set(as_i64(log.pending_bytes));
         self.log_lag_bytes.set(as_i64(log.lag_bytes()));
         // A counter only goes up: add what was used since the last scrape.
-        let used = tally_core::worker::process_cpu_seconds() - self.cpu_seconds.get();
-        if used > 0.0 {
-            self.cpu_seconds.inc_by(used);
+        {
+            let _updating = self.cpu_update.lock().unwrap_or_else(|p| p.into_inner());
+            let used = tally_core::worker::process_cpu_seconds() - self.cpu_seconds.get();
+            if used > 0.0 {
+                self.cpu_seconds.inc_by(used);
+            }
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

@@ -210,17 +210,6 @@ fn read_into(file: &File, buf: &mut [u8], offset: u64, direct: bool) -> io::Resu
 mod tests {
     use super::*;
 
-    /// Whether `path` is on tmpfs, the one file system here that refuses `O_DIRECT`.
-    fn on_tmpfs(path: &Path) -> bool {
-        use std::os::unix::ffi::OsStrExt;
-        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-        // SAFETY: statfs reads the NUL-terminated path and writes into the zeroed struct.
-        unsafe {
-            let mut stat: libc::statfs = std::mem::zeroed();
-            libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type == libc::TMPFS_MAGIC
-        }
-    }
-
     /// What the page writer leaves on disk is the data, contiguous across groups of every
     /// size remainder and across chunk boundaries, then zeros; and reads at any offset give it
     /// back.
@@ -230,7 +219,10 @@ mod tests {
         let path = dir.path().join("segment");
         std::fs::write(&path, vec![0u8; 3 * WRITE_CHUNK]).unwrap();
         let (file, direct) = open_segment(&path, true, true).unwrap();
-        assert!(direct || on_tmpfs(dir.path()), "O_DIRECT refused outside tmpfs");
+        assert!(
+            direct || tally_core::fsutil::is_tmpfs(dir.path()),
+            "O_DIRECT refused outside tmpfs"
+        );
         let mut writer = PageWriter::new(&file, 0).unwrap();
         let mut expected = Vec::new();
         let mut end = 0u64;

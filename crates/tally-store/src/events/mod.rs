@@ -599,10 +599,12 @@ impl EventStore {
         let path = segment_path(&self.dir, id);
         let bytes = segment.encode();
         let mut buf = self.write_buf.lock().expect("write buffer lock");
-        write_new_file(&path, &bytes, &mut buf, self.config.direct_io).map_err(|source| StoreError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        write_new_file(&path, &bytes, &mut buf, self.config.direct_io)
+            .map(drop)
+            .map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
         Ok(Arc::new(StoredSegment {
             id,
             durable: true,
@@ -642,29 +644,11 @@ impl EventStore {
                         let stopping = stop.load(Ordering::Acquire);
                         if stopping || waited >= store.config.flush_interval {
                             waited = Duration::ZERO;
-                            let started = std::time::Instant::now();
-                            match store.flush() {
-                                Ok(segments) if segments > 0 => tracing::debug!(
-                                    segments,
-                                    ms = started.elapsed().as_secs_f64() * 1e3,
-                                    "event store: flushed"
-                                ),
-                                Ok(_) => {}
-                                Err(e) => tracing::error!(error = %e, "event store: flush failed; retrying"),
-                            }
+                            maintenance_step("flush", || store.flush());
                             if stopping {
                                 return;
                             }
-                            let started = std::time::Instant::now();
-                            match store.merge_small() {
-                                Ok(segments) if segments > 0 => tracing::debug!(
-                                    segments,
-                                    ms = started.elapsed().as_secs_f64() * 1e3,
-                                    "event store: merged small segments"
-                                ),
-                                Ok(_) => {}
-                                Err(e) => tracing::error!(error = %e, "event store: merge failed; retrying"),
-                            }
+                            maintenance_step("merge of small segments", || store.merge_small());
                         }
                         std::thread::sleep(tick);
                         waited += tick;
@@ -675,6 +659,22 @@ impl EventStore {
             stop,
             thread: Some(thread),
         })
+    }
+}
+
+/// Runs one step of the maintenance thread: its duration is logged at debug level when it
+/// wrote segments (to line up with ingest's latency), a failure at error level (the next tick
+/// tries again).
+fn maintenance_step(what: &str, step: impl FnOnce() -> Result<usize, StoreError>) {
+    let started = std::time::Instant::now();
+    match step() {
+        Ok(0) => {}
+        Ok(segments) => tracing::debug!(
+            segments,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "event store: {what} done"
+        ),
+        Err(e) => tracing::error!(error = %e, "event store: {what} failed; retrying"),
     }
 }
 
