@@ -69,7 +69,8 @@ pub struct IngestArgs {
     /// Threads for the load generator (the rest of the machine serves).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Run only the closed-loop single-event phase (for profiling).
+    /// Run only the closed-loop single-event phase (for profiling); the same as
+    /// `--phases single`.
     #[arg(long)]
     only_single: bool,
     /// The phases to run, in order, comma-separated: ping, single, single-half, batch,
@@ -134,9 +135,8 @@ impl PhaseKind {
             .filter(|name| !name.is_empty())
             .map(|name| {
                 Self::ALL.into_iter().find(|k| k.name() == name).with_context(|| {
-                    format!(
-                        "unknown phase {name:?}; the phases are ping, single, single-half, batch, batch-half"
-                    )
+                    let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                    format!("unknown phase {name:?}; the phases are {}", names.join(", "))
                 })
             })
             .collect()
@@ -359,19 +359,17 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             println!("{:<26} (metrics unavailable)", r.name);
             continue;
         };
+        // The mean over the phase of a histogram read as (sum, count) before and after it.
+        let mean_ms = |sum: f64, count: f64| {
+            if count > 0.0 {
+                sum / count * 1000.0
+            } else {
+                f64::NAN
+            }
+        };
         let syncs = after.fsyncs - before.fsyncs;
-        let mean_ms = if syncs > 0.0 {
-            (after.fsync_seconds - before.fsync_seconds) / syncs * 1000.0
-        } else {
-            f64::NAN
-        };
-        let slow_commits = (after.commits - after.commits_fast) - (before.commits - before.commits_fast);
         let rolls = after.rolls - before.rolls;
-        let roll_ms = if rolls > 0.0 {
-            (after.roll_seconds - before.roll_seconds) / rolls * 1000.0
-        } else {
-            f64::NAN
-        };
+        let slow_commits = (after.commits - after.commits_fast) - (before.commits - before.commits_fast);
         let per_request = |seconds: f64| seconds / r.requests.max(1) as f64 * 1e6;
         println!(
             "{:<26} {:>11.1} {:>11.1} {:>14.0} {:>14.0} {:>10.0} {:>14.3} {:>18.0} {:>8.0} {:>13.2}",
@@ -381,10 +379,10 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             before.backlog(),
             after.backlog(),
             syncs,
-            mean_ms,
+            mean_ms(after.fsync_seconds - before.fsync_seconds, syncs),
             slow_commits,
             rolls,
-            roll_ms
+            mean_ms(after.roll_seconds - before.roll_seconds, rolls)
         );
     }
     println!(

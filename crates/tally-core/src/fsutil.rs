@@ -116,27 +116,13 @@ impl Drop for AlignedBuf {
 /// The last chunk is padded to a page and the file then cut to its length. Returns whether the
 /// file was written with `O_DIRECT`.
 pub fn write_new_file(path: &Path, contents: &[u8], buf: &mut AlignedBuf, direct: bool) -> io::Result<bool> {
-    let opened = if direct {
-        match OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
-            Ok(file) => Some(file),
-            // tmpfs and some others refuse the flag.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
-            Err(e) => return Err(e),
-        }
-    } else {
-        None
-    };
-    let Some(file) = opened else {
-        let mut file = File::create(path)?;
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    let (mut file, direct) = open_maybe_direct(&options, path, direct)?;
+    if !direct {
         file.write_all(contents)?;
         return file.sync_data().map(|()| false);
-    };
+    }
     let chunk = buf.len();
     let mut offset = 0usize;
     for part in contents.chunks(chunk) {
@@ -151,6 +137,20 @@ pub fn write_new_file(path: &Path, contents: &[u8], buf: &mut AlignedBuf, direct
         file.set_len(contents.len() as u64)?;
     }
     file.sync_data().map(|()| true)
+}
+
+/// Opens `path` with `options`, adding `O_DIRECT` when `direct` is asked for and the file system
+/// allows it (tmpfs and some others refuse the flag with `EINVAL`; then the file is opened
+/// without it). Returns the file and whether it was opened with `O_DIRECT`.
+pub fn open_maybe_direct(options: &OpenOptions, path: &Path, direct: bool) -> io::Result<(File, bool)> {
+    if direct {
+        match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+            Ok(file) => return Ok((file, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((options.open(path)?, false))
 }
 
 /// Whether `path` is on tmpfs, the file system here that refuses `O_DIRECT` (tests use it to

@@ -4,9 +4,10 @@
 //! deleted: the page cache only adds work. Putting data into a page cache page the kernel has
 //! to find first is the costly part of a buffered write, and the log's writes always need new
 //! pages (segments are zero-filled with `O_DIRECT`, so none of their pages is cached). Measured
-//! on the 2-core development VM, 512 MB: buffered writes into new pages ran at 346 MB/s of CPU
-//! time, and buffered reads of uncached data took 0.36–1.0 s of CPU, where the same writes and
-//! reads with `O_DIRECT` into reused buffers took 0.03 s of CPU each. In the ingest benchmark the
+//! on the 2-core development VM, 512 MB: buffered writes into new pages ran at 346 MB/s (the
+//! writing thread busy throughout), and buffered reads of uncached data took 0.36–1.0 s of CPU,
+//! where the same writes and reads with `O_DIRECT` from and into reused buffers took 0.03 s of
+//! CPU each. In the ingest benchmark the
 //! log writer had spent most of its time copying into new page cache pages.
 //!
 //! **How.** `O_DIRECT` transfers whole, aligned pages from aligned memory. [`PageWriter`] copies
@@ -16,7 +17,7 @@
 //! write followed by zeros to the page boundary (which the zero-filled segment held already),
 //! so the format, recovery and readers are unchanged. Rewriting the partial page rewrites the
 //! bytes of acknowledged records with the same bytes, so a crash tearing that page cannot change
-//! them. [`SegmentFile`] reads the same way, into an aligned buffer of its own.
+//! them. [`SegmentFile`] reads the same way, into an aligned buffer its reader keeps.
 //!
 //! Where the file system refuses `O_DIRECT` (tmpfs), or `log.direct_io` is off, files are opened
 //! normally and the page cache is used.
@@ -24,9 +25,10 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use tally_core::fsutil::open_maybe_direct;
 pub(crate) use tally_core::fsutil::{AlignedBuf, PAGE};
 
 /// Bytes [`PageWriter`] copies before writing them out: a group larger than this is written
@@ -36,20 +38,7 @@ const WRITE_CHUNK: usize = 4 << 20;
 /// Opens `path` for reading (and writing, if `write`), with `O_DIRECT` when `direct` is asked
 /// for and the file system allows it. Returns the file and whether it is direct.
 pub(crate) fn open_segment(path: &Path, write: bool, direct: bool) -> io::Result<(File, bool)> {
-    if direct {
-        let opened = OpenOptions::new()
-            .read(true)
-            .write(write)
-            .custom_flags(libc::O_DIRECT)
-            .open(path);
-        match opened {
-            Ok(file) => return Ok((file, true)),
-            // tmpfs and some others refuse the flag; anything else is a real error.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok((OpenOptions::new().read(true).write(write).open(path)?, false))
+    open_maybe_direct(OpenOptions::new().read(true).write(write), path, direct)
 }
 
 /// Writes groups of frames into a segment opened with `O_DIRECT`, whole pages at a time.

@@ -78,7 +78,7 @@ pub fn scan_valid_len(file: &std::fs::File) -> std::io::Result<u64> {
 }
 
 /// The whole length of the frame starting `buf`, from its header, if the header is plausible.
-fn frame_len(buf: &[u8]) -> Option<usize> {
+pub(crate) fn frame_len(buf: &[u8]) -> Option<usize> {
     let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
     (len > 0 && len <= MAX_RECORD_BYTES).then_some(FRAME_HEADER_BYTES + len)
 }

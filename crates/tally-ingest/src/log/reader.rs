@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::direct::{AlignedBuf, PAGE, SegmentFile};
-use super::frame::{FRAME_HEADER_BYTES, MAX_RECORD_BYTES, read_frame};
+use super::frame::{FRAME_HEADER_BYTES, MAX_RECORD_BYTES, frame_len, read_frame};
 use super::{list_segments, segment_path};
 
 /// One record read from the log.
@@ -150,12 +150,4 @@ impl LogReader {
         }
         Ok(Some(base))
     }
-}
-
-/// The whole length of the frame `buf` starts with, from its header, if the header is there and
-/// plausible.
-fn frame_len(buf: &[u8]) -> Option<usize> {
-    let header = buf.get(..FRAME_HEADER_BYTES)?;
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    (len > 0 && len <= MAX_RECORD_BYTES).then_some(len + FRAME_HEADER_BYTES)
 }

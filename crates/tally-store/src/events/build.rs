@@ -5,8 +5,10 @@
 //! visitor and puts every value straight into its column: no `serde_json::Value` tree, no
 //! string per flattened path (paths are built in one reused buffer), and a row's columns are
 //! found by guessing that it has the same shape as the row before (events of one collection
-//! usually do) before falling back to a hash lookup. Measured on the process stage's events,
-//! this replaced a tree per event whose allocations were most of the store's time.
+//! usually do) before falling back to a hash lookup. It replaced a tree and a string per path
+//! per event: in the single-event ingest benchmark, the thread that builds segments had spent
+//! 21% of its samples in `malloc` alone, and its CPU went from ~0.45 to ~0.30 CPU-seconds per
+//! 2 s with this builder.
 //!
 //! What a segment holds is exactly what parsing each event into a `serde_json::Value` and
 //! flattening it would give ([`from_values`], kept as the reference and as the fallback):
@@ -40,7 +42,7 @@ use super::column::{Cell, ColumnBuilder};
 use super::segment::Segment;
 
 /// The properties stored as datetimes rather than strings, when they parse as one.
-pub(crate) const DATETIME_PATHS: [&str; 2] = ["keen.timestamp", "keen.created_at"];
+const DATETIME_PATHS: [&str; 2] = ["keen.timestamp", "keen.created_at"];
 
 /// The path whose value orders a segment's rows.
 const TIMESTAMP_PATH: &str = "keen.timestamp";
@@ -65,7 +67,7 @@ pub(crate) struct SegmentBuilder<'a> {
 }
 
 /// One value of the row being read; strings borrow from the event's text where they can.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Pending<'a> {
     Null,
     Num(f64),

@@ -259,12 +259,7 @@ impl Column {
 
     /// The column restricted to `rows` (in that order).
     pub(crate) fn gather(&self, rows: &[u32]) -> Column {
-        let tags = rows.iter().map(|&r| self.tags[r as usize]).collect();
-        let nums = if self.nums.is_empty() {
-            Vec::new()
-        } else {
-            rows.iter().map(|&r| self.nums[r as usize]).collect()
-        };
+        let (tags, nums) = self.gather_tags_and_nums(rows);
         let codes = if self.codes.is_empty() {
             Vec::new()
         } else {
@@ -272,19 +267,23 @@ impl Column {
         };
         Column::new(tags, nums, codes, self.dict.clone())
     }
-}
 
-impl Column {
-    /// The column with its rows in the order `rows` gives (a permutation of all rows), its
-    /// dictionary renumbered by first appearance in that order: what building the column row
-    /// by row in that order would have made.
-    pub(crate) fn gather_recoded(&self, rows: &[u32]) -> Column {
-        let tags: Vec<u8> = rows.iter().map(|&r| self.tags[r as usize]).collect();
+    /// The tag and number slots of `rows`, in that order.
+    fn gather_tags_and_nums(&self, rows: &[u32]) -> (Vec<u8>, Vec<f64>) {
+        let tags = rows.iter().map(|&r| self.tags[r as usize]).collect();
         let nums = if self.nums.is_empty() {
             Vec::new()
         } else {
             rows.iter().map(|&r| self.nums[r as usize]).collect()
         };
+        (tags, nums)
+    }
+
+    /// The column with its rows in the order `rows` gives (a permutation of all rows), its
+    /// dictionary renumbered by first appearance in that order: what building the column row
+    /// by row in that order would have made.
+    pub(crate) fn gather_recoded(&self, rows: &[u32]) -> Column {
+        let (tags, nums) = self.gather_tags_and_nums(rows);
         let mut dict = Vec::with_capacity(self.dict.len());
         let codes = if self.codes.is_empty() {
             Vec::new()
