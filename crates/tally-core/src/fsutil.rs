@@ -1,5 +1,5 @@
-//! Small file-system helpers: durable metadata files, and writing data files past the page
-//! cache (`O_DIRECT`) from page-aligned buffers.
+//! Small file-system helpers: durable metadata files, writing data files past the page cache
+//! (`O_DIRECT`) from page-aligned buffers, and deleting big files without stalling other syncs.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -9,6 +9,40 @@ use std::path::Path;
 /// Fsyncs a directory, so that a file created, renamed or removed in it survives a crash.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// How much of a file [`remove_file_gradually`] frees at a time.
+pub const REMOVAL_STEP: u64 = 16 << 20;
+
+/// Deletes a file `step` bytes at a time: the file is cut shorter and synced, again and again,
+/// then unlinked, so that the file system frees (and discards) its blocks in small pieces.
+///
+/// On a file system mounted with `discard` (this project's test machines: ext4 on a virtual
+/// disk), freeing a big file at once sends one large discard to the device at the next journal
+/// commit, and every sync on that device, the event log's group commits among them, waits behind
+/// it. Measured there, with a loop of 4 KiB write-and-fdatasync beside it: deleting a 2 GB file at
+/// once made 9 of ~25,000 syncs take over 10 ms (the worst 41 ms); cutting it in 32 MiB or 8 MiB
+/// steps, none did (worst 8.4 and 5.4 ms), and the deletion took ~0.5 s.
+///
+/// Use it only for files nothing needs any more: a crash part-way leaves a shorter file under the
+/// same name. A file that is already gone is not an error.
+pub fn remove_file_gradually(path: &Path, step: u64) -> io::Result<()> {
+    let file = match OpenOptions::new().write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut len = file.metadata()?.len();
+    while len > step {
+        len -= step;
+        file.set_len(len)?;
+        file.sync_data()?;
+    }
+    drop(file);
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// Replaces `path` with `contents` atomically: a temporary file beside it, fsync, rename, and an
@@ -196,6 +230,20 @@ mod tests {
                 );
             }
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn gradual_removal_deletes_files_of_every_size_and_tolerates_missing_ones() {
+        let dir = std::env::temp_dir().join(format!("tally-fsutil-rm-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        for len in [0u64, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 5] {
+            let path = dir.join(format!("f{len}"));
+            fs::write(&path, vec![7u8; len as usize]).unwrap();
+            remove_file_gradually(&path, 4096).unwrap();
+            assert!(!path.exists(), "{len} bytes");
+        }
+        remove_file_gradually(&dir.join("never-there"), 4096).unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -24,9 +24,9 @@ use tally_core::log::{EventLog, LogError};
 use tally_core::names::check_collection_name;
 use tally_core::time::{format_timestamp_ms, write_timestamp_ms};
 
-use crate::decode::parse_batch;
+use crate::decode::{body_text, parse_batch};
 use crate::dedupe::{Dedupe, TokenKey, token_key};
-use crate::validate::{IP_PLACEHOLDER, USER_AGENT_PLACEHOLDER, ValidEvent, json_error, validate_event};
+use crate::validate::{IP_PLACEHOLDER, USER_AGENT_PLACEHOLDER, ValidEvent, json_error, validate_event_text};
 
 /// Bodies at least this big are validated on the blocking pool.
 const BLOCKING_BODY_BYTES: usize = 256 * 1024;
@@ -204,8 +204,8 @@ impl Ingestor {
         let now_ms = self.clock.now_ms();
         let prepared = check_collection_name(&collection)
             .map_err(|m| EventError::new(ErrorCode::InvalidCollectionName, m))
-            // serde_json checks UTF-8 as it parses; no separate pass.
-            .and_then(|()| self.prepare(&meta, &collection, &body, &body, &Stamp::new(now_ms)));
+            .and_then(|()| body_text(&body, ErrorCode::InvalidEvent))
+            .and_then(|text| self.prepare(&meta, &collection, &body, text, &Stamp::new(now_ms)));
         let slots = match prepared {
             Ok(event) => vec![self.reserve(event, now_ms)],
             Err(e) => {
@@ -251,12 +251,10 @@ impl Ingestor {
                     for raw in events {
                         let slot = match &name_error {
                             Some(e) => Slot::Rejected(e.clone()),
-                            None => {
-                                match this.prepare(&meta, collection, &body, raw.get().as_bytes(), &stamp) {
-                                    Ok(event) => this.reserve(event, now_ms),
-                                    Err(e) => Slot::Rejected(e),
-                                }
-                            }
+                            None => match this.prepare(&meta, collection, &body, raw.get(), &stamp) {
+                                Ok(event) => this.reserve(event, now_ms),
+                                Err(e) => Slot::Rejected(e),
+                            },
                         };
                         slots.push(slot);
                     }
@@ -292,23 +290,23 @@ impl Ingestor {
         meta: &RequestMeta,
         collection: &str,
         body: &Bytes,
-        raw: &[u8],
+        raw: &str,
         stamp: &Stamp,
     ) -> Result<AcceptedEvent, EventError> {
-        let valid = validate_event(raw, &self.limits)?;
+        let valid = validate_event_text(raw, &self.limits)?;
         let (valid, body) = if valid.has_placeholders || meta.autofill.is_some() {
-            let mut value: Value = serde_json::from_slice(raw).map_err(|e| json_error(&e))?;
+            let mut value: Value = serde_json::from_str(raw).map_err(|e| json_error(&e))?;
             if let (Some(fill), Value::Object(event)) = (&meta.autofill, &mut value) {
                 deep_merge(event, fill);
             }
             substitute_placeholders(&mut value, meta);
-            let substituted = serde_json::to_vec(&value).map_err(|e| json_error(&e))?;
+            let substituted = serde_json::to_string(&value).map_err(|e| json_error(&e))?;
             (
-                validate_event(&substituted, &self.limits)?,
+                validate_event_text(&substituted, &self.limits)?,
                 Bytes::from(substituted),
             )
         } else {
-            (valid, body.slice_ref(raw))
+            (valid, body.slice_ref(raw.as_bytes()))
         };
         Ok(AcceptedEvent {
             project: meta.project,

@@ -42,22 +42,26 @@ pub struct ValidEvent {
 
 /// Validates one event given as JSON bytes.
 pub fn validate_event(bytes: &[u8], limits: &IngestConfig) -> Result<ValidEvent, EventError> {
-    if bytes.len() > limits.max_event_bytes {
-        return Err(EventError::new(
+    check_event_size(bytes.len(), limits)?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        EventError::new(
             ErrorCode::InvalidEvent,
-            format!(
-                "Event is {} bytes; an event may be at most {} bytes.",
-                bytes.len(),
-                limits.max_event_bytes
-            ),
-        ));
-    }
+            format!("Event is not valid UTF-8 ({e})."),
+        )
+    })?;
+    validate_event_text(text, limits)
+}
+
+/// Validates one event given as text, already known to be UTF-8 (a batch's events are checked
+/// once, with the whole body), so its strings are not checked again.
+pub fn validate_event_text(text: &str, limits: &IngestConfig) -> Result<ValidEvent, EventError> {
+    check_event_size(text.len(), limits)?;
     let state = State {
         limits,
         failure: RefCell::new(None),
         result: RefCell::new(ValidEvent::default()),
     };
-    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let mut de = serde_json::Deserializer::from_str(text);
     let outcome = de
         .deserialize_any(TopVisitor { state: &state })
         .and_then(|()| de.end());
@@ -68,6 +72,19 @@ pub fn validate_event(bytes: &[u8], limits: &IngestConfig) -> Result<ValidEvent,
         Ok(()) => Ok(state.result.into_inner()),
         Err(e) => Err(json_error(&e)),
     }
+}
+
+fn check_event_size(bytes: usize, limits: &IngestConfig) -> Result<(), EventError> {
+    if bytes > limits.max_event_bytes {
+        return Err(EventError::new(
+            ErrorCode::InvalidEvent,
+            format!(
+                "Event is {bytes} bytes; an event may be at most {} bytes.",
+                limits.max_event_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Turns a JSON syntax error into Keen's error for it.

@@ -192,7 +192,25 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(bases)
 }
 
+use tally_core::fsutil::{REMOVAL_STEP, remove_file_gradually};
 pub(crate) use tally_core::fsutil::{sync_dir, write_atomically};
+
+/// Where a segment no reader needs waits to be deleted (no longer `*.log`, so no longer part of
+/// the log).
+fn retired_path(dir: &Path, base: u64) -> PathBuf {
+    segments_dir(dir).join(format!("{base:020}.log.retired"))
+}
+
+/// Deletes retired segments, a piece at a time.
+fn remove_retired_segments(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(segments_dir(dir))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|ext| ext == "retired") {
+            remove_file_gradually(&path, REMOVAL_STEP)?;
+        }
+    }
+    Ok(())
+}
 
 /// The file a helper thread zero-fills for the next roll.
 fn prepared_path(dir: &Path) -> PathBuf {
@@ -280,6 +298,7 @@ impl EmbeddedEventLog {
     pub fn open(dir: &Path, config: LogConfig, registry: &mut Registry) -> io::Result<Self> {
         fs::create_dir_all(segments_dir(dir))?;
         let _ = fs::remove_file(prepared_path(dir));
+        remove_retired_segments(dir)?;
         let mut bases = list_segments(dir)?;
         if bases.is_empty() {
             let prepared = prepare_segment(dir, config.segment_bytes)?;
@@ -400,19 +419,25 @@ impl EmbeddedEventLog {
     /// Deletes whole segments that lie entirely before `position`; the active segment is never
     /// deleted. Callers pass the oldest position anything still needs (the consumed position,
     /// and where de-duplication would replay from).
+    ///
+    /// A segment leaves the log by a rename (`N.log` to `N.log.retired`, synced) and is then
+    /// deleted a piece at a time ([`remove_file_gradually`]: a 64 MiB file freed at once would
+    /// stall the group commits' syncs on the same disk); retired files a crash left are deleted
+    /// at the next open.
     pub fn retain_from(&self, position: u64) -> io::Result<u64> {
         let bases = list_segments(&self.dir)?;
         let mut removed = 0;
         for pair in bases.windows(2) {
             let (base, next_base) = (pair[0], pair[1]);
             if next_base <= position {
-                fs::remove_file(segment_path(&self.dir, base))?;
+                fs::rename(segment_path(&self.dir, base), retired_path(&self.dir, base))?;
                 removed += next_base - base;
                 self.shared.first_retained.store(next_base, Ordering::Release);
             }
         }
         if removed > 0 {
             sync_dir(&segments_dir(&self.dir))?;
+            remove_retired_segments(&self.dir)?;
         }
         Ok(removed)
     }

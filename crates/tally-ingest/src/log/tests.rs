@@ -230,12 +230,29 @@ async fn retention_and_the_unconsumed_bound(direct: bool) {
     log.append(&[event(99)])
         .await
         .expect("accepted again once consumed");
+    let files_before = segment_files(dir.path());
     let removed = log.retain_from(end).unwrap();
     assert!(removed > 0);
     assert_eq!(log.status().consumed, end);
+    let files_after = segment_files(dir.path());
+    assert!(
+        files_after.len() < files_before.len(),
+        "{files_before:?} -> {files_after:?}"
+    );
+    assert!(
+        !files_after.iter().any(|f| f.ends_with(".retired")),
+        "nothing retired is left: {files_after:?}"
+    );
     log.close();
     drop(log);
+    // A retired segment a crash left behind is deleted at the next open.
+    let leftover = dir
+        .path()
+        .join("segments")
+        .join("00000000000000000000.log.retired");
+    std::fs::write(&leftover, [1u8; 10_000]).unwrap();
     let reopened = open(dir.path(), config);
+    assert!(!leftover.exists());
     assert_eq!(reopened.status().consumed, end);
     let mut reader = reopened.reader(end);
     let rest = reader.read_batch(1 << 20).unwrap();
@@ -275,4 +292,14 @@ async fn page_padding_never_leaves_gaps_or_garbage(direct: bool) {
     let reopened = open(dir.path(), config);
     assert_eq!(reopened.recovery().cut_bytes, 0);
     assert_eq!(reopened.recovery().durable_end, end);
+}
+
+/// The names of the files in the log's segment folder, sorted.
+fn segment_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }

@@ -38,7 +38,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tally_core::event::{EnrichedEvent, EventSink, PartitionPositions, SinkError};
-use tally_core::fsutil::{AlignedBuf, sync_dir, write_atomically, write_new_file};
+use tally_core::fsutil::{
+    AlignedBuf, REMOVAL_STEP, remove_file_gradually, sync_dir, write_atomically, write_new_file,
+};
 use tally_core::ids::ProjectId;
 
 pub use column::{Cell, Column, NumStats, Tag, text_hash};
@@ -588,8 +590,10 @@ impl EventStore {
                 tables.remove(key);
             }
         }
+        // Bit by bit: a big segment deleted at once stalls the log's syncs on the same disk. A
+        // crash part-way leaves a shorter file no manifest names, removed at the next open.
         for id in gone {
-            let _ = std::fs::remove_file(segment_path(&self.dir, *id));
+            let _ = remove_file_gradually(&segment_path(&self.dir, *id), REMOVAL_STEP);
         }
         Ok(())
     }
