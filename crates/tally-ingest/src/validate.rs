@@ -1,6 +1,6 @@
 //! The Keen event validator.
 //!
-//! [`validate_event`] walks the event's JSON once, as the bytes arrive, checking every property
+//! [`validate_event_text`] walks the event's JSON once, checking every property
 //! name and value against Keen's rules (reference §1.4 and §9) without building a tree; only the
 //! small `keen` object is parsed into a value, checked, and returned. It also notes whether any
 //! string is a `${keen.ip}` or `${keen.user_agent}` placeholder, so the rare event that needs
@@ -16,6 +16,8 @@ use tally_core::config::IngestConfig;
 use tally_core::error::{ErrorCode, EventError};
 use tally_core::names::check_property_name;
 use tally_core::time::parse_timestamp_ms;
+
+use crate::decode::body_text;
 
 /// The placeholder replaced by the client's IP address.
 pub const IP_PLACEHOLDER: &str = "${keen.ip}";
@@ -40,22 +42,25 @@ pub struct ValidEvent {
     pub has_placeholders: bool,
 }
 
-/// Validates one event given as JSON bytes.
+/// Validates one event given as JSON bytes: they are checked as UTF-8 ([`body_text`]) and then
+/// validated as text, as ingest does with a single event's body.
 pub fn validate_event(bytes: &[u8], limits: &IngestConfig) -> Result<ValidEvent, EventError> {
-    check_event_size(bytes.len(), limits)?;
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        EventError::new(
-            ErrorCode::InvalidEvent,
-            format!("Event is not valid UTF-8 ({e})."),
-        )
-    })?;
-    validate_event_text(text, limits)
+    validate_event_text(body_text(bytes, ErrorCode::InvalidEvent)?, limits)
 }
 
 /// Validates one event given as text, already known to be UTF-8 (a batch's events are checked
 /// once, with the whole body), so its strings are not checked again.
 pub fn validate_event_text(text: &str, limits: &IngestConfig) -> Result<ValidEvent, EventError> {
-    check_event_size(text.len(), limits)?;
+    if text.len() > limits.max_event_bytes {
+        return Err(EventError::new(
+            ErrorCode::InvalidEvent,
+            format!(
+                "Event is {} bytes; an event may be at most {} bytes.",
+                text.len(),
+                limits.max_event_bytes
+            ),
+        ));
+    }
     let state = State {
         limits,
         failure: RefCell::new(None),
@@ -72,19 +77,6 @@ pub fn validate_event_text(text: &str, limits: &IngestConfig) -> Result<ValidEve
         Ok(()) => Ok(state.result.into_inner()),
         Err(e) => Err(json_error(&e)),
     }
-}
-
-fn check_event_size(bytes: usize, limits: &IngestConfig) -> Result<(), EventError> {
-    if bytes > limits.max_event_bytes {
-        return Err(EventError::new(
-            ErrorCode::InvalidEvent,
-            format!(
-                "Event is {bytes} bytes; an event may be at most {} bytes.",
-                limits.max_event_bytes
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Turns a JSON syntax error into Keen's error for it.
