@@ -480,7 +480,7 @@ impl ServerSample {
 
     /// Reads `/metrics`; `None` if the server does not answer (the bench goes on without it).
     async fn fetch(addr: &str) -> Option<Self> {
-        let text = fetch_text(addr, "/metrics").await.ok()?;
+        let text = crate::bench_kafka::get(addr, "/metrics", None).await.ok()?;
         Some(Self {
             bench_cpu_seconds: tally_core::worker::process_cpu_seconds(),
             ..Self::parse(&text)
@@ -520,18 +520,6 @@ impl ServerSample {
         }
         sample
     }
-}
-
-async fn fetch_text(addr: &str, path: &str) -> anyhow::Result<String> {
-    let stream = TcpStream::connect(addr).await?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = Request::get(path)
-        .header("host", addr)
-        .body(Full::new(Bytes::new()))?;
-    let response = sender.send_request(request).await?;
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 async fn phase(

@@ -238,7 +238,8 @@ async fn connect(
     Ok(sender)
 }
 
-async fn get(base: &str, path: &str, key: Option<&str>) -> anyhow::Result<String> {
+/// GETs `path` from the server at `base` (`http://host:port` or `host:port`) as text.
+pub(crate) async fn get(base: &str, path: &str, key: Option<&str>) -> anyhow::Result<String> {
     let mut sender = connect(base).await?;
     let mut request = hyper::Request::get(path).header("host", "bench");
     if let Some(key) = key {

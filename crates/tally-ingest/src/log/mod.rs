@@ -54,6 +54,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tally_core::config::LogConfig;
 use tally_core::event::AcceptedEvent;
+use tally_core::fsutil::{REMOVAL_STEP, open_maybe_direct, remove_file_gradually};
 use tally_core::log::{BoxFuture, EventLog, LogError, LogStatus};
 use tokio::sync::oneshot;
 
@@ -192,7 +193,6 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(bases)
 }
 
-use tally_core::fsutil::{REMOVAL_STEP, remove_file_gradually};
 pub(crate) use tally_core::fsutil::{sync_dir, write_atomically};
 
 /// Where a segment no reader needs waits to be deleted (no longer `*.log`, so no longer part of
@@ -220,7 +220,7 @@ fn prepared_path(dir: &Path) -> PathBuf {
 static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
 /// The page size writes are padded to (see [`Writer::write_group`]).
-const PAGE: u64 = 4096;
+const PAGE: u64 = direct::PAGE as u64;
 
 /// Creates the next segment file, filled with `bytes` zeros and synced.
 ///
@@ -229,24 +229,18 @@ const PAGE: u64 = 4096;
 /// syncs (measured: ack p99 spikes when the preparer went through the cache). Where the file
 /// system refuses `O_DIRECT` (tmpfs), ordinary writes are used.
 fn prepare_segment(dir: &Path, bytes: u64) -> io::Result<PathBuf> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = prepared_path(dir);
-    let direct = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path);
-    let (mut file, aligned) = match direct {
-        Ok(file) => (file, true),
-        Err(_) => (File::create(&path)?, false),
-    };
+    let (mut file, aligned) = open_maybe_direct(
+        OpenOptions::new().write(true).create(true).truncate(true),
+        &path,
+        true,
+    )?;
     // 1 MiB of zeros, aligned as O_DIRECT requires.
     let zeros = direct::AlignedBuf::zeroed(ZEROS.len());
     let mut written = 0u64;
     // O_DIRECT writes whole aligned blocks; the file is sized exactly afterwards.
     let target = if aligned {
-        bytes.div_ceil(4096) * 4096
+        bytes.div_ceil(PAGE) * PAGE
     } else {
         bytes
     };

@@ -11,7 +11,8 @@
 //! 2 s with this builder.
 //!
 //! What a segment holds is exactly what parsing each event into a `serde_json::Value` and
-//! flattening it would give ([`from_values`], kept as the reference and as the fallback):
+//! flattening it would give (`from_values`, kept in the tests as the reference; the rare event
+//! below that takes the fallback goes through that same flattening, [`flatten_event`]):
 //!
 //! * nested objects become dotted paths; a non-root empty object is an `EmptyObject` cell;
 //! * a list is stored as the JSON text `serde_json` writes for it;

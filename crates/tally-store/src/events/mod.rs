@@ -480,7 +480,22 @@ impl EventStore {
     /// Merges each collection's small durable segments into bigger ones. Returns how many
     /// segments were written.
     pub fn merge_small(&self) -> Result<usize, StoreError> {
-        let mut manifest = self.maintenance.lock().expect("maintenance lock");
+        let mut replaced = Vec::new();
+        let merged = {
+            let mut manifest = self.maintenance.lock().expect("maintenance lock");
+            self.merge_small_locked(&mut manifest, &mut replaced)
+        };
+        self.remove_segment_files(&replaced);
+        merged
+    }
+
+    /// [`EventStore::merge_small`] under the maintenance lock; the ids of the segments it
+    /// replaced (committed) go to `replaced`, whose files the caller deletes after the lock.
+    fn merge_small_locked(
+        &self,
+        manifest: &mut Manifest,
+        replaced: &mut Vec<u64>,
+    ) -> Result<usize, StoreError> {
         let tables: Vec<(TableKey, TableSnapshot)> = {
             let tables = self.tables.read().expect("tables lock");
             tables.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
@@ -511,7 +526,8 @@ impl EventStore {
                 let parts: Vec<&Segment> = run.iter().map(|s| &s.segment).collect();
                 let merged = Segment::merge(&parts);
                 let gone: Vec<u64> = run.iter().map(|s| s.id).collect();
-                self.replace_locked(&mut manifest, &key, &gone, vec![merged])?;
+                self.replace_locked(manifest, &key, &gone, vec![merged])?;
+                replaced.extend(gone);
                 written += 1;
             }
         }
@@ -547,6 +563,8 @@ impl EventStore {
         if !gone.is_empty() {
             self.replace_locked(&mut manifest, &key, &gone, made)?;
         }
+        drop(manifest);
+        self.remove_segment_files(&gone);
         for (lo, hi) in touched {
             self.record_change(&key, lo, hi);
         }
@@ -554,6 +572,8 @@ impl EventStore {
     }
 
     /// Replaces segments `gone` of `key` by `made` (empty ones dropped) in one manifest commit.
+    /// The files of `gone` stay until the caller deletes them ([`Self::remove_segment_files`]),
+    /// after it lets go of the maintenance lock.
     fn replace_locked(
         &self,
         manifest: &mut Manifest,
@@ -590,12 +610,17 @@ impl EventStore {
                 tables.remove(key);
             }
         }
-        // Bit by bit: a big segment deleted at once stalls the log's syncs on the same disk. A
-        // crash part-way leaves a shorter file no manifest names, removed at the next open.
-        for id in gone {
+        Ok(())
+    }
+
+    /// Deletes the files of segments no manifest names any more, bit by bit: a big segment
+    /// deleted at once stalls the log's syncs on the same disk. It takes a sync per 16 MiB, so
+    /// it runs outside the maintenance lock (flushes and delete requests need that lock). A
+    /// crash part-way leaves a shorter file no manifest names, removed at the next open.
+    fn remove_segment_files(&self, ids: &[u64]) {
+        for id in ids {
             let _ = remove_file_gradually(&segment_path(&self.dir, *id), REMOVAL_STEP);
         }
-        Ok(())
     }
 
     fn write_segment_file(&self, segment: Segment) -> Result<Arc<StoredSegment>, StoreError> {
