@@ -39,6 +39,8 @@ pub enum BenchCommand {
     Ingest(IngestArgs),
     /// Process-stage throughput with the enrichment add-ons, and GeoIP lookups per core.
     Process(crate::bench_process::ProcessArgs),
+    /// The event store's write path (build, flush, merge): CPU per event and memory held.
+    Store(crate::bench_store::StoreArgs),
     /// Kafka inbound and outbound throughput and end-to-end latency against a real broker.
     Kafka(crate::bench_kafka::KafkaArgs),
 }
@@ -208,6 +210,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ingest(args) => args,
         BenchCommand::Process(args) => return crate::bench_process::run(args),
         BenchCommand::Kafka(args) => return crate::bench_kafka::run(args),
+        BenchCommand::Store(args) => return crate::bench_store::run(args),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))

@@ -11,6 +11,7 @@
 mod bench;
 mod bench_kafka;
 mod bench_process;
+mod bench_store;
 
 /// glibc's allocator showed up as ~10% of ingest CPU (many small, short-lived allocations
 /// across threads); mimalloc handles that pattern with far less contention.

@@ -140,37 +140,94 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Creates `path` holding `contents`, synced (data and size) before returning.
+/// Creates `path` holding `contents`, synced (data and size) before returning: a
+/// [`ChunkedFile`] given all the bytes at once. Returns whether the file was written with
+/// `O_DIRECT`.
+pub fn write_new_file(path: &Path, contents: &[u8], buf: &mut AlignedBuf, direct: bool) -> io::Result<bool> {
+    let mut file = ChunkedFile::create(path, buf, direct)?;
+    file.write_all(contents)?;
+    file.finish()
+}
+
+/// A new file written a chunk at a time through a page-aligned buffer, for files too big to
+/// assemble in memory first (segment files: the encoded bytes of a big segment were a fresh
+/// allocation of tens of megabytes per write, and touching new memory is costly).
 ///
 /// With `direct` (and a file system that allows it), the bytes go to the disk with `O_DIRECT`,
-/// `buf.len()` at a time, copied through `buf`: no page cache pages are filled (which costs
-/// more CPU than the write itself on the machines Tally was measured on), and the disk's queue
-/// never holds more than one such chunk of this file, so a concurrent small sync (the event
-/// log's group commit) waits behind one chunk instead of behind the whole file's write-back.
-/// The last chunk is padded to a page and the file then cut to its length. Returns whether the
-/// file was written with `O_DIRECT`.
-pub fn write_new_file(path: &Path, contents: &[u8], buf: &mut AlignedBuf, direct: bool) -> io::Result<bool> {
-    let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    let (mut file, direct) = open_maybe_direct(&options, path, direct)?;
-    if !direct {
-        file.write_all(contents)?;
-        return file.sync_data().map(|()| false);
+/// `buf.len()` at a time: no page cache pages are filled (which costs more CPU than the write
+/// itself on the machines Tally was measured on), and the disk's queue never holds more than
+/// one such chunk of this file, so a concurrent small sync (the event log's group commit) waits
+/// behind one chunk instead of behind the whole file's write-back. The last chunk is padded to
+/// a page and the file then cut to its length. Nothing is durable until [`ChunkedFile::finish`].
+pub struct ChunkedFile<'a> {
+    file: File,
+    buf: &'a mut AlignedBuf,
+    /// Bytes of `buf` filled and not yet written.
+    filled: usize,
+    /// Where in the file `buf` goes.
+    offset: u64,
+    direct: bool,
+}
+
+impl<'a> ChunkedFile<'a> {
+    /// Creates (or truncates) `path`; `buf`'s length is the chunk size, a multiple of [`PAGE`].
+    pub fn create(path: &Path, buf: &'a mut AlignedBuf, direct: bool) -> io::Result<Self> {
+        let mut options = OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        let (file, direct) = open_maybe_direct(&options, path, direct)?;
+        Ok(Self {
+            file,
+            buf,
+            filled: 0,
+            offset: 0,
+            direct,
+        })
     }
-    let chunk = buf.len();
-    let mut offset = 0usize;
-    for part in contents.chunks(chunk) {
-        let padded = part.len().div_ceil(PAGE) * PAGE;
-        let out = buf.as_mut_slice();
-        out[..part.len()].copy_from_slice(part);
-        out[part.len()..padded].fill(0);
-        file.write_all_at(&out[..padded], offset as u64)?;
-        offset += part.len();
+
+    /// Writes out the filled part of the buffer (padded to a page when direct).
+    fn write_chunk(&mut self) -> io::Result<()> {
+        let len = if self.direct {
+            self.filled.div_ceil(PAGE) * PAGE
+        } else {
+            self.filled
+        };
+        let out = self.buf.as_mut_slice();
+        out[self.filled..len].fill(0);
+        self.file.write_all_at(&out[..len], self.offset)?;
+        self.offset += self.filled as u64;
+        self.filled = 0;
+        Ok(())
     }
-    if !contents.len().is_multiple_of(PAGE) {
-        file.set_len(contents.len() as u64)?;
+
+    /// Writes what is left, cuts any padding off and syncs data and size. Returns whether the
+    /// file was written with `O_DIRECT`.
+    pub fn finish(mut self) -> io::Result<bool> {
+        if self.filled > 0 {
+            self.write_chunk()?;
+        }
+        if self.direct && !self.offset.is_multiple_of(PAGE as u64) {
+            self.file.set_len(self.offset)?;
+        }
+        self.file.sync_data().map(|()| self.direct)
     }
-    file.sync_data().map(|()| true)
+}
+
+impl Write for ChunkedFile<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let room = self.buf.len() - self.filled;
+        let n = bytes.len().min(room);
+        self.buf.as_mut_slice()[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+        self.filled += n;
+        if self.filled == self.buf.len() {
+            self.write_chunk()?;
+        }
+        Ok(n)
+    }
+
+    /// Bytes reach the file a chunk at a time; [`ChunkedFile::finish`] writes the rest.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Opens `path` with `options`, adding `O_DIRECT` when `direct` is asked for and the file system
@@ -228,6 +285,19 @@ mod tests {
                     contents,
                     "{len} bytes, direct: {direct}"
                 );
+                // The same bytes written in pieces of every size around the chunk's.
+                for piece in [1, 3, PAGE - 1, 2 * PAGE, 3 * PAGE + 1] {
+                    let mut file = ChunkedFile::create(&path, &mut buf, direct).unwrap();
+                    for part in contents.chunks(piece) {
+                        file.write_all(part).unwrap();
+                    }
+                    assert_eq!(file.finish().unwrap(), written_directly);
+                    assert_eq!(
+                        fs::read(&path).unwrap(),
+                        contents,
+                        "{len} bytes in pieces of {piece}, direct: {direct}"
+                    );
+                }
             }
         }
         fs::remove_dir_all(&dir).unwrap();

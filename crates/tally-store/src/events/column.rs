@@ -8,7 +8,8 @@
 //! string column no floats. Queries work on tags and codes; a string filter is decided once per
 //! dictionary entry, and grouping uses codes, not strings.
 
-use std::sync::{Arc, OnceLock};
+use std::hash::BuildHasher;
+use std::sync::OnceLock;
 
 /// A row's type in a column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -84,6 +85,117 @@ pub fn text_hash(text: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(text.as_bytes())
 }
 
+/// A column's distinct strings and list texts, by dictionary code: all their bytes in one
+/// buffer, and where each entry ends. Two allocations per column instead of one per string, so
+/// building, merging and dropping segments whose columns have a value per event (event ids, IP
+/// addresses, session ids) no longer allocates, reference-counts and frees every string (an
+/// `Arc<str>` each before: `tally bench store` measured the write path 15% cheaper without).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dict {
+    /// The entries' text, one after another.
+    text: String,
+    /// `ends[code]` is where entry `code` ends in `text`; it starts where the one before ends.
+    ends: Vec<usize>,
+}
+
+impl Dict {
+    /// An empty dictionary with room for `entries` entries of `bytes` bytes in all.
+    pub(crate) fn with_capacity(entries: usize, bytes: usize) -> Dict {
+        Dict {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(entries),
+        }
+    }
+
+    /// Appends `s` (whether or not it is already there) and returns its code.
+    pub(crate) fn push(&mut self, s: &str) -> u32 {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+        (self.ends.len() - 1) as u32
+    }
+
+    /// The entry with code `code`.
+    #[inline]
+    pub fn get(&self, code: usize) -> &str {
+        let start = if code == 0 { 0 } else { self.ends[code - 1] };
+        &self.text[start..self.ends[code]]
+    }
+
+    /// How many entries there are.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The entries in code order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.len()).map(|code| self.get(code))
+    }
+
+    /// The bytes of all entries together.
+    pub(crate) fn text_len(&self) -> usize {
+        self.text.len()
+    }
+
+    /// Approximate bytes held in memory.
+    pub fn heap_bytes(&self) -> usize {
+        self.text.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
+    }
+}
+
+impl std::ops::Index<usize> for Dict {
+    type Output = str;
+
+    #[inline]
+    fn index(&self, code: usize) -> &str {
+        self.get(code)
+    }
+}
+
+/// Builds a [`Dict`] of distinct entries: each string gets the code it got the first time.
+#[derive(Debug, Default)]
+pub(crate) struct DictInterner {
+    dict: Dict,
+    /// Codes, found by the hash of their entry's text.
+    codes: hashbrown::HashTable<u32>,
+}
+
+impl DictInterner {
+    /// Room for `entries` distinct entries of `bytes` bytes in all, without growing.
+    pub(crate) fn with_capacity(entries: usize, bytes: usize) -> Self {
+        Self {
+            dict: Dict::with_capacity(entries, bytes),
+            codes: hashbrown::HashTable::with_capacity(entries),
+        }
+    }
+
+    /// The code of `s`, adding it if it is new.
+    pub(crate) fn intern(&mut self, s: &str) -> u32 {
+        let Self { dict, codes } = self;
+        let hash = interning_hash(s);
+        if let Some(&code) = codes.find(hash, |&code| dict.get(code as usize) == s) {
+            return code;
+        }
+        let code = dict.push(s);
+        codes.insert_unique(hash, code, |&code| interning_hash(dict.get(code as usize)));
+        code
+    }
+
+    /// The dictionary.
+    pub(crate) fn finish(self) -> Dict {
+        self.dict
+    }
+}
+
+/// The hash the interner files entries under (fast; not [`text_hash`], which is for counting).
+fn interning_hash(s: &str) -> u64 {
+    rustc_hash::FxBuildHasher.hash_one(s)
+}
+
 /// A column of a sealed segment.
 #[derive(Debug, Clone)]
 pub struct Column {
@@ -94,7 +206,7 @@ pub struct Column {
     /// Dictionary codes and booleans, one slot per row; empty when no row has one.
     pub(crate) codes: Vec<u32>,
     /// Distinct strings and list texts of this column in this segment.
-    pub(crate) dict: Vec<Arc<str>>,
+    pub(crate) dict: Dict,
     /// [`text_hash`] of each dictionary entry, computed the first time a query needs them
     /// (distinct counts, sets of values): merging distinct values across segments then compares
     /// 8-byte hashes in one array instead of hashing strings scattered over the heap. Lazily,
@@ -148,7 +260,7 @@ impl NumStats {
 
 impl Column {
     /// A column from its parts; the number summary is computed here.
-    pub(crate) fn new(tags: Vec<u8>, nums: Vec<f64>, codes: Vec<u32>, dict: Vec<Arc<str>>) -> Column {
+    pub(crate) fn new(tags: Vec<u8>, nums: Vec<f64>, codes: Vec<u32>, dict: Dict) -> Column {
         let stats = NumStats::of(&tags, &nums);
         let mut counts = [0u64; 8];
         for &tag in &tags {
@@ -168,7 +280,7 @@ impl Column {
     /// [`text_hash`] of each dictionary entry, by code.
     pub fn dict_hashes(&self) -> &[u128] {
         self.dict_hashes
-            .get_or_init(|| self.dict.iter().map(|s| text_hash(s)).collect())
+            .get_or_init(|| self.dict.iter().map(text_hash).collect())
     }
 
     /// Count, sum, minimum and maximum of the numbers.
@@ -208,7 +320,7 @@ impl Column {
     }
 
     /// The dictionary the codes of strings and lists point into.
-    pub fn dict(&self) -> &[Arc<str>] {
+    pub fn dict(&self) -> &Dict {
         &self.dict
     }
 
@@ -253,7 +365,7 @@ impl Column {
         self.tags.len()
             + self.nums.len() * 8
             + self.codes.len() * 4
-            + self.dict.iter().map(|s| s.len() + 32).sum::<usize>()
+            + self.dict.heap_bytes()
             + self.dict_hashes.get().map_or(0, |h| h.len() * 16)
     }
 
@@ -284,7 +396,7 @@ impl Column {
     /// by row in that order would have made.
     pub(crate) fn gather_recoded(&self, rows: &[u32]) -> Column {
         let (tags, nums) = self.gather_tags_and_nums(rows);
-        let mut dict = Vec::with_capacity(self.dict.len());
+        let mut dict = Dict::with_capacity(self.dict.len(), self.dict.text_len());
         let codes = if self.codes.is_empty() {
             Vec::new()
         } else {
@@ -298,8 +410,7 @@ impl Column {
                     }
                     let new = &mut renumbered[code as usize];
                     if *new == u32::MAX {
-                        *new = dict.len() as u32;
-                        dict.push(self.dict[code as usize].clone());
+                        *new = dict.push(self.dict.get(code as usize));
                     }
                     *new
                 })
@@ -327,8 +438,7 @@ pub(crate) struct ColumnBuilder {
     tags: Vec<u8>,
     nums: Vec<f64>,
     codes: Vec<u32>,
-    dict: Vec<Arc<str>>,
-    lookup: rustc_hash::FxHashMap<Arc<str>, u32>,
+    dict: DictInterner,
     /// The rows the column will have, when known: every slot vector in use ends that long, so
     /// each is allocated once at that size instead of growing by doubling (each growth is a
     /// copy, and new memory is costly to touch).
@@ -360,26 +470,15 @@ impl ColumnBuilder {
             Cell::DateTime(ms) => self.push(Tag::DateTime, Some(ms as f64), None),
             Cell::Bool(b) => self.push(Tag::Bool, None, Some(b as u32)),
             Cell::Str(s) => {
-                let code = self.intern(s);
+                let code = self.dict.intern(s);
                 self.push(Tag::Str, None, Some(code))
             }
             Cell::List(s) => {
-                let code = self.intern(s);
+                let code = self.dict.intern(s);
                 self.push(Tag::List, None, Some(code))
             }
             Cell::EmptyObject => self.push(Tag::EmptyObject, None, None),
         }
-    }
-
-    fn intern(&mut self, s: &str) -> u32 {
-        if let Some(&code) = self.lookup.get(s) {
-            return code;
-        }
-        let code = self.dict.len() as u32;
-        let text: Arc<str> = Arc::from(s);
-        self.dict.push(text.clone());
-        self.lookup.insert(text, code);
-        code
     }
 
     fn push(&mut self, tag: Tag, num: Option<f64>, code: Option<u32>) {
@@ -420,7 +519,7 @@ impl ColumnBuilder {
         if !self.codes.is_empty() {
             self.codes.resize(rows, 0);
         }
-        Column::new(self.tags, self.nums, self.codes, self.dict)
+        Column::new(self.tags, self.nums, self.codes, self.dict.finish())
     }
 }
 
@@ -449,5 +548,29 @@ mod tests {
         assert_eq!(c.cell(7), None);
         assert_eq!(c.dict().len(), 2);
         assert_eq!(c.keen_type(), "string");
+    }
+
+    proptest::proptest! {
+        /// Interning gives each distinct string one code, in order of first appearance, and
+        /// the dictionary gives every string back (empty and multi-byte ones included).
+        #[test]
+        fn interned_strings_come_back_by_code(
+            strings in proptest::collection::vec("(|a|b|ab|é|[a-z€]{0,12})", 0..200),
+            sized in proptest::bool::ANY,
+        ) {
+            let mut interner = if sized { DictInterner::with_capacity(4, 8) } else { DictInterner::default() };
+            let codes: Vec<u32> = strings.iter().map(|s| interner.intern(s)).collect();
+            let dict = interner.finish();
+            let mut first_seen: Vec<&str> = Vec::new();
+            for (s, &code) in strings.iter().zip(&codes) {
+                proptest::prop_assert_eq!(&dict[code as usize], s.as_str());
+                if !first_seen.contains(&s.as_str()) {
+                    proptest::prop_assert_eq!(code as usize, first_seen.len());
+                    first_seen.push(s);
+                }
+            }
+            proptest::prop_assert_eq!(dict.len(), first_seen.len());
+            proptest::prop_assert_eq!(dict.iter().collect::<Vec<_>>(), first_seen);
+        }
     }
 }

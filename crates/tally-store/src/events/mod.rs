@@ -39,7 +39,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tally_core::event::{EnrichedEvent, EventSink, PartitionPositions, SinkError};
 use tally_core::fsutil::{
-    AlignedBuf, REMOVAL_STEP, remove_file_gradually, sync_dir, write_atomically, write_new_file,
+    AlignedBuf, ChunkedFile, REMOVAL_STEP, remove_file_gradually, sync_dir, write_atomically,
 };
 use tally_core::ids::ProjectId;
 
@@ -77,7 +77,7 @@ pub struct StoreConfig {
     /// works behind the log and should yield the cores to ingest (a merge at the same priority
     /// as ingest stalled acknowledgements for as long as it ran, up to half a second).
     pub niceness: i32,
-    /// Write segment files with `O_DIRECT`, in chunks (see [`write_new_file`]), where the file
+    /// Write segment files with `O_DIRECT`, in chunks (see [`ChunkedFile`]), where the file
     /// system allows it.
     pub direct_io: bool,
 }
@@ -233,7 +233,7 @@ pub struct EventStore {
     write_buf: Mutex<AlignedBuf>,
 }
 
-/// How much of a segment file goes to the disk at once (see [`write_new_file`]).
+/// How much of a segment file goes to the disk at once (see [`ChunkedFile`]).
 const WRITE_CHUNK_BYTES: usize = 1 << 20;
 
 impl EventStore {
@@ -626,10 +626,12 @@ impl EventStore {
     fn write_segment_file(&self, segment: Segment) -> Result<Arc<StoredSegment>, StoreError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let path = segment_path(&self.dir, id);
-        let bytes = segment.encode();
         let mut buf = self.write_buf.lock().expect("write buffer lock");
-        write_new_file(&path, &bytes, &mut buf, self.config.direct_io)
-            .map(drop)
+        ChunkedFile::create(&path, &mut buf, self.config.direct_io)
+            .and_then(|mut file| {
+                segment.encode_to(&mut file)?;
+                file.finish()
+            })
             .map_err(|source| StoreError::Io {
                 path: path.clone(),
                 source,

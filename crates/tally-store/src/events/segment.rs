@@ -11,13 +11,14 @@
 //! check is refused, never half-read.
 
 use std::collections::BTreeMap;
+use std::io::{self, Write};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use tally_core::time::format_timestamp_ms;
 
 use super::build::SegmentBuilder;
-use super::column::{Cell, Column, Tag};
+use super::column::{Cell, Column, Dict, DictInterner, Tag};
 
 /// An immutable block of events of one collection, sorted by `keen.timestamp`.
 #[derive(Debug, Clone, Default)]
@@ -99,24 +100,15 @@ impl Segment {
         let mut columns = BTreeMap::new();
         for path in paths {
             let sources: Vec<Option<&Column>> = parts.iter().map(|s| s.columns.get(path.as_ref())).collect();
-            // Sized for the case of no string in common (ids), so the map never grows.
-            let most = sources.iter().flatten().map(|c| c.dict.len()).sum::<usize>();
-            let mut dict: Vec<Arc<str>> = Vec::with_capacity(most);
-            let mut lookup: rustc_hash::FxHashMap<Arc<str>, u32> =
-                rustc_hash::FxHashMap::with_capacity_and_hasher(most, Default::default());
+            // Sized for the case of no string in common (ids), so the table never grows.
+            let entries = sources.iter().flatten().map(|c| c.dict.len()).sum::<usize>();
+            let bytes = sources.iter().flatten().map(|c| c.dict.text_len()).sum::<usize>();
+            let mut dict = DictInterner::with_capacity(entries, bytes);
             let remaps: Vec<Vec<u32>> = sources
                 .iter()
                 .map(|c| {
                     c.map_or_else(Vec::new, |c| {
-                        c.dict
-                            .iter()
-                            .map(|text| {
-                                *lookup.entry(text.clone()).or_insert_with(|| {
-                                    dict.push(text.clone());
-                                    (dict.len() - 1) as u32
-                                })
-                            })
-                            .collect()
+                        c.dict.iter().map(|text| dict.intern(text)).collect()
                     })
                 })
                 .collect();
@@ -151,7 +143,7 @@ impl Segment {
                     }
                 }
             }
-            columns.insert(path.clone(), Column::new(tags, nums, codes, dict));
+            columns.insert(path.clone(), Column::new(tags, nums, codes, dict.finish()));
         }
         Segment {
             timestamps: order.iter().map(|&(t, _, _)| t).collect(),
@@ -218,30 +210,36 @@ impl Segment {
     /// The segment as file bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.heap_bytes() + 64);
-        out.extend_from_slice(MAGIC);
-        put_u64(&mut out, self.rows() as u64);
+        self.encode_to(&mut out).expect("writing to memory does not fail");
+        out
+    }
+
+    /// Writes the segment's file bytes ([`Segment::encode`]) to `sink` a piece at a time, so
+    /// the whole file is never in memory at once.
+    pub fn encode_to(&self, sink: &mut impl Write) -> io::Result<()> {
+        let mut out = Staged::new(sink);
+        out.put(MAGIC)?;
+        out.put_u64(self.rows() as u64)?;
         for &t in &self.timestamps {
-            out.extend_from_slice(&t.to_le_bytes());
+            out.put(&t.to_le_bytes())?;
         }
-        put_u64(&mut out, self.columns.len() as u64);
+        out.put_u64(self.columns.len() as u64)?;
         for (path, column) in &self.columns {
-            put_bytes(&mut out, path.as_bytes());
-            out.extend_from_slice(&column.tags);
-            out.push(u8::from(!column.nums.is_empty()) | (u8::from(!column.codes.is_empty()) << 1));
+            out.put_bytes(path.as_bytes())?;
+            out.put(&column.tags)?;
+            out.put(&[u8::from(!column.nums.is_empty()) | (u8::from(!column.codes.is_empty()) << 1)])?;
             for &n in &column.nums {
-                out.extend_from_slice(&n.to_le_bytes());
+                out.put(&n.to_le_bytes())?;
             }
             for &c in &column.codes {
-                out.extend_from_slice(&c.to_le_bytes());
+                out.put(&c.to_le_bytes())?;
             }
-            put_u64(&mut out, column.dict.len() as u64);
-            for s in &column.dict {
-                put_bytes(&mut out, s.as_bytes());
+            out.put_u64(column.dict.len() as u64)?;
+            for s in column.dict.iter() {
+                out.put_bytes(s.as_bytes())?;
             }
         }
-        let crc = crc32c::crc32c(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        out.finish()
     }
 
     /// Reads a segment file's bytes, checking its CRC and structure.
@@ -288,10 +286,10 @@ impl Segment {
                 Vec::new()
             };
             let dict_len = r.len_of(1)?;
-            let mut dict = Vec::with_capacity(dict_len);
+            let mut dict = Dict::with_capacity(dict_len, 0);
             for _ in 0..dict_len {
                 let s = std::str::from_utf8(r.bytes_field()?).map_err(|_| "dictionary entry is not UTF-8")?;
-                dict.push(Arc::from(s));
+                dict.push(s);
             }
             for (row, &tag) in tags.iter().enumerate() {
                 let tag = Tag::from_u8(tag);
@@ -355,13 +353,60 @@ fn insert_path(root: &mut Map<String, Value>, path: &str, value: Value) {
     }
 }
 
-fn put_u64(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(&n.to_le_bytes());
+/// The encoder's output: bytes gather in a small buffer, which goes to the sink (and into the
+/// running CRC-32C) whenever it fills; big slices go straight through.
+struct Staged<'w, W: Write> {
+    sink: &'w mut W,
+    pending: Vec<u8>,
+    crc: u32,
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    put_u64(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
+/// How many bytes [`Staged`] gathers before passing them on.
+const STAGED_BYTES: usize = 64 << 10;
+
+impl<'w, W: Write> Staged<'w, W> {
+    fn new(sink: &'w mut W) -> Self {
+        Self {
+            sink,
+            pending: Vec::with_capacity(STAGED_BYTES + 16),
+            crc: 0,
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.len() >= STAGED_BYTES {
+            self.spill()?;
+            self.crc = crc32c::crc32c_append(self.crc, bytes);
+            return self.sink.write_all(bytes);
+        }
+        self.pending.extend_from_slice(bytes);
+        if self.pending.len() >= STAGED_BYTES {
+            self.spill()?;
+        }
+        Ok(())
+    }
+
+    fn put_u64(&mut self, n: u64) -> io::Result<()> {
+        self.put(&n.to_le_bytes())
+    }
+
+    fn put_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.put_u64(bytes.len() as u64)?;
+        self.put(bytes)
+    }
+
+    fn spill(&mut self) -> io::Result<()> {
+        self.crc = crc32c::crc32c_append(self.crc, &self.pending);
+        self.sink.write_all(&self.pending)?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Passes on what is left, then the CRC-32C of everything before it.
+    fn finish(mut self) -> io::Result<()> {
+        self.spill()?;
+        self.sink.write_all(&self.crc.to_le_bytes())
+    }
 }
 
 struct Reader<'a> {
@@ -430,6 +475,36 @@ mod tests {
             s.event_json_only(1, &["user".into(), "price".into()]),
             json!({"price": 5, "user": {"id": "u1", "tags": ["a", 1]}})
         );
+    }
+
+    /// A segment bigger than the encoder's staging buffer, with a column (the tags) big
+    /// enough to bypass it, written through a sink that takes a few bytes per call: the file
+    /// is the same as one encoded in memory, and reads back.
+    #[test]
+    fn big_segments_stream_to_files_unchanged() {
+        struct Trickle(Vec<u8>);
+        impl Write for Trickle {
+            fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+                let n = bytes.len().min(7);
+                self.0.extend_from_slice(&bytes[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let events: Vec<Value> = (0..STAGED_BYTES + 100)
+            .map(|i| json!({"keen": {"timestamp": format!("2026-01-01T00:00:{:02}.000Z", i % 60)}, "id": format!("e{i}")}))
+            .collect();
+        let s = seg(&events);
+        let mut trickle = Trickle(Vec::new());
+        s.encode_to(&mut trickle).unwrap();
+        assert_eq!(trickle.0, s.encode());
+        let decoded = Segment::decode(&trickle.0).unwrap();
+        assert_eq!(decoded.rows(), events.len());
+        for row in [0, 1, events.len() / 2, events.len() - 1] {
+            assert_eq!(decoded.event_json(row), s.event_json(row));
+        }
     }
 
     #[test]
