@@ -69,14 +69,18 @@ impl EventSink for CountingSink {
     }
 }
 
-pub fn run(args: ProcessArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.events)
-        .with_context(|| format!("reading {}", args.events.display()))?;
-    let records: Vec<Value> = text
-        .lines()
+/// The JSON values of a JSON-lines file (gen_events.py's jsonl output), blank lines skipped.
+pub(crate) fn read_json_lines(path: &std::path::Path) -> anyhow::Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
         .filter(|l| !l.is_empty())
         .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading the events in {}", path.display()))
+}
+
+pub fn run(args: ProcessArgs) -> anyhow::Result<()> {
+    let records = read_json_lines(&args.events)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.threads.unwrap_or(cores);
     println!(

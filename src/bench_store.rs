@@ -13,7 +13,6 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde_json::Value;
 use tally_core::event::{EnrichedEvent, EventSink};
 use tally_core::ids::{EventIdGenerator, ProjectId};
@@ -63,14 +62,7 @@ pub fn run(args: StoreArgs) -> anyhow::Result<()> {
         args.total > 0 && args.batch > 0 && args.flush_every > 0,
         "--total, --batch and --flush-every must be positive"
     );
-    let text = std::fs::read_to_string(&args.events)
-        .with_context(|| format!("reading {}", args.events.display()))?;
-    let records: Vec<Value> = text
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .context("reading the events")?;
+    let records = crate::bench_process::read_json_lines(&args.events)?;
     anyhow::ensure!(!records.is_empty(), "no events in {}", args.events.display());
     let events = stored_events(&records, args.total);
     let bytes: usize = events.iter().map(|e| e.json.len()).sum();
