@@ -140,15 +140,6 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Creates `path` holding `contents`, synced (data and size) before returning: a
-/// [`ChunkedFile`] given all the bytes at once. Returns whether the file was written with
-/// `O_DIRECT`.
-pub fn write_new_file(path: &Path, contents: &[u8], buf: &mut AlignedBuf, direct: bool) -> io::Result<bool> {
-    let mut file = ChunkedFile::create(path, buf, direct)?;
-    file.write_all(contents)?;
-    file.finish()
-}
-
 /// A new file written a chunk at a time through a page-aligned buffer, for files too big to
 /// assemble in memory first (segment files: the encoded bytes of a big segment were a fresh
 /// allocation of tens of megabytes per write, and touching new memory is costly).
@@ -274,7 +265,9 @@ mod tests {
             let contents: Vec<u8> = (0..len).map(|k| (k * 7 + i) as u8).collect();
             for direct in [true, false] {
                 let path = dir.join(format!("f{i}-{direct}"));
-                let written_directly = write_new_file(&path, &contents, &mut buf, direct).unwrap();
+                let mut file = ChunkedFile::create(&path, &mut buf, direct).unwrap();
+                file.write_all(&contents).unwrap();
+                let written_directly = file.finish().unwrap();
                 assert!(
                     !direct || written_directly || is_tmpfs(&dir),
                     "O_DIRECT refused outside tmpfs"

@@ -90,7 +90,9 @@ impl Segment {
                     .map(|(r, &t)| (t, p as u32, r as u32)),
             );
         }
-        order.sort_by_key(|&(t, p, r)| (t, p, r));
+        // Stable, by time alone: rows of equal time keep part order, then row order, as
+        // they were pushed (each part is already sorted, so this merges runs).
+        order.sort_by_key(|&(t, _, _)| t);
         let n = order.len();
         // Column by column: each part's dictionary is mapped into the merged one once, then
         // rows are copied slot by slot in time order (no per-cell lookups by name or string).
@@ -220,20 +222,14 @@ impl Segment {
         let mut out = Staged::new(sink);
         out.put(MAGIC)?;
         out.put_u64(self.rows() as u64)?;
-        for &t in &self.timestamps {
-            out.put(&t.to_le_bytes())?;
-        }
+        out.put_each(&self.timestamps, i64::to_le_bytes)?;
         out.put_u64(self.columns.len() as u64)?;
         for (path, column) in &self.columns {
             out.put_bytes(path.as_bytes())?;
             out.put(&column.tags)?;
             out.put(&[u8::from(!column.nums.is_empty()) | (u8::from(!column.codes.is_empty()) << 1)])?;
-            for &n in &column.nums {
-                out.put(&n.to_le_bytes())?;
-            }
-            for &c in &column.codes {
-                out.put(&c.to_le_bytes())?;
-            }
+            out.put_each(&column.nums, f64::to_le_bytes)?;
+            out.put_each(&column.codes, u32::to_le_bytes)?;
             out.put_u64(column.dict.len() as u64)?;
             for s in column.dict.iter() {
                 out.put_bytes(s.as_bytes())?;
@@ -373,6 +369,7 @@ impl<'w, W: Write> Staged<'w, W> {
         }
     }
 
+    #[inline]
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
         if bytes.len() >= STAGED_BYTES {
             self.spill()?;
@@ -382,6 +379,21 @@ impl<'w, W: Write> Staged<'w, W> {
         self.pending.extend_from_slice(bytes);
         if self.pending.len() >= STAGED_BYTES {
             self.spill()?;
+        }
+        Ok(())
+    }
+
+    /// Each value's little-endian bytes, a buffer's worth of values at a time (one capacity
+    /// check and one spill check per block, not per value).
+    fn put_each<T: Copy, const N: usize>(&mut self, values: &[T], bytes: fn(T) -> [u8; N]) -> io::Result<()> {
+        for block in values.chunks(STAGED_BYTES / N) {
+            self.pending.reserve(block.len() * N);
+            for &value in block {
+                self.pending.extend_from_slice(&bytes(value));
+            }
+            if self.pending.len() >= STAGED_BYTES {
+                self.spill()?;
+            }
         }
         Ok(())
     }
