@@ -163,6 +163,10 @@ pub struct ChunkedFile<'a> {
 impl<'a> ChunkedFile<'a> {
     /// Creates (or truncates) `path`; `buf`'s length is the chunk size, a multiple of [`PAGE`].
     pub fn create(path: &Path, buf: &'a mut AlignedBuf, direct: bool) -> io::Result<Self> {
+        debug_assert!(
+            !buf.is_empty() && buf.len().is_multiple_of(PAGE),
+            "chunks are whole pages"
+        );
         let mut options = OpenOptions::new();
         options.write(true).create(true).truncate(true);
         let (file, direct) = open_maybe_direct(&options, path, direct)?;
@@ -205,13 +209,13 @@ impl<'a> ChunkedFile<'a> {
 
 impl Write for ChunkedFile<'_> {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        let room = self.buf.len() - self.filled;
-        let n = bytes.len().min(room);
-        self.buf.as_mut_slice()[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
-        self.filled += n;
+        // A full buffer goes out before more is taken in, so an error takes none of `bytes`.
         if self.filled == self.buf.len() {
             self.write_chunk()?;
         }
+        let n = bytes.len().min(self.buf.len() - self.filled);
+        self.buf.as_mut_slice()[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+        self.filled += n;
         Ok(n)
     }
 

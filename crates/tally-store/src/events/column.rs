@@ -145,6 +145,19 @@ impl Dict {
     pub fn heap_bytes(&self) -> usize {
         self.text.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
     }
+
+    /// Gives back room reserved and not used, when it is more than a quarter: a merged
+    /// dictionary is sized for every part's entries (a column repeating long values across
+    /// parts fills a fraction of that), a decoded one grows by doubling, and segments are held
+    /// for as long as they exist.
+    pub(crate) fn release_slack(&mut self) {
+        if self.text.capacity() > self.text.len() + self.text.len() / 4 {
+            self.text.shrink_to_fit();
+        }
+        if self.ends.capacity() > self.ends.len() + self.ends.len() / 4 {
+            self.ends.shrink_to_fit();
+        }
+    }
 }
 
 impl std::ops::Index<usize> for Dict {
@@ -185,9 +198,11 @@ impl DictInterner {
         code
     }
 
-    /// The dictionary.
+    /// The dictionary, without room it does not use.
     pub(crate) fn finish(self) -> Dict {
-        self.dict
+        let mut dict = self.dict;
+        dict.release_slack();
+        dict
     }
 }
 
@@ -209,7 +224,7 @@ pub struct Column {
     pub(crate) dict: Dict,
     /// [`text_hash`] of each dictionary entry, computed the first time a query needs them
     /// (distinct counts, sets of values): merging distinct values across segments then compares
-    /// 8-byte hashes in one array instead of hashing strings scattered over the heap. Lazily,
+    /// 16-byte hashes in one array instead of hashing strings scattered over the heap. Lazily,
     /// because only the columns such queries touch need them.
     pub(crate) dict_hashes: OnceLock<Vec<u128>>,
     /// Summary of the numbers, so that a segment wholly inside a query's time range can answer

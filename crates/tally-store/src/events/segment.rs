@@ -281,12 +281,14 @@ impl Segment {
             } else {
                 Vec::new()
             };
-            let dict_len = r.len_of(1)?;
+            // Each entry is at least its 8-byte length.
+            let dict_len = r.len_of(8)?;
             let mut dict = Dict::with_capacity(dict_len, 0);
             for _ in 0..dict_len {
                 let s = std::str::from_utf8(r.bytes_field()?).map_err(|_| "dictionary entry is not UTF-8")?;
                 dict.push(s);
             }
+            dict.release_slack();
             for (row, &tag) in tags.iter().enumerate() {
                 let tag = Tag::from_u8(tag);
                 let needs_num = matches!(tag, Tag::Num | Tag::DateTime);
