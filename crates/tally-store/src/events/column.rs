@@ -148,8 +148,9 @@ impl Dict {
 
     /// Gives back room reserved and not used, when it is more than a quarter: a merged
     /// dictionary is sized for every part's entries (a column repeating long values across
-    /// parts fills a fraction of that), a decoded one grows by doubling, and segments are held
-    /// for as long as they exist.
+    /// parts fills a fraction of that), a decoded one grows by doubling, and such segments are
+    /// held for as long as they exist. A fresh segment's (built from a batch) is left as it
+    /// is: it lives until the next flush merges it.
     pub(crate) fn release_slack(&mut self) {
         if self.text.capacity() > self.text.len() + self.text.len() / 4 {
             self.text.shrink_to_fit();
@@ -198,11 +199,9 @@ impl DictInterner {
         code
     }
 
-    /// The dictionary, without room it does not use.
+    /// The dictionary (with any room it does not use: see [`Dict::release_slack`]).
     pub(crate) fn finish(self) -> Dict {
-        let mut dict = self.dict;
-        dict.release_slack();
-        dict
+        self.dict
     }
 }
 

@@ -145,7 +145,9 @@ impl Segment {
                     }
                 }
             }
-            columns.insert(path.clone(), Column::new(tags, nums, codes, dict.finish()));
+            let mut dict = dict.finish();
+            dict.release_slack();
+            columns.insert(path.clone(), Column::new(tags, nums, codes, dict));
         }
         Segment {
             timestamps: order.iter().map(|&(t, _, _)| t).collect(),
