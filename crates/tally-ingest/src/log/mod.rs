@@ -161,6 +161,9 @@ pub struct EmbeddedEventLog {
     sender: Mutex<Option<mpsc::Sender<AppendRequest>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     recovery: RecoveryReport,
+    /// Whether the active segment was opened with `O_DIRECT` (`log.direct_io`, on a file
+    /// system that allows it).
+    writes_directly: bool,
     /// When the consumed position was last written to disk.
     consumed_persisted: Mutex<Option<Instant>>,
 }
@@ -373,8 +376,16 @@ impl EmbeddedEventLog {
                 durable_end,
                 cut_bytes,
             },
+            writes_directly: direct,
             consumed_persisted: Mutex::new(None),
         })
+    }
+
+    /// Whether appends go to the disk with `O_DIRECT`: `log.direct_io` asked for it and the
+    /// file system allowed it when the log was opened (tmpfs refuses it; the log then writes
+    /// through the page cache).
+    pub fn writes_directly(&self) -> bool {
+        self.writes_directly
     }
 
     /// What recovery found on open.

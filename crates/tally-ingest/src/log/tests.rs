@@ -56,8 +56,21 @@ in_both_modes!(
     page_padding_never_leaves_gaps_or_garbage,
 );
 
+/// Opens the log, checking it writes the way `config` asks: with `O_DIRECT` wherever the
+/// file system allows it (every file system here but tmpfs), so the tests run `in_both_modes!`
+/// really cover both.
 fn open(dir: &Path, config: LogConfig) -> EmbeddedEventLog {
-    EmbeddedEventLog::open(dir, config, &mut Registry::default()).unwrap()
+    let direct_io = config.direct_io;
+    let log = EmbeddedEventLog::open(dir, config, &mut Registry::default()).unwrap();
+    if direct_io {
+        assert!(
+            log.writes_directly() || tally_core::fsutil::is_tmpfs(dir),
+            "O_DIRECT refused outside tmpfs"
+        );
+    } else {
+        assert!(!log.writes_directly(), "O_DIRECT used though not asked for");
+    }
+    log
 }
 
 fn read_all(dir: &Path) -> Vec<i64> {
