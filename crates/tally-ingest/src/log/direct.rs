@@ -7,8 +7,8 @@
 //! on the 2-core development VM, 512 MB: buffered writes into new pages ran at 346 MB/s (the
 //! writing thread busy throughout), and buffered reads of uncached data took 0.36–1.0 s of CPU,
 //! where the same writes and reads with `O_DIRECT` from and into reused buffers took 0.03 s of
-//! CPU each. In the ingest benchmark the
-//! log writer had spent most of its time copying into new page cache pages.
+//! CPU each. In the ingest benchmark the log writer had spent most of its time copying into
+//! new page cache pages.
 //!
 //! **How.** `O_DIRECT` transfers whole, aligned pages from aligned memory. [`PageWriter`] copies
 //! each group's frames into one reused page-aligned buffer behind the segment's last partial

@@ -89,7 +89,8 @@ pub fn text_hash(text: &str) -> u128 {
 /// buffer, and where each entry ends. Two allocations per column instead of one per string, so
 /// building, merging and dropping segments whose columns have a value per event (event ids, IP
 /// addresses, session ids) no longer allocates, reference-counts and frees every string (an
-/// `Arc<str>` each before: `tally bench store` measured the write path 15% cheaper without).
+/// `Arc<str>` each before: `tally bench store` measured the write path at 3.86–3.99 µs per
+/// event with this, 4.50–4.81 µs with those).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Dict {
     /// The entries' text, one after another.
