@@ -551,6 +551,26 @@ async fn uniqueness_tokens_deduplicate_per_collection_and_survive_restarts() {
         json!([{"success": true, "duplicate": true}, {"success": true}, {"success": true, "duplicate": true}])
     );
     assert_eq!(server.logged().len(), 3);
+    // A batch whose second event is not JSON is refused whole (the split does not parse events;
+    // the validator finds it): nothing is logged, and the token the first event reserved is
+    // given back.
+    let not_json = r#"{"orders":[{"order":1,"keen":{"uniqueness_token":"t-9"}},{"order":}]}"#;
+    let response = server
+        .http
+        .post(server.project_url("/events"))
+        .header("Authorization", server.project.write_key.clone())
+        .header("Content-Type", "application/json")
+        .body(not_json)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "InvalidBatchError").await;
+    assert_eq!(server.logged().len(), 3);
+    assert_eq!(
+        status_json(server.post("/events/orders", &event("t-9")).await).await,
+        (201, json!({"created": true}))
+    );
+    assert_eq!(server.logged().len(), 4);
 
     let server = server.restart().await;
     assert_eq!(
@@ -565,7 +585,7 @@ async fn uniqueness_tokens_deduplicate_per_collection_and_survive_restarts() {
             .1,
         json!({"created": true})
     );
-    assert_eq!(server.logged().len(), 4);
+    assert_eq!(server.logged().len(), 5);
 }
 
 #[tokio::test]

@@ -41,7 +41,8 @@ pub fn check_property_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("Property name must not be empty.".into());
     }
-    if name.chars().count() > MAX_PROPERTY_NAME_CHARS {
+    // Characters never outnumber bytes: most names need no count.
+    if name.len() > MAX_PROPERTY_NAME_CHARS && name.chars().count() > MAX_PROPERTY_NAME_CHARS {
         return Err(format!(
             "Property name is invalid. Must be <= {MAX_PROPERTY_NAME_CHARS} characters, cannot contain the '.' symbol anywhere."
         ));

@@ -24,9 +24,12 @@ use tally_core::log::{EventLog, LogError};
 use tally_core::names::check_collection_name;
 use tally_core::time::{format_timestamp_ms, write_timestamp_ms};
 
-use crate::decode::{body_text, parse_batch};
+use crate::decode::{body_text, invalid_batch, parse_batch};
 use crate::dedupe::{Dedupe, TokenKey, token_key};
-use crate::validate::{IP_PLACEHOLDER, USER_AGENT_PLACEHOLDER, ValidEvent, json_error, validate_event_text};
+use crate::validate::{
+    IP_PLACEHOLDER, Refused, USER_AGENT_PLACEHOLDER, ValidEvent, check_event_text, json_error,
+    validate_event_text,
+};
 
 /// Bodies at least this big are validated on the blocking pool.
 const BLOCKING_BODY_BYTES: usize = 256 * 1024;
@@ -205,7 +208,10 @@ impl Ingestor {
         let prepared = check_collection_name(&collection)
             .map_err(|m| EventError::new(ErrorCode::InvalidCollectionName, m))
             .and_then(|()| body_text(&body, ErrorCode::InvalidEvent))
-            .and_then(|text| self.prepare(&meta, &collection, &body, text, &Stamp::new(now_ms)));
+            .and_then(|text| {
+                self.prepare(&meta, &collection, &body, text, &Stamp::new(now_ms))
+                    .map_err(|refused| refused.error)
+            });
         let slots = match prepared {
             Ok(event) => vec![self.reserve(event, now_ms)],
             Err(e) => {
@@ -248,12 +254,32 @@ impl Ingestor {
                     let name_error = check_collection_name(collection)
                         .err()
                         .map(|m| EventError::new(ErrorCode::InvalidCollectionName, m));
-                    for raw in events {
+                    for (i, raw) in events.iter().enumerate() {
                         let slot = match &name_error {
                             Some(e) => Slot::Rejected(e.clone()),
-                            None => match this.prepare(&meta, collection, &body, raw.get(), &stamp) {
+                            None => match this.prepare(&meta, collection, &body, raw, &stamp) {
                                 Ok(event) => this.reserve(event, now_ms),
-                                Err(e) => Slot::Rejected(e),
+                                Err(Refused {
+                                    malformed: true,
+                                    error,
+                                }) => {
+                                    // The split does not parse events, so text that is not JSON
+                                    // is found here: the body is not a batch, and nothing in it
+                                    // is kept (the tokens reserved so far are given back).
+                                    let reserved: Vec<_> = slots
+                                        .iter()
+                                        .filter_map(|slot| match slot {
+                                            Slot::Ready(_, key) => *key,
+                                            _ => None,
+                                        })
+                                        .collect();
+                                    this.dedupe.release(&reserved);
+                                    return Err(invalid_batch(&format!(
+                                        "event {i} of '{collection}': {}",
+                                        error.message
+                                    )));
+                                }
+                                Err(refused) => Slot::Rejected(refused.error),
                             },
                         };
                         slots.push(slot);
@@ -292,17 +318,21 @@ impl Ingestor {
         body: &Bytes,
         raw: &str,
         stamp: &Stamp,
-    ) -> Result<AcceptedEvent, EventError> {
-        let valid = validate_event_text(raw, &self.limits)?;
+    ) -> Result<AcceptedEvent, Refused> {
+        let valid = check_event_text(raw, &self.limits)?;
+        let rule = |error| Refused {
+            error,
+            malformed: false,
+        };
         let (valid, body) = if valid.has_placeholders || meta.autofill.is_some() {
-            let mut value: Value = serde_json::from_str(raw).map_err(|e| json_error(&e))?;
+            let mut value: Value = serde_json::from_str(raw).map_err(|e| rule(json_error(&e)))?;
             if let (Some(fill), Value::Object(event)) = (&meta.autofill, &mut value) {
                 deep_merge(event, fill);
             }
             substitute_placeholders(&mut value, meta);
-            let substituted = serde_json::to_string(&value).map_err(|e| json_error(&e))?;
+            let substituted = serde_json::to_string(&value).map_err(|e| rule(json_error(&e)))?;
             (
-                validate_event_text(&substituted, &self.limits)?,
+                validate_event_text(&substituted, &self.limits).map_err(rule)?,
                 Bytes::from(substituted),
             )
         } else {

@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::error::Category;
 use serde_json::{Map, Value};
 use tally_core::addons::check_addons;
 use tally_core::config::IngestConfig;
@@ -51,15 +52,43 @@ pub fn validate_event(bytes: &[u8], limits: &IngestConfig) -> Result<ValidEvent,
 /// Validates one event given as text, already known to be UTF-8 (a batch's events are checked
 /// once, with the whole body), so its strings are not checked again.
 pub fn validate_event_text(text: &str, limits: &IngestConfig) -> Result<ValidEvent, EventError> {
+    check_event_text(text, limits).map_err(|refused| refused.error)
+}
+
+/// Why [`check_event_text`] refused an event.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// Keen's error for it.
+    pub error: EventError,
+    /// The text is not JSON at all (a syntax error or an early end), as opposed to JSON that
+    /// breaks a rule. A batch is split without parsing its events, so a batch holding such an
+    /// event is refused whole, as a body that is not JSON is.
+    pub malformed: bool,
+}
+
+/// [`validate_event_text`], saying whether a refused event's text was not JSON at all.
+pub fn check_event_text(text: &str, limits: &IngestConfig) -> Result<ValidEvent, Refused> {
+    // Validation stops at the first rule broken, which may come before a syntax error further
+    // on; a refused event's text is therefore parsed once more to tell the two apart.
+    let rule = |error| match serde_json::from_str::<de::IgnoredAny>(text) {
+        Err(e) if is_malformed(&e) => Refused {
+            error: json_error(&e),
+            malformed: true,
+        },
+        _ => Refused {
+            error,
+            malformed: false,
+        },
+    };
     if text.len() > limits.max_event_bytes {
-        return Err(EventError::new(
+        return Err(rule(EventError::new(
             ErrorCode::InvalidEvent,
             format!(
                 "Event is {} bytes; an event may be at most {} bytes.",
                 text.len(),
                 limits.max_event_bytes
             ),
-        ));
+        )));
     }
     let state = State {
         limits,
@@ -71,12 +100,21 @@ pub fn validate_event_text(text: &str, limits: &IngestConfig) -> Result<ValidEve
         .deserialize_any(TopVisitor { state: &state })
         .and_then(|()| de.end());
     if let Some(failure) = state.failure.into_inner() {
-        return Err(failure);
+        return Err(rule(failure));
     }
     match outcome {
         Ok(()) => Ok(state.result.into_inner()),
-        Err(e) => Err(json_error(&e)),
+        Err(e) => Err(Refused {
+            error: json_error(&e),
+            malformed: is_malformed(&e),
+        }),
     }
+}
+
+/// Whether a parse failed because the text is not JSON (as opposed to nesting past serde's
+/// limit, which the event's depth rule reports).
+fn is_malformed(e: &serde_json::Error) -> bool {
+    matches!(e.classify(), Category::Syntax | Category::Eof) && !e.to_string().contains("recursion limit")
 }
 
 /// Turns a JSON syntax error into Keen's error for it.
