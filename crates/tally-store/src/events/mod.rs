@@ -787,37 +787,20 @@ impl EventStore {
                 .or_default()
                 .push(e.json.as_str());
         }
-        // Parsing and columnising is the costly part of a write: big batches are cut into one
-        // piece per core and built in parallel (the pieces are merged by the next flush).
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut pieces: Vec<(TableKey, Vec<&str>)> = Vec::new();
-        for ((project, collection), texts) in groups {
-            let per_piece = if texts.len() >= 2_000 {
-                texts.len().div_ceil(threads)
-            } else {
-                texts.len()
-            };
-            for chunk in texts.chunks(per_piece.max(1)) {
-                pieces.push(((project, collection.to_owned()), chunk.to_vec()));
-            }
-        }
-        let built: Vec<(Segment, usize)> = if pieces.len() > 1 && events.len() >= 2_000 {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = pieces
-                    .iter()
-                    .map(|(_, texts)| scope.spawn(move || Segment::from_events(texts.iter().copied())))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("segment builder"))
-                    .collect()
-            })
-        } else {
-            pieces
-                .iter()
-                .map(|(_, texts)| Segment::from_events(texts.iter().copied()))
-                .collect()
-        };
+        // Each collection's events become one piece, built on the calling thread (the process
+        // stage's). Building pieces on one thread per core instead gained nothing with both cores
+        // free (`tally bench process --without-addons`: 220k-221k events/s against 227k-232k on
+        // one thread), and with ingest running it cost ingest its tail: the batch half-rate
+        // phase of `tally bench ingest` had 78-136 requests over 10 ms with it and 28-104
+        // without, in three alternating runs of each.
+        let pieces: Vec<(TableKey, Vec<&str>)> = groups
+            .into_iter()
+            .map(|((project, collection), texts)| ((project, collection.to_owned()), texts))
+            .collect();
+        let built: Vec<(Segment, usize)> = pieces
+            .iter()
+            .map(|(_, texts)| Segment::from_events(texts.iter().copied()))
+            .collect();
         let mut made = Vec::with_capacity(pieces.len());
         for ((key, _), (segment, skipped)) in pieces.into_iter().zip(built) {
             if skipped > 0 {
