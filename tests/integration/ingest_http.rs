@@ -768,3 +768,64 @@ async fn over_the_log_bound_ingest_answers_503_and_keeps_what_it_accepted() {
         "ingest accepts again once the stage has consumed the log"
     );
 }
+
+/// The process stage's and the store's threads keep off the CPU kept for ingest
+/// (`process.reserved_ingest_cpus`, 1 by default), and run on all the others.
+#[tokio::test]
+async fn background_threads_keep_off_the_cpus_kept_for_ingest() {
+    let _server = TestServer::start().await;
+    let allowed = tally_core::worker::allowed_cpus();
+    let expected = tally_core::worker::cpus_after(&allowed, 1).unwrap_or_else(|| allowed.clone());
+    let cpus_of_background_threads = || -> Vec<(String, Vec<usize>)> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
+                continue;
+            };
+            let comm = comm.trim().to_owned();
+            if comm != "tally-process" && comm != "tally-store" && !comm.starts_with("tally-enrich") {
+                continue;
+            }
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            let list = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .expect("Linux reports each thread's CPUs")
+                .trim();
+            found.push((comm, parse_cpu_list(list)));
+        }
+        found
+    };
+    // The threads confine themselves as they start: wait for them to have.
+    let mut found = cpus_of_background_threads();
+    for _ in 0..100 {
+        if found.iter().any(|(c, _)| c == "tally-store")
+            && found.iter().any(|(c, _)| c == "tally-process")
+            && found.iter().all(|(_, cpus)| *cpus == expected)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        found = cpus_of_background_threads();
+    }
+    assert!(found.iter().any(|(c, _)| c == "tally-process"), "{found:?}");
+    for (comm, cpus) in &found {
+        assert_eq!(cpus, &expected, "{comm} runs on {cpus:?}; allowed {allowed:?}");
+    }
+}
+
+/// A kernel CPU list such as `0-2,5`.
+fn parse_cpu_list(list: &str) -> Vec<usize> {
+    list.split(',')
+        .filter(|part| !part.is_empty())
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap(),
+            None => {
+                let cpu = part.parse::<usize>().unwrap();
+                cpu..=cpu
+            }
+        })
+        .collect()
+}

@@ -202,6 +202,12 @@ pub struct ProcessConfig {
     /// enrichment threads), which with many small batches cost more than the events in them.
     /// Events become queryable up to this much later. 0 reads again at once.
     pub linger_ms: u64,
+    /// CPUs kept for ingest: the process stage's threads and the store's flushes and merges do
+    /// not run on the first this many CPUs the server may use (when at least one other is
+    /// left). Behind the log, that work is always runnable, and even at a lower priority it cost
+    /// ingest's acknowledgements their tail whenever it could run on every core. 0: it may run
+    /// anywhere.
+    pub reserved_ingest_cpus: usize,
 }
 
 impl Default for ProcessConfig {
@@ -211,6 +217,7 @@ impl Default for ProcessConfig {
             max_batch_bytes: 4 * 1024 * 1024,
             threads: 0,
             linger_ms: 25,
+            reserved_ingest_cpus: 1,
         }
     }
 }

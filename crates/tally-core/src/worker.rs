@@ -2,6 +2,10 @@
 //! stages and of Kafka inbound, which each own a thread. The loop polls the flag it is given;
 //! [`StoppableThread::stop`] sets it and waits, and dropping the handle only sets it (a stage
 //! finishes the batch in hand on its own).
+//!
+//! Background threads (the process stage, the store's flushes and merges) also lower their
+//! priority here ([`lower_priority`]) and keep off the CPUs kept for ingest
+//! ([`cpus_after`], [`confine_to_cpus`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,9 +84,80 @@ pub fn lower_priority(niceness: i32) {
     }
 }
 
+/// The CPUs this process may run on (its affinity mask, which `taskset` or a cgroup's cpuset
+/// may have narrowed), in order. Empty where the platform does not say.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` is a plain bitmask the call fills in; CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+/// The CPUs background threads may use when the first `kept_for_ingest` of `allowed` are kept
+/// for ingest: the rest, or `None` (no confinement) when nothing would be left.
+///
+/// Why: the process stage and the store work behind the log, and while they are behind they are
+/// always runnable. At a lower priority they still cost ingest its tail when they can run on
+/// every core: in `tally bench ingest`'s batch half-rate phase (stage backlogged), with the
+/// stage's and store's threads on one of the two cores, 12 of 18 phases had p99 ≤ 10 ms against
+/// 4 of 18 with them on both ("Measured" in ARCHITECTURE.md, 2026-12-05).
+pub fn cpus_after(allowed: &[usize], kept_for_ingest: usize) -> Option<Vec<usize>> {
+    (kept_for_ingest > 0 && allowed.len() > kept_for_ingest).then(|| allowed[kept_for_ingest..].to_vec())
+}
+
+/// Confines the calling thread, and threads it starts afterwards, to `cpus`. Failure (a
+/// platform that refuses) is logged and otherwise ignored: it only costs ingest latency.
+pub fn confine_to_cpus(cpus: &[usize]) {
+    // SAFETY: `set` is a plain bitmask built here; the call only affects the calling thread.
+    let result = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus.iter().filter(|&&cpu| cpu < libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if result != 0 {
+        tracing::debug!(?cpus, "could not confine a background thread to its CPUs");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn background_threads_leave_the_first_cpus_to_ingest_when_some_remain() {
+        assert_eq!(cpus_after(&[0, 1], 1), Some(vec![1]));
+        assert_eq!(cpus_after(&[0, 1, 2, 3], 1), Some(vec![1, 2, 3]));
+        assert_eq!(cpus_after(&[2, 5, 7], 2), Some(vec![7]));
+        // Nothing kept, or nothing would be left: background threads run anywhere.
+        assert_eq!(cpus_after(&[0, 1], 0), None);
+        assert_eq!(cpus_after(&[0], 1), None);
+        assert_eq!(cpus_after(&[0, 1], 2), None);
+        assert_eq!(cpus_after(&[], 1), None);
+    }
+
+    #[test]
+    fn a_confined_thread_runs_only_on_its_cpus() {
+        let allowed = allowed_cpus();
+        assert!(!allowed.is_empty(), "Linux reports the affinity mask");
+        let last = *allowed.last().expect("one CPU");
+        let seen = std::thread::spawn(move || {
+            confine_to_cpus(&[last]);
+            // A thread it starts inherits the mask.
+            std::thread::spawn(allowed_cpus).join().expect("inner thread")
+        })
+        .join()
+        .expect("confined thread");
+        assert_eq!(seen, vec![last]);
+        assert_eq!(allowed_cpus(), allowed, "other threads keep theirs");
+    }
 
     #[test]
     fn stop_sets_the_flag_and_waits() {

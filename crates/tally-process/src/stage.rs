@@ -40,6 +40,9 @@ pub struct StageConfig {
     pub linger: Duration,
     /// Scheduling niceness of the stage's threads (0 = same as ingest; higher yields to it).
     pub niceness: i32,
+    /// The CPUs the stage's threads may run on (`None`: any), so that the cores left out stay
+    /// free for ingest (`process.reserved_ingest_cpus`; see [`tally_core::worker::cpus_after`]).
+    pub cpus: Option<Vec<usize>>,
 }
 
 impl Default for StageConfig {
@@ -50,6 +53,7 @@ impl Default for StageConfig {
             idle_wait: Duration::from_millis(5),
             linger: Duration::ZERO,
             niceness: 10,
+            cpus: None,
         }
     }
 }
@@ -124,6 +128,11 @@ fn run(
     metrics: &StageMetrics,
     stop: &AtomicBool,
 ) {
+    // First, so that the enrichment threads started next inherit the CPUs.
+    tally_core::worker::lower_priority(config.niceness);
+    if let Some(cpus) = &config.cpus {
+        tally_core::worker::confine_to_cpus(cpus);
+    }
     let pool = match config.threads {
         0 | 1 => None,
         n => match WorkerPool::new(n, enrichers.clone(), metrics.clone(), config.niceness) {
@@ -134,7 +143,6 @@ fn run(
             }
         },
     };
-    tally_core::worker::lower_priority(config.niceness);
     let stopped = || stop.load(Ordering::Acquire);
     let backoff = Duration::from_millis(500);
     let mut position = loop {

@@ -245,11 +245,21 @@ impl Tally {
             .expect("GeoIP open task")?;
         let enrichers = Arc::new(Enrichers::new(geo, &mut registry));
         let store_dir = data_dir.store_path();
+        // The process stage and the store's flushes and merges stay off the CPUs kept for ingest.
+        let allowed_cpus = tally_core::worker::allowed_cpus();
+        let background_cpus =
+            tally_core::worker::cpus_after(&allowed_cpus, config.process.reserved_ingest_cpus);
+        tracing::info!(
+            ?allowed_cpus,
+            ?background_cpus,
+            "CPUs for the process stage and the store (None: any)"
+        );
         let store_config = StoreConfig {
             flush_interval: Duration::from_millis(config.store.flush_interval_ms.max(10)),
             merge_target_rows: config.store.merge_target_rows.max(1),
             merge_min_segments: config.store.merge_min_segments.max(2),
             direct_io: config.log.direct_io,
+            cpus: background_cpus.clone(),
             ..StoreConfig::default()
         };
         let store = Arc::new(
@@ -280,6 +290,7 @@ impl Tally {
                 n => n,
             },
             linger: Duration::from_millis(config.process.linger_ms),
+            cpus: background_cpus,
             ..StageConfig::default()
         };
         // The stage reads Kafka when Kafka is the log, the embedded log otherwise.

@@ -80,6 +80,9 @@ pub struct StoreConfig {
     /// Write segment files with `O_DIRECT`, in chunks (see [`ChunkedFile`]), where the file
     /// system allows it.
     pub direct_io: bool,
+    /// The CPUs the thread that flushes and merges may run on (`None`: any), so that the cores
+    /// left out stay free for ingest (`process.reserved_ingest_cpus`).
+    pub cpus: Option<Vec<usize>>,
 }
 
 impl Default for StoreConfig {
@@ -90,6 +93,7 @@ impl Default for StoreConfig {
             merge_min_segments: 8,
             niceness: 10,
             direct_io: true,
+            cpus: None,
         }
     }
 }
@@ -669,6 +673,9 @@ impl EventStore {
                 .name("tally-store".into())
                 .spawn(move || {
                     tally_core::worker::lower_priority(store.config.niceness);
+                    if let Some(cpus) = &store.config.cpus {
+                        tally_core::worker::confine_to_cpus(cpus);
+                    }
                     let tick = Duration::from_millis(20);
                     let mut waited = Duration::ZERO;
                     loop {
