@@ -202,9 +202,9 @@ pub struct ProcessConfig {
     /// enrichment threads), which with many small batches cost more than the events in them.
     /// Events become queryable up to this much later. 0 reads again at once.
     pub linger_ms: u64,
-    /// CPUs kept for ingest: the process stage's threads and the store's flushes and merges do
-    /// not run on the first this many CPUs the server may use (when at least one other is
-    /// left). Behind the log, that work is always runnable, and even at a lower priority it cost
+    /// CPUs kept for ingest: the process stage's threads (on the embedded log; the stage that
+    /// reads Kafka is not confined) and the store's flushes and merges do not run on the first
+    /// this many CPUs the server may use (when at least one other is left). Behind the log, that work is always runnable, and even at a lower priority it cost
     /// ingest's acknowledgements their tail whenever it could run on every core. 0: it may run
     /// anywhere.
     pub reserved_ingest_cpus: usize,

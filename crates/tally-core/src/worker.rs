@@ -84,8 +84,9 @@ pub fn lower_priority(niceness: i32) {
     }
 }
 
-/// The CPUs this process may run on (its affinity mask, which `taskset` or a cgroup's cpuset
-/// may have narrowed), in order. Empty where the platform does not say.
+/// The CPUs the calling thread may run on, in order: at the server's start, the process's
+/// (its affinity mask, which `taskset` or a cgroup's cpuset may have narrowed). Empty where the
+/// platform does not say (then nothing is confined).
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: `set` is a plain bitmask the call fills in; CPU_ISSET only reads it.
     unsafe {

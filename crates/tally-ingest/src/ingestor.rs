@@ -27,7 +27,7 @@ use tally_core::time::{format_timestamp_ms, write_timestamp_ms};
 use crate::decode::{body_text, invalid_batch, parse_batch};
 use crate::dedupe::{Dedupe, TokenKey, token_key};
 use crate::validate::{
-    IP_PLACEHOLDER, Refused, USER_AGENT_PLACEHOLDER, ValidEvent, check_event_text, json_error,
+    IP_PLACEHOLDER, Refused, USER_AGENT_PLACEHOLDER, ValidEvent, check_event_text, json_error, json_syntax,
     validate_event_text,
 };
 
@@ -248,43 +248,51 @@ impl Ingestor {
                 }
                 let stamp = Stamp::new(now_ms);
                 let mut shape = Vec::with_capacity(batch.len());
-                let mut slots = Vec::with_capacity(total);
+                let mut prepared = Vec::with_capacity(total);
                 for (collection, events) in &batch {
                     shape.push((collection.clone(), events.len()));
                     let name_error = check_collection_name(collection)
                         .err()
                         .map(|m| EventError::new(ErrorCode::InvalidCollectionName, m));
                     for (i, raw) in events.iter().enumerate() {
-                        let slot = match &name_error {
-                            Some(e) => Slot::Rejected(e.clone()),
-                            None => match this.prepare(&meta, collection, &body, raw, &stamp) {
-                                Ok(event) => this.reserve(event, now_ms),
-                                Err(Refused {
+                        let outcome = match &name_error {
+                            Some(e) => match json_syntax(raw) {
+                                Ok(()) => Err(Refused {
+                                    error: e.clone(),
+                                    malformed: false,
+                                }),
+                                Err(syntax) => Err(Refused {
+                                    error: json_error(&syntax),
                                     malformed: true,
-                                    error,
-                                }) => {
-                                    // The split does not parse events, so text that is not JSON
-                                    // is found here: the body is not a batch, and nothing in it
-                                    // is kept (the tokens reserved so far are given back).
-                                    let reserved: Vec<_> = slots
-                                        .iter()
-                                        .filter_map(|slot| match slot {
-                                            Slot::Ready(_, key) => *key,
-                                            _ => None,
-                                        })
-                                        .collect();
-                                    this.dedupe.release(&reserved);
-                                    return Err(invalid_batch(&format!(
-                                        "event {i} of '{collection}': {}",
-                                        error.message
-                                    )));
-                                }
-                                Err(refused) => Slot::Rejected(refused.error),
+                                }),
                             },
+                            None => this.prepare(&meta, collection, &body, raw, &stamp),
                         };
-                        slots.push(slot);
+                        match outcome {
+                            // The split does not parse events, so text that is not JSON is
+                            // found here: the body is not a batch, and nothing in it is kept.
+                            Err(Refused {
+                                malformed: true,
+                                error,
+                            }) => {
+                                return Err(invalid_batch(&format!(
+                                    "event {i} of '{collection}': {}",
+                                    error.message
+                                )));
+                            }
+                            other => prepared.push(other.map_err(|refused| refused.error)),
+                        }
                     }
                 }
+                // Tokens are reserved only once the whole body is known to be a batch, so a
+                // refused body never holds one.
+                let slots = prepared
+                    .into_iter()
+                    .map(|event| match event {
+                        Ok(event) => this.reserve(event, now_ms),
+                        Err(e) => Slot::Rejected(e),
+                    })
+                    .collect::<Vec<_>>();
                 Ok((shape, slots))
             }
         };

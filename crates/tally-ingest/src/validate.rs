@@ -10,7 +10,6 @@ use std::cell::RefCell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::error::Category;
 use serde_json::{Map, Value};
 use tally_core::addons::check_addons;
 use tally_core::config::IngestConfig;
@@ -68,20 +67,21 @@ pub struct Refused {
 
 /// [`validate_event_text`], saying whether a refused event's text was not JSON at all.
 pub fn check_event_text(text: &str, limits: &IngestConfig) -> Result<ValidEvent, Refused> {
-    // Validation stops at the first rule broken, which may come before a syntax error further
-    // on; a refused event's text is therefore parsed once more to tell the two apart.
-    let rule = |error| match serde_json::from_str::<de::IgnoredAny>(text) {
-        Err(e) if is_malformed(&e) => Refused {
+    // Validation stops at the first problem, which may be a rule broken before a syntax error
+    // further on, or a rule serde's parser enforces (a number out of range, a lone surrogate):
+    // a refused event's text is therefore checked once more, the way batches used to be split.
+    let refused = |error| match json_syntax(text) {
+        Err(e) => Refused {
             error: json_error(&e),
             malformed: true,
         },
-        _ => Refused {
+        Ok(()) => Refused {
             error,
             malformed: false,
         },
     };
     if text.len() > limits.max_event_bytes {
-        return Err(rule(EventError::new(
+        return Err(refused(EventError::new(
             ErrorCode::InvalidEvent,
             format!(
                 "Event is {} bytes; an event may be at most {} bytes.",
@@ -100,21 +100,20 @@ pub fn check_event_text(text: &str, limits: &IngestConfig) -> Result<ValidEvent,
         .deserialize_any(TopVisitor { state: &state })
         .and_then(|()| de.end());
     if let Some(failure) = state.failure.into_inner() {
-        return Err(rule(failure));
+        return Err(refused(failure));
     }
     match outcome {
         Ok(()) => Ok(state.result.into_inner()),
-        Err(e) => Err(Refused {
-            error: json_error(&e),
-            malformed: is_malformed(&e),
-        }),
+        Err(e) => Err(refused(json_error(&e))),
     }
 }
 
-/// Whether a parse failed because the text is not JSON (as opposed to nesting past serde's
-/// limit, which the event's depth rule reports).
-fn is_malformed(e: &serde_json::Error) -> bool {
-    matches!(e.classify(), Category::Syntax | Category::Eof) && !e.to_string().contains("recursion limit")
+/// Whether `text` is one JSON value, checked as serde's `RawValue` checked each event when it
+/// split batches (syntax only: numbers out of range and lone surrogates pass, and are refused
+/// by the validator as one event's error). A batch holding text that fails this is refused
+/// whole.
+pub fn json_syntax(text: &str) -> Result<(), serde_json::Error> {
+    serde_json::from_str::<de::IgnoredAny>(text).map(drop)
 }
 
 /// Turns a JSON syntax error into Keen's error for it.
