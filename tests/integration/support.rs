@@ -124,6 +124,18 @@ impl TestServer {
             .unwrap()
     }
 
+    /// POSTs `body` as it is (text that need not be JSON) with the write key.
+    pub async fn post_text(&self, rest: &str, body: &str) -> reqwest::Response {
+        self.http
+            .post(self.project_url(rest))
+            .header("Authorization", &self.project.write_key)
+            .header("Content-Type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// The enriched events the process stage has committed: `{"project_id","collection","event"}`.
     pub fn enriched(&self) -> Vec<Value> {
         stored_events(self.tally.store())
