@@ -1,5 +1,8 @@
 //! The HTTP Stream API over a real socket: every endpoint and error path of the ingest issue.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
@@ -796,65 +799,85 @@ async fn over_the_log_bound_ingest_answers_503_and_keeps_what_it_accepted() {
     );
 }
 
-/// The process stage's and the store's threads keep off the CPU kept for ingest
-/// (`process.reserved_ingest_cpus`, 1 by default), and run on all the others. (With one CPU
-/// there is nothing to keep: they run on it.)
+/// The process stage's and the store's threads keep off the CPU kept for ingest while ingest is
+/// busy (`process.reserved_ingest_cpus`, 1 by default), and use every CPU while it is idle.
 #[tokio::test]
-async fn background_threads_keep_off_the_cpus_kept_for_ingest() {
-    let _server = TestServer::start().await;
+async fn background_threads_keep_off_the_cpu_kept_for_ingest_while_it_is_busy() {
+    let server = TestServer::start().await;
     let allowed = tally_core::worker::allowed_cpus();
-    let expected = tally_core::worker::cpus_after(&allowed, 1).unwrap_or_else(|| allowed.clone());
-    let cpus_of = |task: &std::path::Path| -> Option<Vec<usize>> {
-        let status = std::fs::read_to_string(task.join("status")).ok()?;
-        let list = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .expect("Linux reports each thread's CPUs");
-        Some(parse_cpu_list(list.trim()))
+    let Some(plan) = server.tally.background_cpus().cloned() else {
+        assert!(allowed.len() < 2, "with two CPUs or more, one is kept for ingest");
+        return;
     };
-    // A new thread names itself as it starts: list them until this server's are named.
-    let background_threads = || -> Vec<(std::path::PathBuf, String)> {
-        let mut found = Vec::new();
-        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-            let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
-                continue;
-            };
-            let comm = comm.trim().to_owned();
-            if comm == "tally-process" || comm == "tally-store" || comm.starts_with("tally-enrich") {
-                found.push((task.path(), comm));
-            }
-        }
-        found
+    let kept_off = allowed[1..].to_vec();
+    // Each thread following the plan (at least the stage's and the store's) is on `want`, or
+    // has ended. Enrichment threads move when they next get work, so an idle one may still be
+    // where it was: `all` says whether to count them.
+    let all_on = |want: &[usize], all: bool| {
+        let followers = plan.followers();
+        followers.len() >= 2
+            && followers.iter().all(|tid| {
+                let task = format!("/proc/self/task/{tid}");
+                let (Ok(comm), Ok(status)) = (
+                    std::fs::read_to_string(format!("{task}/comm")),
+                    std::fs::read_to_string(format!("{task}/status")),
+                ) else {
+                    return true;
+                };
+                if !all && comm.trim().starts_with("tally-enrich") {
+                    return true;
+                }
+                let list = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                    .expect("Linux reports each thread's CPUs");
+                parse_cpu_list(list.trim()) == want
+            })
     };
-    let mut threads = background_threads();
-    for _ in 0..100 {
-        if threads.iter().any(|(_, c)| c == "tally-process")
-            && threads.iter().any(|(_, c)| c == "tally-store")
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        threads = background_threads();
-    }
-    // This server's threads and those of servers other tests start meanwhile: each confines
-    // itself as it starts, so each must reach the expected CPUs (or end) within a few seconds.
-    let mut checked = Vec::new();
-    for (task, comm) in threads {
-        let mut cpus = cpus_of(&task);
-        for _ in 0..100 {
-            if cpus.as_ref().is_none_or(|cpus| *cpus == expected) {
-                break;
+    let wait_for = |want: Vec<usize>, all: bool| {
+        let all_on = &all_on;
+        async move {
+            for _ in 0..200 {
+                if all_on(&want, all) {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            cpus = cpus_of(&task);
+            false
         }
-        if let Some(cpus) = cpus {
-            assert_eq!(cpus, expected, "{comm} runs on {cpus:?}; allowed {allowed:?}");
-        }
-        checked.push(comm);
-    }
-    assert!(checked.iter().any(|c| c == "tally-process"), "{checked:?}");
-    assert!(checked.iter().any(|c| c == "tally-store"), "{checked:?}");
+    };
+    assert!(wait_for(allowed.clone(), true).await, "idle: every CPU");
+
+    let sending = Arc::new(AtomicBool::new(true));
+    let sender = {
+        let (http, url, key, sending) = (
+            server.http.clone(),
+            server.project_url("/events/c"),
+            server.project.write_key.clone(),
+            sending.clone(),
+        );
+        tokio::spawn(async move {
+            while sending.load(Ordering::Relaxed) {
+                let response = http
+                    .post(&url)
+                    .header("Authorization", &key)
+                    .json(&json!({"n": 1}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 201);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let busy = wait_for(kept_off.clone(), true).await;
+    sending.store(false, Ordering::Relaxed);
+    sender.await.unwrap();
+    assert!(busy, "busy: off the first CPU ({kept_off:?})");
+    assert!(
+        wait_for(allowed.clone(), false).await,
+        "idle again: every CPU for the stage and the store"
+    );
 }
 
 /// A kernel CPU list such as `0-2,5`.

@@ -202,11 +202,12 @@ pub struct ProcessConfig {
     /// enrichment threads), which with many small batches cost more than the events in them.
     /// Events become queryable up to this much later. 0 reads again at once.
     pub linger_ms: u64,
-    /// CPUs kept for ingest: the process stage's threads (on the embedded log; the stage that
-    /// reads Kafka is not confined) and the store's flushes and merges do not run on the first
-    /// this many CPUs the server may use (when at least one other is left). Behind the log, that work is always runnable, and even at a lower priority it cost
-    /// ingest's acknowledgements their tail whenever it could run on every core. 0: it may run
-    /// anywhere.
+    /// CPUs kept for ingest: while ingest is busy (the log grew in the last 250 ms), the process
+    /// stage's threads (on the embedded log; the stage that reads Kafka is not confined) and the
+    /// store's flushes and merges do not run on the first this many CPUs the server may use
+    /// (when at least one other is left); while it is idle they use them all. Behind the log,
+    /// that work is always runnable, and even at a lower priority it cost ingest's
+    /// acknowledgements their tail whenever it could run on every core. 0: it runs anywhere.
     pub reserved_ingest_cpus: usize,
 }
 

@@ -4,8 +4,8 @@
 //! finishes the batch in hand on its own).
 //!
 //! Background threads (the process stage, the store's flushes and merges) also lower their
-//! priority here ([`lower_priority`]) and keep off the CPUs kept for ingest
-//! ([`cpus_after`], [`confine_to_cpus`]).
+//! priority here ([`lower_priority`]) and keep off the CPUs kept for ingest while it is busy
+//! ([`BackgroundCpus`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,11 +103,11 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// The CPUs background threads may use when the first `kept_for_ingest` of `allowed` are kept
 /// for ingest: the rest, or `None` (no confinement) when nothing would be left.
 ///
-/// Why: the process stage and the store work behind the log, and while they are behind they are
-/// always runnable. At a lower priority they still cost ingest its tail when they can run on
-/// every core: in `tally bench ingest`'s batch half-rate phase (stage backlogged), with the
-/// stage's and store's threads on one of the two cores, 12 of 18 phases had p99 ≤ 10 ms against
-/// 4 of 18 with them on both ("Measured" in ARCHITECTURE.md, 2026-12-05).
+/// Why keep any: the process stage and the store work behind the log, and while they are behind
+/// they are always runnable. At a lower priority they still cost ingest its tail when they can
+/// run on every core: in `tally bench ingest`'s batch half-rate phase (stage backlogged), with
+/// the stage's and store's threads on one of the two cores, 12 of 18 phases had p99 ≤ 10 ms
+/// against 4 of 18 with them on both ("Measured" in ARCHITECTURE.md, 2026-12-05).
 pub fn cpus_after(allowed: &[usize], kept_for_ingest: usize) -> Option<Vec<usize>> {
     (kept_for_ingest > 0 && allowed.len() > kept_for_ingest).then(|| allowed[kept_for_ingest..].to_vec())
 }
@@ -128,9 +128,107 @@ pub fn confine_to_cpus(cpus: &[usize]) {
     }
 }
 
+/// Where the background threads run: off the CPUs kept for ingest while ingest is busy, on
+/// every CPU while it is idle, so that a backlog is worked off on every core once clients stop.
+/// The process stage, which sees the log grow, says which ([`BackgroundCpus::ingest_busy`]);
+/// every background thread follows at its next step ([`BackgroundCpus::follow`]).
+///
+/// Kept off for good, the stage caught up with an 8 s burst 20–34% slower on two cores; moving
+/// back while ingest is idle recovered most of it ("Measured" in ARCHITECTURE.md, 2026-12-05).
+#[derive(Debug)]
+pub struct BackgroundCpus {
+    /// The CPUs left to background work while ingest is busy.
+    kept_off: Vec<usize>,
+    /// Every CPU the server may use, for while ingest is idle.
+    all: Vec<usize>,
+    /// Whether ingest is idle now. Starts false: ingest may be busy from the first request.
+    idle: AtomicBool,
+    /// The threads following this (Linux thread ids), for tests and operators to inspect.
+    followers: std::sync::Mutex<Vec<i64>>,
+}
+
+impl BackgroundCpus {
+    /// The plan for a server allowed `allowed` that keeps the first `kept_for_ingest` of them for
+    /// ingest; `None` when nothing would be kept ([`cpus_after`]).
+    pub fn new(allowed: Vec<usize>, kept_for_ingest: usize) -> Option<Self> {
+        cpus_after(&allowed, kept_for_ingest).map(|kept_off| Self {
+            kept_off,
+            all: allowed,
+            idle: AtomicBool::new(false),
+            followers: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Records whether ingest is busy; background threads follow at their next step.
+    pub fn ingest_busy(&self, busy: bool) {
+        self.idle.store(!busy, Ordering::Relaxed);
+    }
+
+    /// The CPUs background threads should be on now.
+    pub fn current(&self) -> &[usize] {
+        if self.idle.load(Ordering::Relaxed) {
+            &self.all
+        } else {
+            &self.kept_off
+        }
+    }
+
+    /// Moves the calling thread to [`BackgroundCpus::current`] if that changed since it last
+    /// followed; `applied` is the thread's own record of what it applied (start with `None`).
+    pub fn follow(&self, applied: &mut Option<bool>) {
+        let idle = self.idle.load(Ordering::Relaxed);
+        if *applied == Some(idle) {
+            return;
+        }
+        if applied.is_none() {
+            // SAFETY: gettid takes no arguments and only reads the calling thread's id.
+            let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+            self.followers.lock().unwrap_or_else(|p| p.into_inner()).push(tid);
+        }
+        confine_to_cpus(if idle { &self.all } else { &self.kept_off });
+        *applied = Some(idle);
+    }
+
+    /// The Linux thread ids of the threads that follow this plan.
+    pub fn followers(&self) -> Vec<i64> {
+        self.followers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn background_threads_move_to_every_cpu_while_ingest_is_idle_and_back() {
+        let allowed = allowed_cpus();
+        let Some(plan) = BackgroundCpus::new(allowed.clone(), 1) else {
+            return; // one CPU: nothing to keep
+        };
+        let plan = Arc::new(plan);
+        let mine = |plan: &BackgroundCpus, applied: &mut Option<bool>| {
+            plan.follow(applied);
+            allowed_cpus()
+        };
+        let seen = std::thread::spawn({
+            let plan = plan.clone();
+            move || {
+                let mut applied = None;
+                let busy = mine(&plan, &mut applied);
+                plan.ingest_busy(false);
+                let idle = mine(&plan, &mut applied);
+                plan.ingest_busy(true);
+                (busy, idle, mine(&plan, &mut applied))
+            }
+        })
+        .join()
+        .expect("background thread");
+        assert_eq!(
+            seen,
+            (allowed[1..].to_vec(), allowed.clone(), allowed[1..].to_vec())
+        );
+        assert_eq!(plan.followers().len(), 1);
+    }
 
     #[test]
     fn background_threads_leave_the_first_cpus_to_ingest_when_some_remain() {

@@ -17,13 +17,18 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tally_core::event::{EnrichedEvent, EventSink, LoggedEvent};
-use tally_core::worker::StoppableThread;
+use tally_core::log::EventLog;
+use tally_core::worker::{BackgroundCpus, StoppableThread};
 use tally_ingest::EmbeddedEventLog;
 use tally_ingest::log::LogEntry;
 
 use crate::access::RawEvent;
 use crate::enrich::{EnrichMemo, Enrichers};
 use crate::geo::GeoDatabase;
+
+/// Ingest counts as idle, and background threads may use every CPU, once the log has not grown
+/// for this long.
+pub const INGEST_IDLE_AFTER: Duration = Duration::from_millis(250);
 
 /// Settings of the process stage.
 #[derive(Debug, Clone)]
@@ -40,9 +45,10 @@ pub struct StageConfig {
     pub linger: Duration,
     /// Scheduling niceness of the stage's threads (0 = same as ingest; higher yields to it).
     pub niceness: i32,
-    /// The CPUs the stage's threads may run on (`None`: any), so that the cores left out stay
-    /// free for ingest (`process.reserved_ingest_cpus`; see [`tally_core::worker::cpus_after`]).
-    pub cpus: Option<Vec<usize>>,
+    /// Where the stage's threads run (`None`: anywhere): off the CPUs kept for ingest while it
+    /// is busy (`process.reserved_ingest_cpus`). The stage tells the plan whether ingest is
+    /// busy: the log grew within [`INGEST_IDLE_AFTER`].
+    pub cpus: Option<Arc<BackgroundCpus>>,
 }
 
 impl Default for StageConfig {
@@ -130,12 +136,13 @@ fn run(
 ) {
     // First, so that the enrichment threads started next inherit the CPUs.
     tally_core::worker::lower_priority(config.niceness);
+    let mut applied_cpus = None;
     if let Some(cpus) = &config.cpus {
-        tally_core::worker::confine_to_cpus(cpus);
+        cpus.follow(&mut applied_cpus);
     }
     let pool = match config.threads {
         0 | 1 => None,
-        n => match WorkerPool::new(n, enrichers.clone(), metrics.clone(), config.niceness) {
+        n => match WorkerPool::new(n, enrichers.clone(), metrics.clone(), config) {
             Ok(pool) => Some(pool),
             Err(e) => {
                 tracing::error!(error = %e, "process stage: cannot start enrichment threads; enriching on one");
@@ -162,8 +169,17 @@ fn run(
     let mut reader = log.reader(position);
     // The batch read while the previous one was enriched, if the stage was behind.
     let mut read_ahead: Option<Vec<LogEntry>> = None;
+    let (mut log_end, mut log_grew) = (log.status().durable_end, Instant::now());
     while !stopped() {
         let read_at = Instant::now();
+        if let Some(cpus) = &config.cpus {
+            let end = log.status().durable_end;
+            if end != log_end {
+                (log_end, log_grew) = (end, read_at);
+            }
+            cpus.ingest_busy(read_at.duration_since(log_grew) < INGEST_IDLE_AFTER);
+            cpus.follow(&mut applied_cpus);
+        }
         let batch = match read_ahead
             .take()
             .map_or_else(|| reader.read_batch(config.max_batch_bytes), Ok)
@@ -266,20 +282,25 @@ impl WorkerPool {
         threads: usize,
         enrichers: Arc<Enrichers>,
         metrics: StageMetrics,
-        config_niceness: i32,
+        config: &StageConfig,
     ) -> std::io::Result<Self> {
         let mut senders = Vec::new();
         let mut handles = Vec::new();
         for i in 0..threads {
             let (sender, receiver) = mpsc::channel::<Work>();
             let (enrichers, metrics) = (enrichers.clone(), metrics.clone());
+            let (niceness, cpus) = (config.niceness, config.cpus.clone());
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("tally-enrich-{i}"))
                     .spawn(move || {
-                        tally_core::worker::lower_priority(config_niceness);
+                        tally_core::worker::lower_priority(niceness);
                         let mut memo = EnrichMemo::default();
+                        let mut applied_cpus = None;
                         while let Ok(work) = receiver.recv() {
+                            if let Some(cpus) = &cpus {
+                                cpus.follow(&mut applied_cpus);
+                            }
                             match work {
                                 Work::Enrich(entries, reply) => {
                                     let geo = enrichers.geo().current();

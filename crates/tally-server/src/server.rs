@@ -31,6 +31,7 @@ use tally_core::ids::KeyHash;
 use tally_core::ids::ProjectId;
 use tally_core::log::EventLog;
 use tally_core::time::format_timestamp_ms;
+use tally_core::worker::BackgroundCpus;
 use tally_ingest::dedupe::{self, Dedupe};
 use tally_ingest::{EmbeddedEventLog, Ingestor};
 use tally_kafka::stage::KafkaStageConfig;
@@ -199,6 +200,8 @@ pub struct Tally {
     kafka_log: Option<Arc<KafkaEventLog>>,
     store: Arc<EventStore>,
     store_maintenance: Option<Maintenance>,
+    /// Where the background threads run (`None`: anywhere).
+    background_cpus: Option<Arc<BackgroundCpus>>,
     enrichers: Arc<Enrichers>,
     answers: Arc<CachedAnswers>,
     /// Live streams, ended first at shutdown.
@@ -245,13 +248,14 @@ impl Tally {
             .expect("GeoIP open task")?;
         let enrichers = Arc::new(Enrichers::new(geo, &mut registry));
         let store_dir = data_dir.store_path();
-        // The process stage and the store's flushes and merges stay off the CPUs kept for ingest.
+        // The process stage and the store's flushes and merges stay off the CPUs kept for ingest
+        // while it is busy (the embedded log's stage tells when it is idle).
         let allowed_cpus = tally_core::worker::allowed_cpus();
         let background_cpus =
-            tally_core::worker::cpus_after(&allowed_cpus, config.process.reserved_ingest_cpus);
+            BackgroundCpus::new(allowed_cpus.clone(), config.process.reserved_ingest_cpus).map(Arc::new);
         tracing::info!(
             ?allowed_cpus,
-            ?background_cpus,
+            while_ingest_is_busy = ?background_cpus.as_ref().map(|c| c.current().to_vec()),
             "CPUs for the process stage and the store (None: any)"
         );
         let store_config = StoreConfig {
@@ -290,7 +294,7 @@ impl Tally {
                 n => n,
             },
             linger: Duration::from_millis(config.process.linger_ms),
-            cpus: background_cpus,
+            cpus: background_cpus.clone(),
             ..StageConfig::default()
         };
         // The stage reads Kafka when Kafka is the log, the embedded log otherwise.
@@ -491,6 +495,7 @@ impl Tally {
             kafka_log,
             store,
             store_maintenance,
+            background_cpus,
             enrichers,
             answers,
             live,
@@ -511,6 +516,11 @@ impl Tally {
     /// The catalog (tests revoke keys through it).
     pub fn catalog(&self) -> &Arc<EmbeddedCatalog> {
         &self.catalog
+    }
+
+    /// Where the process stage's and the store's threads run (`None`: anywhere).
+    pub fn background_cpus(&self) -> Option<&Arc<BackgroundCpus>> {
+        self.background_cpus.as_ref()
     }
 
     /// The event store.

@@ -80,9 +80,9 @@ pub struct StoreConfig {
     /// Write segment files with `O_DIRECT`, in chunks (see [`ChunkedFile`]), where the file
     /// system allows it.
     pub direct_io: bool,
-    /// The CPUs the thread that flushes and merges may run on (`None`: any), so that the cores
-    /// left out stay free for ingest (`process.reserved_ingest_cpus`).
-    pub cpus: Option<Vec<usize>>,
+    /// Where the thread that flushes and merges runs (`None`: anywhere): off the CPUs kept for
+    /// ingest while it is busy (`process.reserved_ingest_cpus`; the process stage says when).
+    pub cpus: Option<Arc<tally_core::worker::BackgroundCpus>>,
 }
 
 impl Default for StoreConfig {
@@ -673,12 +673,13 @@ impl EventStore {
                 .name("tally-store".into())
                 .spawn(move || {
                     tally_core::worker::lower_priority(store.config.niceness);
-                    if let Some(cpus) = &store.config.cpus {
-                        tally_core::worker::confine_to_cpus(cpus);
-                    }
+                    let mut applied_cpus = None;
                     let tick = Duration::from_millis(20);
                     let mut waited = Duration::ZERO;
                     loop {
+                        if let Some(cpus) = &store.config.cpus {
+                            cpus.follow(&mut applied_cpus);
+                        }
                         let stopping = stop.load(Ordering::Acquire);
                         if stopping || waited >= store.config.flush_interval {
                             waited = Duration::ZERO;
