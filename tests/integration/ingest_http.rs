@@ -800,10 +800,14 @@ async fn over_the_log_bound_ingest_answers_503_and_keeps_what_it_accepted() {
 }
 
 /// The process stage's and the store's threads keep off the CPU kept for ingest while ingest is
-/// busy (`process.reserved_ingest_cpus`, 1 by default), and use every CPU while it is idle.
+/// busy (`process.reserved_ingest_cpus`, 1 by default; the other tests' servers set 0), and use
+/// every CPU while it is idle.
 #[tokio::test]
 async fn background_threads_keep_off_the_cpu_kept_for_ingest_while_it_is_busy() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|c| {
+        c.process.reserved_ingest_cpus = tally_core::config::ProcessConfig::default().reserved_ingest_cpus
+    })
+    .await;
     let allowed = tally_core::worker::allowed_cpus();
     let Some(plan) = server.tally.background_cpus().cloned() else {
         assert!(allowed.len() < 2, "with two CPUs or more, one is kept for ingest");

@@ -37,6 +37,12 @@ fn test_config(data_dir: &Path) -> Config {
             segment_bytes: 1 << 20,
             ..Default::default()
         },
+        // Dozens of servers share this one test process: none keeps a CPU for its own ingest
+        // (the test of that setting turns it on for its server).
+        process: tally_core::config::ProcessConfig {
+            reserved_ingest_cpus: 0,
+            ..Default::default()
+        },
         ..Config::default()
     }
 }

@@ -66,29 +66,38 @@ impl KafkaProcessStage {
             "Records of the Kafka event log's assigned partitions not yet stored by this node",
             lag.clone(),
         );
-        let own = {
-            let sink = sink.clone();
-            Box::new(move || {
-                sink.written_partitions().unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "cannot read the store's partition offsets");
-                    PartitionPositions::new()
-                })
-            })
-        };
         let mut settings = clients.config();
         if let Some(id) = &config.instance_id {
             settings.set("group.instance.id", id);
         }
-        let consumer: BaseConsumer<SeekContext> = settings
+        settings
             .set("group.id", &config.log.group)
             .set("session.timeout.ms", "10000")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "range,roundrobin")
-            .create_with_context(SeekContext::new("process", own, false))?;
-        consumer.subscribe(&[config.log.topic.as_str()])?;
-        let thread = StoppableThread::spawn("tally-kafka-process", move |stop| {
+            .set("partition.assignment.strategy", "range,roundrobin");
+        // A consumer that librdkafka reports fatally failed (a static member fenced after a
+        // broker restart, seen in the broker-restart test) never consumes again: the stage makes
+        // a new one from the same settings.
+        let make_consumer = {
+            let (sink, topic) = (sink.clone(), config.log.topic.clone());
+            move || -> Result<BaseConsumer<SeekContext>, KafkaSetupError> {
+                let sink = sink.clone();
+                let own = Box::new(move || {
+                    sink.written_partitions().unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "cannot read the store's partition offsets");
+                        PartitionPositions::new()
+                    })
+                });
+                let consumer: BaseConsumer<SeekContext> =
+                    settings.create_with_context(SeekContext::new("process", own, false))?;
+                consumer.subscribe(&[topic.as_str()])?;
+                Ok(consumer)
+            }
+        };
+        let mut consumer = make_consumer()?;
+        let thread = StoppableThread::spawn("tally-kafka-process", move |stop| loop {
             run(
                 &consumer,
                 &config,
@@ -97,7 +106,24 @@ impl KafkaProcessStage {
                 &metrics,
                 &lag,
                 stop,
-            )
+            );
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            // `run` returns early only when the consumer failed fatally.
+            drop(consumer);
+            consumer = loop {
+                match make_consumer() {
+                    Ok(consumer) => break consumer,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Kafka process stage: cannot make a new consumer; retrying");
+                        if stop.load(Ordering::Acquire) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            };
         })
         .map_err(|e| KafkaSetupError::Config(format!("cannot start the process thread: {e}")))?;
         Ok(Self { thread })
@@ -151,6 +177,14 @@ fn run(
             let message = match polled {
                 Ok(message) => message,
                 Err(e) => {
+                    if let Some((code, reason)) = consumer.client().fatal_error() {
+                        tracing::error!(
+                            ?code,
+                            reason,
+                            "Kafka process stage: the consumer failed fatally; making a new one"
+                        );
+                        return;
+                    }
                     tracing::warn!(error = %e, "Kafka event log: consumer error");
                     break;
                 }
