@@ -108,13 +108,13 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// run on every core: in `tally bench ingest`'s batch half-rate phase (stage backlogged), with
 /// the stage's and store's threads on one of the two cores, 12 of 18 phases had p99 ≤ 10 ms
 /// against 4 of 18 with them on both ("Measured" in ARCHITECTURE.md, 2026-12-05).
-pub fn cpus_after(allowed: &[usize], kept_for_ingest: usize) -> Option<Vec<usize>> {
+fn cpus_after(allowed: &[usize], kept_for_ingest: usize) -> Option<Vec<usize>> {
     (kept_for_ingest > 0 && allowed.len() > kept_for_ingest).then(|| allowed[kept_for_ingest..].to_vec())
 }
 
 /// Confines the calling thread, and threads it starts afterwards, to `cpus`. Failure (a
 /// platform that refuses) is logged and otherwise ignored: it only costs ingest latency.
-pub fn confine_to_cpus(cpus: &[usize]) {
+fn confine_to_cpus(cpus: &[usize]) {
     // SAFETY: `set` is a plain bitmask built here; the call only affects the calling thread.
     let result = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -149,7 +149,7 @@ pub struct BackgroundCpus {
 
 impl BackgroundCpus {
     /// The plan for a server allowed `allowed` that keeps the first `kept_for_ingest` of them for
-    /// ingest; `None` when nothing would be kept ([`cpus_after`]).
+    /// ingest; `None` when nothing would be kept.
     pub fn new(allowed: Vec<usize>, kept_for_ingest: usize) -> Option<Self> {
         cpus_after(&allowed, kept_for_ingest).map(|kept_off| Self {
             kept_off,

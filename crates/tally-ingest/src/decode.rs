@@ -329,24 +329,8 @@ mod tests {
     }
 
     fn json_value() -> impl Strategy<Value = serde_json::Value> {
-        use serde_json::Value;
         let text = "[a-z\"\\\\\u{e9}\\[\\]{},: \n]{0,6}";
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            any::<f64>()
-                .prop_filter("finite", |f| f.is_finite())
-                .prop_map(Value::from),
-            text.prop_map(Value::from),
-        ];
-        leaf.prop_recursive(4, 32, 4, move |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-                prop::collection::btree_map(text, inner, 0..4)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
+        crate::validate::tests::arb_json_from(text, text)
     }
 
     fn batch_text() -> impl Strategy<Value = String> {

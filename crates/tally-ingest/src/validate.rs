@@ -481,7 +481,7 @@ fn check_location(location: &Value) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
@@ -599,7 +599,15 @@ mod tests {
 
     /// Generates arbitrary JSON values, with names drawn to sometimes break the rules.
     fn arb_json() -> impl Strategy<Value = Value> {
-        let name = prop_oneof!["[a-z]{1,8}", "[a-z.$]{0,4}", "keen"];
+        arb_json_from(prop_oneof!["[a-z]{1,8}", "[a-z.$]{0,4}", "keen"], ".{0,20}")
+    }
+
+    /// Arbitrary JSON values whose names are drawn from `name` and strings from `text` (the
+    /// batch split's tests draw both rich in quotes, backslashes and brackets).
+    pub(crate) fn arb_json_from(
+        name: impl Strategy<Value = String> + Clone + 'static,
+        text: impl Strategy<Value = String> + 'static,
+    ) -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::from),
@@ -607,7 +615,7 @@ mod tests {
             any::<f64>()
                 .prop_filter("finite", |f| f.is_finite())
                 .prop_map(Value::from),
-            ".{0,20}".prop_map(Value::from),
+            text.prop_map(Value::from),
         ];
         leaf.prop_recursive(4, 32, 6, move |inner| {
             prop_oneof![
