@@ -217,7 +217,9 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     init_tracing(config.log_format);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.http.runtime_threads_for(cpus))
         .enable_all()
         .build()
         .context("starting the async runtime")?;
