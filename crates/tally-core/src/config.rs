@@ -90,10 +90,10 @@ pub struct HttpConfig {
     /// Seconds to wait for in-flight requests on shutdown before closing them.
     pub shutdown_grace_secs: u64,
     /// Threads of the async runtime that serves requests; 0 (the default): one more than the
-    /// CPUs the server may use. The spare is for the moments the kernel keeps a runtime thread
-    /// waiting behind a background thread (the process stage shares the CPUs, at a lower
-    /// priority): the tasks queued on that thread are then taken by another one instead of
-    /// waiting with it. See [`HttpConfig::runtime_threads_for`].
+    /// CPUs the server may use. The spare is meant for the moments the kernel keeps a runtime
+    /// thread waiting behind a background thread (the process stage shares the CPUs, at a
+    /// lower priority): another thread can then take the tasks queued on the waiting one.
+    /// See [`HttpConfig::runtime_threads_for`].
     pub runtime_threads: usize,
 }
 
