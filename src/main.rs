@@ -179,6 +179,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    tally_core::worker::disable_transparent_huge_pages();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve {

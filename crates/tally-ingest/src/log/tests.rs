@@ -99,7 +99,12 @@ async fn concurrent_appends_share_fsyncs_and_all_survive_reopening(direct: bool)
     let mut tasks = Vec::new();
     for n in 0..200 {
         let log = log.clone();
-        tasks.push(tokio::spawn(async move { log.append(&[event(n)]).await }));
+        tasks.push(tokio::spawn(async move {
+            let end = log.append(&[event(n)]).await?;
+            // Answered only once everything up to its end is durable, earlier groups included.
+            assert!(log.status().durable_end >= end, "answered before durable");
+            Ok::<u64, LogError>(end)
+        }));
     }
     let mut ends = Vec::new();
     for task in tasks {
