@@ -88,10 +88,11 @@ pub fn lower_priority(niceness: i32) {
 /// Turns transparent huge pages off for the whole process (`PR_SET_THP_DISABLE`), whatever
 /// the machine's setting; called first thing in `main`. The allocator (mimalloc) asks for huge
 /// pages on its memory, and every first touch of a huge page makes the kernel zero 2 MiB on the
-/// faulting thread. The process stage and the store build and drop large buffers all the time:
-/// measured on 2026-12-05 in a half-rate batch ingest run, the kernel's page zeroing was 15% of
-/// the server's CPU samples with huge pages and 0.3% without, and the stage into the event
-/// store went from 73k–84k to 89k events/s (`tally bench process`, 600,000 events).
+/// faulting thread. The process stage builds and drops large buffers all the time (segments,
+/// merges): measured on 2026-12-05 in a half-rate batch ingest run, the kernel's page zeroing,
+/// nearly all on the stage's thread, was 15% of the server's CPU samples with huge pages and
+/// 0.3% without, and the stage into the event store went from 83k–86k to 104k–105k events/s
+/// (`tally bench process`, 600,000 events).
 /// Failure (a kernel without the call) is ignored: huge pages then stay as the machine has them.
 pub fn disable_transparent_huge_pages() {
     // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integers and only sets a flag of the
