@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -355,6 +355,7 @@ impl EmbeddedEventLog {
             dir: dir.to_path_buf(),
             segment_bytes: config.segment_bytes,
             direct_io: config.direct_io,
+            linger: Duration::from_micros(config.group_commit_linger_us),
             active,
             pages,
             active_base: last_base,
@@ -408,7 +409,7 @@ impl EmbeddedEventLog {
         let position = position.min(self.shared.durable_end.load(Ordering::Acquire));
         self.shared.consumed.store(position, Ordering::Release);
         let mut last = self.consumed_persisted.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1)) {
+        if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             write_atomically(&self.dir.join("consumed"), position.to_string().as_bytes())?;
             *last = Some(Instant::now());
         }
@@ -557,12 +558,26 @@ fn write_all_vectored(file: &mut File, group: &[AppendRequest], padding: &[u8]) 
     Ok(())
 }
 
+/// A group of at least this many requests means appends are arriving faster than the log
+/// commits them one by one; only then does the writer linger before the next group. Single
+/// events over 128 connections on 2 cores made groups of 11 to 12 requests on average at their
+/// maximum rate and 6 to 7 at half of it; a lone client makes groups of one.
+const LINGER_AFTER_GROUP_OF: usize = 6;
+
+/// How long the writer waits before taking a group, given the size of the one before: `linger`
+/// after a busy group, nothing otherwise (and nothing when lingering is off).
+fn linger_before_group(last_group_requests: usize, linger: Duration) -> Option<Duration> {
+    (last_group_requests >= LINGER_AFTER_GROUP_OF && !linger.is_zero()).then_some(linger)
+}
+
 /// The writer thread: the only code that writes segment files.
 struct Writer {
     dir: PathBuf,
     segment_bytes: u64,
     /// Whether to open segments with `O_DIRECT` (`log.direct_io`).
     direct_io: bool,
+    /// How long to let appends gather after a busy group (`log.group_commit_linger_us`).
+    linger: Duration,
     active: File,
     /// How groups are written when `active` was opened with `O_DIRECT`; `None`: through the
     /// page cache.
@@ -578,8 +593,12 @@ struct Writer {
 impl Writer {
     fn run(mut self, receiver: mpsc::Receiver<AppendRequest>) {
         let mut group: Vec<AppendRequest> = Vec::new();
+        let mut last_group_requests = 0;
         // recv() fails once every sender is gone and the queue is drained: a clean shutdown.
         while let Ok(first) = receiver.recv() {
+            if let Some(linger) = linger_before_group(last_group_requests, self.linger) {
+                std::thread::sleep(linger);
+            }
             let mut group_bytes = first.frames.len();
             group.push(first);
             while group_bytes < MAX_GROUP_BYTES {
@@ -591,6 +610,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            last_group_requests = group.len();
             self.commit(&mut group, group_bytes as u64);
         }
         if let Some(spare) = self.spare.take() {

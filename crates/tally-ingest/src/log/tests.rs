@@ -49,6 +49,7 @@ macro_rules! in_both_modes {
 
 in_both_modes!(
     concurrent_appends_share_fsyncs_and_all_survive_reopening,
+    appends_gathered_while_the_writer_lingers_all_survive,
     a_torn_tail_is_cut_and_appends_continue_after_it,
     a_stale_frame_behind_a_torn_one_is_never_resurrected,
     readers_see_only_durable_records_and_resume_from_a_position,
@@ -88,11 +89,22 @@ fn read_all(dir: &Path) -> Vec<i64> {
 }
 
 async fn concurrent_appends_share_fsyncs_and_all_survive_reopening(direct: bool) {
+    concurrent_appends_all_survive(direct, 0).await;
+}
+
+/// The same with a writer that lingers 5 ms after each busy group: 200 appends at once make
+/// groups of six or more, so it lingers, and nothing is lost, duplicated or answered early.
+async fn appends_gathered_while_the_writer_lingers_all_survive(direct: bool) {
+    concurrent_appends_all_survive(direct, 5_000).await;
+}
+
+async fn concurrent_appends_all_survive(direct: bool, group_commit_linger_us: u64) {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(open(
         dir.path(),
         LogConfig {
             segment_bytes: 4096,
+            group_commit_linger_us,
             ..log_config(direct)
         },
     ));
@@ -320,4 +332,19 @@ fn segment_files(dir: &std::path::Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+#[test]
+fn the_writer_lingers_only_after_a_busy_group_and_only_when_asked() {
+    let linger = Duration::from_micros(200);
+    assert_eq!(
+        linger_before_group(0, linger),
+        None,
+        "the first group is taken at once"
+    );
+    assert_eq!(linger_before_group(1, linger), None, "a lone client never waits");
+    assert_eq!(linger_before_group(LINGER_AFTER_GROUP_OF - 1, linger), None);
+    assert_eq!(linger_before_group(LINGER_AFTER_GROUP_OF, linger), Some(linger));
+    assert_eq!(linger_before_group(500, linger), Some(linger));
+    assert_eq!(linger_before_group(500, Duration::ZERO), None, "0 turns it off");
 }
