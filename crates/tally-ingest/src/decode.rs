@@ -17,26 +17,43 @@ pub fn check_content_type(content_type: Option<&str>) -> Result<(), EventError> 
         return Ok(());
     };
     let mut parts = content_type.split(';');
-    let mime = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    // Compared without lowercasing into a new string: this runs for every request that sends
+    // events.
+    let mime = parts.next().unwrap_or("").trim();
+    let is = |name: &str| mime.eq_ignore_ascii_case(name);
+    let has_affix = |prefix: &str, suffix: &str| {
+        mime.len() >= prefix.len() + suffix.len()
+            && mime.is_char_boundary(prefix.len())
+            && mime.is_char_boundary(mime.len() - suffix.len())
+            && mime[..prefix.len()].eq_ignore_ascii_case(prefix)
+            && mime[mime.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+    };
     let json_like = mime.is_empty()
-        || mime == "application/json"
-        || (mime.starts_with("application/") && mime.ends_with("+json"))
-        || mime == "text/plain"
-        || mime == "text/json"
-        || mime == "application/x-www-form-urlencoded";
+        || is("application/json")
+        || has_affix("application/", "+json")
+        || is("text/plain")
+        || is("text/json")
+        || is("application/x-www-form-urlencoded");
     if !json_like {
         return Err(EventError::new(
             ErrorCode::UnsupportedContentType,
-            format!("Content-Type '{mime}' cannot carry events; send JSON as application/json."),
+            format!(
+                "Content-Type '{}' cannot carry events; send JSON as application/json.",
+                mime.to_ascii_lowercase()
+            ),
         ));
     }
     for param in parts {
         if let Some((name, value)) = param.split_once('=') {
-            let value = value.trim().trim_matches('"').to_ascii_lowercase();
-            if name.trim().eq_ignore_ascii_case("charset") && value != "utf-8" && value != "utf8" {
+            let value = value.trim().trim_matches('"');
+            let utf8 = value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8");
+            if name.trim().eq_ignore_ascii_case("charset") && !utf8 {
                 return Err(EventError::new(
                     ErrorCode::UnsupportedContentType,
-                    format!("charset '{value}' is not supported; send UTF-8."),
+                    format!(
+                        "charset '{}' is not supported; send UTF-8.",
+                        value.to_ascii_lowercase()
+                    ),
                 ));
             }
         }
@@ -280,6 +297,9 @@ mod tests {
             Some("application/json; charset=utf-8"),
             Some("text/plain;charset=UTF-8"),
             Some("application/vnd.api+json"),
+            Some("Application/JSON; Charset=\"UTF8\""),
+            Some("APPLICATION/VND.API+JSON"),
+            Some(" text/json "),
         ] {
             assert!(check_content_type(ok).is_ok(), "{ok:?}");
         }
@@ -287,11 +307,48 @@ mod tests {
             "multipart/form-data; boundary=x",
             "image/png",
             "application/json; charset=utf-16",
+            "application/+jsonx",
+            "applicatioé/+json",
         ] {
             assert_eq!(
                 check_content_type(Some(bad)).unwrap_err().code,
                 ErrorCode::UnsupportedContentType
             );
+        }
+        let refused = check_content_type(Some("Image/PNG")).unwrap_err();
+        assert!(refused.message.contains("'image/png'"), "{}", refused.message);
+    }
+
+    /// The rule as first written, lowercasing into new strings: the oracle for the one that
+    /// compares in place.
+    fn content_type_carries_json(content_type: &str) -> bool {
+        let mut parts = content_type.split(';');
+        let mime = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let json_like = mime.is_empty()
+            || mime == "application/json"
+            || (mime.starts_with("application/") && mime.ends_with("+json"))
+            || mime == "text/plain"
+            || mime == "text/json"
+            || mime == "application/x-www-form-urlencoded";
+        json_like
+            && parts.all(|param| match param.split_once('=') {
+                Some((name, value)) => {
+                    let value = value.trim().trim_matches('"').to_ascii_lowercase();
+                    !name.trim().eq_ignore_ascii_case("charset") || value == "utf-8" || value == "utf8"
+                }
+                None => true,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn content_types_are_judged_as_the_lowercasing_rule_does(
+            content_type in "[ ]?(application|APPLICATION|text|Text|image|applicatioé)/(json|JSON|plain|vnd\\.x\\+json|x-www-form-urlencoded|\\+json|é\\+JSON|png)[ ]?(;[ ]?(charset|CHARSET|boundary)=\"?(utf-8|UTF8|utf-16|x)\"?){0,2}",
+            arbitrary in "\\PC{0,40}",
+        ) {
+            for text in [content_type.as_str(), arbitrary.as_str()] {
+                prop_assert_eq!(check_content_type(Some(text)).is_ok(), content_type_carries_json(text), "{:?}", text);
+            }
         }
     }
 

@@ -199,15 +199,18 @@ pub fn role_needed(method: &Method, uri: &axum::http::Uri) -> Option<Role> {
         return None;
     }
     if let Some(rest) = path.strip_prefix("/3.0/projects/") {
-        let parts: Vec<&str> = rest.split('/').collect();
-        if parts.get(1) == Some(&"events") && (2..=3).contains(&parts.len()) {
+        // `{project}/events` or `{project}/events/{collection}`, counted without collecting.
+        let mut parts = rest.split('/');
+        let events = parts.nth(1) == Some("events");
+        let collection = parts.next().is_some();
+        if events && parts.next().is_none() {
             if method == Method::POST {
                 return Some(Role::Ingest);
             }
             let pixel = uri
                 .query()
                 .is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "data"));
-            if method == Method::GET && parts.len() == 3 && pixel {
+            if method == Method::GET && collection && pixel {
                 return Some(Role::Ingest);
             }
         }
@@ -263,6 +266,15 @@ mod tests {
             Some(Role::Query)
         );
         assert_eq!(need(Method::GET, &format!("{p}/events")), Some(Role::Query));
+        assert_eq!(
+            need(Method::GET, &format!("{p}/events?data=e30")),
+            Some(Role::Query),
+            "a pixel names its collection"
+        );
+        assert_eq!(
+            need(Method::POST, &format!("{p}/events/clicks/properties/x")),
+            Some(Role::Query)
+        );
         assert_eq!(
             need(Method::GET, &format!("{p}/events/clicks/stream")),
             Some(Role::Query)

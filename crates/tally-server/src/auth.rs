@@ -175,15 +175,13 @@ fn insufficient(message: impl Into<String>) -> ApiError {
 }
 
 /// The key presented with a request: the `Authorization` header, else `api_key`.
-pub fn presented_key(headers: &HeaderMap, api_key_param: Option<&str>) -> Option<String> {
+pub fn presented_key<'a>(headers: &'a HeaderMap, api_key_param: Option<&'a str>) -> Option<&'a str> {
     let from_header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty());
-    from_header
-        .or(api_key_param.map(str::trim).filter(|v| !v.is_empty()))
-        .map(str::to_string)
+    from_header.or(api_key_param.map(str::trim).filter(|v| !v.is_empty()))
 }
 
 /// Resolves the project in the path and checks the key against it and `access`, then takes a

@@ -26,7 +26,7 @@ pub async fn create_project(
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = presented_key(&headers, params.get("api_key"));
-    authorize_admin(state.admin_key.as_ref(), key.as_deref())?;
+    authorize_admin(state.admin_key.as_ref(), key)?;
     let body = read_body(&headers, body, MAX_BODY_BYTES).await?;
     let request: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(

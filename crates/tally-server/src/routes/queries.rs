@@ -54,7 +54,7 @@ pub(crate) fn authorize_params(
 ) -> Result<Caller, ApiError> {
     let api_key = params.get("api_key").and_then(Value::as_str);
     let key = presented_key(headers, api_key);
-    authorize(state, project, key.as_deref(), access)
+    authorize(state, project, key, access)
 }
 
 /// Parameters of a GET or DELETE (query string only) and the caller, authorized for `access`.
