@@ -176,10 +176,10 @@ pub struct LogConfig {
     /// Microseconds the log's writer waits before taking the next group of appends, when the
     /// last group held several requests (the log is busy), so that more requests share each
     /// write and `fdatasync`; 0: never wait. Each group costs the writer two disk commands and
-    /// puts its thread to sleep two or three times, and on a small machine that CPU is taken from the HTTP
-    /// handlers: at 200 µs, single events over 128 connections on 2 cores went from 33k to 37k
-    /// req/s ("Measured" in ARCHITECTURE.md, 2026-12-05). An acknowledgement waits at most this
-    /// much longer; requests arriving one by one never wait.
+    /// puts its thread to sleep two or three times, and on a small machine that CPU is taken
+    /// from the HTTP handlers: at 200 µs, single events over 128 connections on 2 cores went
+    /// from 33k to 37k req/s ("Measured" in ARCHITECTURE.md, 2026-12-05). An acknowledgement
+    /// waits at most this much longer; requests arriving one by one never wait.
     pub group_commit_linger_us: u64,
 }
 

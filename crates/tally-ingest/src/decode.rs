@@ -347,7 +347,12 @@ mod tests {
             arbitrary in "\\PC{0,40}",
         ) {
             for text in [content_type.as_str(), arbitrary.as_str()] {
-                prop_assert_eq!(check_content_type(Some(text)).is_ok(), content_type_carries_json(text), "{:?}", text);
+                prop_assert_eq!(
+                    check_content_type(Some(text)).is_ok(),
+                    content_type_carries_json(text),
+                    "{:?}",
+                    text
+                );
             }
         }
     }
