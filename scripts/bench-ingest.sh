@@ -12,6 +12,9 @@ gen=${GEN_EVENTS:-$root/../shared/bench/gen_events.py}
 seconds=${SECONDS_PER_PHASE:-10}
 connections=${CONNECTIONS:-128}
 port=${PORT:-18181}
+# Many connections on few cores: the writer waits for appends to gather (`log.group_commit_linger_us`,
+# off by default; README). GROUP_COMMIT_LINGER_US=0 measures the default.
+linger=${GROUP_COMMIT_LINGER_US:-200}
 
 cargo build --release --bin tally
 tally=${CARGO_TARGET_DIR:-$root/target}/release/tally
@@ -24,13 +27,14 @@ project=$("$tally" project create bench --data-dir "$work/data")
 id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["id"])' "$project")
 key=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["write_key"])' "$project")
 
-"$tally" serve --data-dir "$work/data" --listen "127.0.0.1:$port" > "$work/server.log" 2>&1 &
+TALLY_LOG__GROUP_COMMIT_LINGER_US=$linger \
+  "$tally" serve --data-dir "$work/data" --listen "127.0.0.1:$port" > "$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$port/healthz" > /dev/null && break
   sleep 0.1
 done
-echo "disk: $(df -h "$work" | tail -1 | awk '{print $1, $2}'), cores: $(nproc)"
+echo "disk: $(df -h "$work" | tail -1 | awk '{print $1, $2}'), cores: $(nproc), log.group_commit_linger_us: $linger"
 "$tally" bench ingest --addr "127.0.0.1:$port" --project "$id" --write-key "$key" \
   --events "$work/events.jsonl" --batches "$work/batches.jsonl" \
   --connections "$connections" --seconds "$seconds"
