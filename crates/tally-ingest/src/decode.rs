@@ -21,16 +21,19 @@ pub fn check_content_type(content_type: Option<&str>) -> Result<(), EventError> 
     // events.
     let mime = parts.next().unwrap_or("").trim();
     let is = |name: &str| mime.eq_ignore_ascii_case(name);
-    let has_affix = |prefix: &str, suffix: &str| {
-        mime.len() >= prefix.len() + suffix.len()
-            && mime.is_char_boundary(prefix.len())
-            && mime.is_char_boundary(mime.len() - suffix.len())
-            && mime[..prefix.len()].eq_ignore_ascii_case(prefix)
-            && mime[mime.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+    // `get` is None off a character boundary, where no ASCII prefix or suffix can match.
+    let starts = |prefix: &str| {
+        mime.get(..prefix.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(prefix))
+    };
+    let ends = |suffix: &str| {
+        (mime.len().checked_sub(suffix.len()))
+            .and_then(|at| mime.get(at..))
+            .is_some_and(|t| t.eq_ignore_ascii_case(suffix))
     };
     let json_like = mime.is_empty()
         || is("application/json")
-        || has_affix("application/", "+json")
+        || (starts("application/") && ends("+json"))
         || is("text/plain")
         || is("text/json")
         || is("application/x-www-form-urlencoded");
