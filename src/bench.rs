@@ -20,7 +20,7 @@
 //! Around each phase the bench reads the server's `/metrics`, and prints per phase: CPU time per
 //! request of the server (`process_cpu_seconds_total`) and of the bench itself (steadier on a
 //! shared machine than a rate), the process stage's backlog at the start and end, the log's
-//! syncs, slow group commits and segment rolls; then the stalls (requests of 10 ms or more,
+//! syncs, slow group commits, lingers and segment rolls; then the stalls (requests of 10 ms or more,
 //! grouped into episodes by when they were due, with the phase's wall-clock start to find them
 //! in the server's debug log).
 
@@ -357,10 +357,10 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     }
     println!(
         "\nserver during each phase: CPU per request (server and this load generator), the stage's \
-         backlog (events accepted, not yet processed), the log's syncs and rolls:"
+         backlog (events accepted, not yet processed), the log's syncs, lingers and rolls:"
     );
     println!(
-        "{:<26} {:>11} {:>11} {:>14} {:>14} {:>10} {:>14} {:>18} {:>8} {:>13}",
+        "{:<26} {:>11} {:>11} {:>14} {:>14} {:>10} {:>14} {:>18} {:>8} {:>8} {:>13}",
         "phase",
         "server µs/r",
         "bench µs/r",
@@ -369,6 +369,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         "fsyncs",
         "fsync mean ms",
         "commits > 12.8 ms",
+        "lingers",
         "rolls",
         "roll mean ms"
     );
@@ -390,7 +391,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         let slow_commits = (after.commits - after.commits_fast) - (before.commits - before.commits_fast);
         let per_request = |seconds: f64| seconds / r.requests.max(1) as f64 * 1e6;
         println!(
-            "{:<26} {:>11.1} {:>11.1} {:>14.0} {:>14.0} {:>10.0} {:>14.3} {:>18.0} {:>8.0} {:>13.2}",
+            "{:<26} {:>11.1} {:>11.1} {:>14.0} {:>14.0} {:>10.0} {:>14.3} {:>18.0} {:>8.0} {:>8.0} {:>13.2}",
             r.name,
             per_request(after.cpu_seconds - before.cpu_seconds),
             per_request(after.bench_cpu_seconds - before.bench_cpu_seconds),
@@ -399,6 +400,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             syncs,
             mean_ms(after.fsync_seconds - before.fsync_seconds, syncs),
             slow_commits,
+            after.lingers - before.lingers,
             rolls,
             mean_ms(after.roll_seconds - before.roll_seconds, rolls)
         );
@@ -485,6 +487,8 @@ struct ServerSample {
     commits_fast: f64,
     rolls: f64,
     roll_seconds: f64,
+    /// Times the log writer waited for more appends (`log.group_commit_linger_us`).
+    lingers: f64,
 }
 
 /// The `tally_log_group_commit_seconds` bucket bound the bench counts slow commits above.
@@ -529,6 +533,7 @@ impl ServerSample {
                 "tally_log_group_commit_seconds_count" => sample.commits = value,
                 "tally_log_roll_seconds_count" => sample.rolls = value,
                 "tally_log_roll_seconds_sum" => sample.roll_seconds = value,
+                "tally_log_group_commit_lingers_total" => sample.lingers = value,
                 "tally_events_accepted_total" => sample.accepted = value,
                 "tally_process_events_total" => sample.processed = value,
                 "tally_log_fsync_seconds_count" => sample.fsyncs = value,
@@ -877,6 +882,7 @@ mod tests {
                     tally_log_fsync_seconds_bucket{le=\"0.001\"} 999\n\
                     tally_log_group_commit_seconds_bucket{le=\"0.0128\"} 990\n\
                     tally_log_group_commit_seconds_count 1000\n\
+                    tally_log_group_commit_lingers_total 40\n\
                     process_cpu_seconds_total 12.5\n";
         let sample = ServerSample::parse(text);
         assert_eq!(sample.backlog(), 20.0);
@@ -884,5 +890,6 @@ mod tests {
         assert_eq!(sample.fsync_seconds, 0.5);
         assert_eq!(sample.commits - sample.commits_fast, 10.0);
         assert_eq!(sample.cpu_seconds, 12.5);
+        assert_eq!(sample.lingers, 40.0);
     }
 }

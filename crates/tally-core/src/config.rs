@@ -174,14 +174,14 @@ pub struct LogConfig {
     /// cache is used anyway.
     pub direct_io: bool,
     /// Microseconds the log's writer waits before taking the next group of appends, when the
-    /// last group held several requests (the log is busy), so that more requests share each
-    /// write and `fdatasync`; 0 (the default): never wait. Each group costs the writer two disk
-    /// commands and puts its thread to sleep two or three times, and on a small machine that
-    /// CPU is taken from the HTTP handlers: at 200 µs, single events over 128 connections on 2
-    /// cores went from 33k to 37k req/s. But a few clients that each wait for one answer before
-    /// sending again lose what the writer waits: 8 such connections went from 22.6k to 12.6k
-    /// req/s, 16 from 28.9k to 22.0k ("Measured" in ARCHITECTURE.md, 2026-12-05). So it is for
-    /// many concurrent senders on few cores, and off unless asked for.
+    /// last group held several requests and waiting measurably raises the rate of appends, so
+    /// that more requests share each write and `fdatasync`; 0: never wait. Each group costs the
+    /// writer two disk commands and puts its thread to sleep two or three times, and on a small
+    /// machine that CPU is taken from the HTTP handlers: at 200 µs, single events over 128
+    /// connections on 2 cores went from 33k to 37k req/s in a quiet hour. But a few clients
+    /// that each wait for one answer before sending again lose what the writer waits (8 such
+    /// connections went from 22.6k to 12.6k req/s), so while the log is busy the writer tries
+    /// both ways every few seconds and keeps the faster (`tally_ingest::log::linger`).
     pub group_commit_linger_us: u64,
 }
 
@@ -193,7 +193,7 @@ impl Default for LogConfig {
             max_unconsumed_bytes: 16 * 1024 * 1024 * 1024,
             dedupe_snapshot_secs: 60,
             direct_io: true,
-            group_commit_linger_us: 0,
+            group_commit_linger_us: 200,
         }
     }
 }

@@ -1,0 +1,315 @@
+//! Whether the log writer lingers before taking the next group (`log.group_commit_linger_us`).
+//!
+//! Each group commit costs the writer a write and an `fdatasync`, two disk commands that put its
+//! thread to sleep two or three times; on a small machine every wake-up takes a CPU from the
+//! HTTP handlers. Waiting a little after a busy group lets more appends share one commit, which
+//! saves that CPU, but every append in the group waits that much longer for its answer. Which
+//! one wins depends on the senders, and nothing the server can see cheaply tells them apart:
+//!
+//! * many concurrent senders on few cores: requests queue for a CPU, and what a commit saves
+//!   serves them sooner (single events over 128 connections on 2 cores: 33k to 37k req/s at
+//!   200 µs);
+//! * a few senders that each wait for their answer before sending again: the CPUs idle while
+//!   the writer waits, and each sender loses what it waits (8 connections: 22.6k to 12.6k
+//!   req/s; 32 connections: 32.1k to 28.3k).
+//!
+//! Tried as signals on 2 cores, and overlapping between 32 connections (lingering loses) and
+//! 128 (it wins): the size of the groups, the size of the group gathered while lingering, the
+//! machine's CPU use, the request threads' run-queue wait, and the share of time tokio's
+//! workers were busy ("Measured" in `docs/ARCHITECTURE.md`).
+//!
+//! So the writer measures what it is after, the rate of appends, both ways ([`LingerTrial`]):
+//! while the log is busy, a trial alternates short slices of lingering and not, and the writer
+//! then lingers for [`KEEP_FOR`] if the lingering slices committed appends at a rate at least
+//! [`LINGER_WINS_BY`] times that of the slices beside them, and does not otherwise. Each
+//! lingering slice is compared with the slice after it and the median of those ratios decides,
+//! so a drift of the machine's speed or a stall of a few tens of milliseconds (frequent on the
+//! shared machine this was built on) does not. Senders held to a fixed rate commit at the same
+//! rate either way, so they are not made to wait. And the writer never lingers after a group of
+//! fewer than [`LINGER_AFTER_GROUP_OF`] requests: a lone client never waits.
+
+use std::time::{Duration, Instant};
+
+/// A group of at least this many requests means appends are arriving faster than the log
+/// commits them one by one; only then may the writer linger before the next group. Single
+/// events over 128 connections on 2 cores made groups of 11 to 12 requests on average at their
+/// maximum rate and 6 to 7 at half of it; a lone client makes groups of one.
+pub(super) const LINGER_AFTER_GROUP_OF: usize = 6;
+
+/// How long each slice of a trial lasts (it ends with the first commit after that).
+pub const SLICE: Duration = Duration::from_millis(25);
+
+/// Slices in a trial, alternating: lingering, then not, in pairs.
+pub const SLICES: usize = 20;
+
+/// How long the outcome of a trial is kept before the next trial.
+pub const KEEP_FOR: Duration = Duration::from_secs(5);
+
+/// Lingering is kept only if its slices commit appends at least this many times as fast as the
+/// slices without it (the median over the pairs): waiting costs each append latency, so a tie
+/// goes to not waiting.
+pub const LINGER_WINS_BY: f64 = 1.05;
+
+/// The writer's decision to linger, kept between groups.
+#[derive(Debug)]
+pub(super) struct LingerTrial {
+    /// How long to wait (`log.group_commit_linger_us`); zero: never.
+    linger: Duration,
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    /// Nothing measured yet: the next busy group starts a trial.
+    Idle,
+    /// A trial in progress: slice `slice` started at `started` and has committed `appends` so
+    /// far; `rates` holds the appends per second of the slices before it.
+    Trying {
+        slice: usize,
+        started: Instant,
+        appends: u64,
+        rates: [f64; SLICES],
+    },
+    /// The outcome of the last trial, kept until `until`.
+    Keeping { linger: bool, until: Instant },
+}
+
+impl LingerTrial {
+    pub(super) fn new(linger: Duration) -> Self {
+        Self {
+            linger,
+            state: State::Idle,
+        }
+    }
+
+    /// Whether the writer lingers now: the mode of the current slice, or the kept outcome.
+    fn lingering(&self) -> bool {
+        match self.state {
+            State::Idle => false,
+            State::Trying { slice, .. } => lingers_in(slice),
+            State::Keeping { linger, .. } => linger,
+        }
+    }
+
+    /// How long to wait before taking the next group, at `now`, given the size of the last one.
+    pub(super) fn before_group(&mut self, last_group_requests: usize, now: Instant) -> Option<Duration> {
+        if self.linger.is_zero() || last_group_requests < LINGER_AFTER_GROUP_OF {
+            return None;
+        }
+        match self.state {
+            State::Idle => self.start_trial(now),
+            State::Keeping { until, .. } if now >= until => self.start_trial(now),
+            _ => {}
+        }
+        self.lingering().then_some(self.linger)
+    }
+
+    /// Counts the appends of a group committed at `now`, and moves the trial on.
+    pub(super) fn committed(&mut self, requests: usize, now: Instant) {
+        let State::Trying {
+            slice,
+            started,
+            appends,
+            mut rates,
+        } = self.state
+        else {
+            return;
+        };
+        let appends = appends + requests as u64;
+        let elapsed = now.saturating_duration_since(started);
+        if elapsed < SLICE {
+            self.state = State::Trying {
+                slice,
+                started,
+                appends,
+                rates,
+            };
+            return;
+        }
+        rates[slice] = appends as f64 / elapsed.as_secs_f64();
+        if slice + 1 < SLICES {
+            self.state = State::Trying {
+                slice: slice + 1,
+                started: now,
+                appends: 0,
+                rates,
+            };
+            return;
+        }
+        let gain = median_gain(&rates);
+        let linger = gain >= LINGER_WINS_BY;
+        tracing::debug!(gain, linger, "event log writer: lingering trial");
+        self.state = State::Keeping {
+            linger,
+            until: now + KEEP_FOR,
+        };
+    }
+
+    /// Starts a trial; its first slice lingers.
+    fn start_trial(&mut self, now: Instant) {
+        self.state = State::Trying {
+            slice: 0,
+            started: now,
+            appends: 0,
+            rates: [0.0; SLICES],
+        };
+    }
+}
+
+/// Whether a trial's slice `slice` lingers.
+fn lingers_in(slice: usize) -> bool {
+    slice.is_multiple_of(2)
+}
+
+/// The median, over the pairs of slices, of the lingering slice's rate over the other's.
+fn median_gain(rates: &[f64; SLICES]) -> f64 {
+    let mut gains: Vec<f64> = rates
+        .chunks_exact(2)
+        .map(|pair| match (pair[0], pair[1]) {
+            (with, without) if without > 0.0 => with / without,
+            (with, _) if with > 0.0 => f64::INFINITY,
+            _ => 1.0,
+        })
+        .collect();
+    gains.sort_by(f64::total_cmp);
+    let middle = gains.len() / 2;
+    if gains.len().is_multiple_of(2) {
+        (gains[middle - 1] + gains[middle]) / 2.0
+    } else {
+        gains[middle]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINGER: Duration = Duration::from_micros(200);
+
+    /// Runs a whole trial from `start`: every millisecond a group of `without` requests in the
+    /// slices without lingering, `with` in the lingering ones. Returns when it ended.
+    fn run_trial(trial: &mut LingerTrial, start: Instant, without: usize, with: usize) -> Instant {
+        let mut now = start;
+        let mut last = LINGER_AFTER_GROUP_OF;
+        loop {
+            let waited = trial.before_group(last, now);
+            let State::Trying { slice, .. } = trial.state else {
+                panic!("no trial at {now:?}: {:?}", trial.state);
+            };
+            assert_eq!(waited.is_some(), slice.is_multiple_of(2), "even slices linger");
+            last = if waited.is_some() { with } else { without };
+            now += Duration::from_millis(1);
+            trial.committed(last, now);
+            if let State::Keeping { .. } = trial.state {
+                return now;
+            }
+        }
+    }
+
+    #[test]
+    fn a_lone_client_never_waits_and_zero_turns_it_off() {
+        let mut trial = LingerTrial::new(LINGER);
+        let now = Instant::now();
+        assert_eq!(
+            trial.before_group(0, now),
+            None,
+            "the first group is taken at once"
+        );
+        assert_eq!(trial.before_group(1, now), None);
+        assert_eq!(trial.before_group(LINGER_AFTER_GROUP_OF - 1, now), None);
+        assert_eq!(trial.state, State::Idle, "small groups start no trial");
+        let mut off = LingerTrial::new(Duration::ZERO);
+        assert_eq!(off.before_group(500, now), None);
+        assert_eq!(off.state, State::Idle);
+    }
+
+    #[test]
+    fn lingering_is_kept_when_it_commits_faster() {
+        let mut trial = LingerTrial::new(LINGER);
+        let start = Instant::now();
+        let ended = run_trial(&mut trial, start, 10, 12);
+        assert!(ended >= start + SLICE * SLICES as u32, "a trial lasts its slices");
+        let kept_until = ended + KEEP_FOR;
+        assert_eq!(
+            trial.state,
+            State::Keeping {
+                linger: true,
+                until: kept_until
+            }
+        );
+        assert_eq!(trial.before_group(20, ended), Some(LINGER));
+        assert_eq!(trial.before_group(3, ended), None, "not after a small group");
+        assert_eq!(
+            trial.before_group(20, kept_until - Duration::from_millis(1)),
+            Some(LINGER)
+        );
+        // Then a new trial, which starts lingering.
+        assert_eq!(trial.before_group(20, kept_until), Some(LINGER));
+        assert!(matches!(trial.state, State::Trying { slice: 0, .. }));
+    }
+
+    #[test]
+    fn a_tie_or_a_loss_goes_to_not_waiting() {
+        for (without, with) in [(10, 10), (10, 7), (100, 104)] {
+            let mut trial = LingerTrial::new(LINGER);
+            let ended = run_trial(&mut trial, Instant::now(), without, with);
+            assert!(
+                matches!(trial.state, State::Keeping { linger: false, .. }),
+                "{without} against {with}: {:?}",
+                trial.state
+            );
+            assert_eq!(trial.before_group(20, ended), None);
+        }
+    }
+
+    #[test]
+    fn a_trial_rates_each_slice_by_every_group_committed_in_it() {
+        let mut trial = LingerTrial::new(LINGER);
+        let start = Instant::now();
+        trial.before_group(LINGER_AFTER_GROUP_OF, start);
+        // Three groups inside the first slice, the last one ending it.
+        trial.committed(7, start + Duration::from_millis(10));
+        trial.committed(8, start + Duration::from_millis(20));
+        trial.committed(10, start + SLICE);
+        let State::Trying {
+            slice,
+            started,
+            appends,
+            rates,
+        } = trial.state
+        else {
+            panic!("{:?}", trial.state);
+        };
+        assert_eq!((slice, started, appends), (1, start + SLICE, 0));
+        assert_eq!(rates[0], 25.0 / SLICE.as_secs_f64());
+    }
+
+    #[test]
+    fn a_stall_in_a_few_slices_does_not_decide() {
+        // Lingering commits 20% faster, but three of the ten slices without it ran during a
+        // stall (a tenth of the rate), which would have made lingering look even better, and
+        // three lingering ones did, which would have hidden its gain in a total.
+        let mut rates = [0.0; SLICES];
+        for (pair, rate) in rates.chunks_exact_mut(2).enumerate() {
+            rate[0] = if pair < 3 { 120.0 / 10.0 } else { 120.0 };
+            rate[1] = if (3..6).contains(&pair) {
+                100.0 / 10.0
+            } else {
+                100.0
+            };
+        }
+        assert!(
+            (median_gain(&rates) - 1.2).abs() < 1e-9,
+            "{}",
+            median_gain(&rates)
+        );
+    }
+
+    #[test]
+    fn slices_with_nothing_committed_count_as_even() {
+        assert_eq!(median_gain(&[0.0; SLICES]), 1.0);
+        let mut rates = [0.0; SLICES];
+        rates[0] = 5.0;
+        assert_eq!(median_gain(&rates), 1.0, "one pair of ten");
+    }
+}
