@@ -17,7 +17,8 @@
 //! Concurrent requests therefore share one fsync (group commit), and no append is acknowledged
 //! before its bytes are on disk. If a write or sync fails, the log stops accepting appends: after
 //! a failed fsync the state of the page cache is unknown, and continuing could acknowledge lost
-//! data. A restart recovers.
+//! data. A restart recovers. After a busy group the writer may wait for more appends to gather
+//! before taking the next, when a trial shows that commits them faster ([`linger`]).
 //!
 //! **Pre-zeroed segments.** Segment files are filled with zeros to their full size before they
 //! are written to (a helper thread prepares the next one while the current one fills), so an
