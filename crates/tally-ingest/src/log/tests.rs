@@ -93,9 +93,8 @@ async fn concurrent_appends_share_fsyncs_and_all_survive_reopening(direct: bool)
 }
 
 /// The same with a writer that lingers 5 ms after busy groups (the first slice of its lingering
-/// trial lingers): 200 appends at once make some groups of six or more (it lingered three times
-/// over both modes when this was written; the test does not depend on how often), and nothing
-/// is lost, duplicated or answered early.
+/// trial lingers): 200 appends at once make some groups of six or more (how many depends on
+/// scheduling, and the test does not), and nothing is lost, duplicated or answered early.
 async fn appends_gathered_while_the_writer_lingers_all_survive(direct: bool) {
     concurrent_appends_all_survive(direct, 5_000).await;
 }
