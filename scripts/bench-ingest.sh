@@ -12,9 +12,11 @@ gen=${GEN_EVENTS:-$root/../shared/bench/gen_events.py}
 seconds=${SECONDS_PER_PHASE:-10}
 connections=${CONNECTIONS:-128}
 port=${PORT:-18181}
-# The log writer lets appends gather when a trial shows it commits faster (`log.group_commit_linger_us`,
-# 200 µs by default; README). GROUP_COMMIT_LINGER_US=0 turns it off.
-linger=${GROUP_COMMIT_LINGER_US:-200}
+# The log writer lets appends gather when a trial shows it commits faster (`log.group_commit_linger_us`;
+# README). GROUP_COMMIT_LINGER_US overrides it (0 turns it off); unset, the server's default applies.
+if [ -n "${GROUP_COMMIT_LINGER_US:-}" ]; then
+  export TALLY_LOG__GROUP_COMMIT_LINGER_US=$GROUP_COMMIT_LINGER_US
+fi
 
 cargo build --release --bin tally
 tally=${CARGO_TARGET_DIR:-$root/target}/release/tally
@@ -27,14 +29,13 @@ project=$("$tally" project create bench --data-dir "$work/data")
 id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["id"])' "$project")
 key=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["write_key"])' "$project")
 
-TALLY_LOG__GROUP_COMMIT_LINGER_US=$linger \
-  "$tally" serve --data-dir "$work/data" --listen "127.0.0.1:$port" > "$work/server.log" 2>&1 &
+"$tally" serve --data-dir "$work/data" --listen "127.0.0.1:$port" > "$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$port/healthz" > /dev/null && break
   sleep 0.1
 done
-echo "disk: $(df -h "$work" | tail -1 | awk '{print $1, $2}'), cores: $(nproc), log.group_commit_linger_us: $linger"
+echo "disk: $(df -h "$work" | tail -1 | awk '{print $1, $2}'), cores: $(nproc), log.group_commit_linger_us: ${GROUP_COMMIT_LINGER_US:-default}"
 "$tally" bench ingest --addr "127.0.0.1:$port" --project "$id" --write-key "$key" \
   --events "$work/events.jsonl" --batches "$work/batches.jsonl" \
   --connections "$connections" --seconds "$seconds"

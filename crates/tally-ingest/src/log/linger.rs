@@ -124,37 +124,28 @@ impl LingerTrial {
             slice,
             started,
             appends,
-            mut rates,
-        } = self.state
+            rates,
+        } = &mut self.state
         else {
             return;
         };
-        let appends = appends + requests as u64;
-        let elapsed = now.saturating_duration_since(started);
+        *appends += requests as u64;
+        let elapsed = now.saturating_duration_since(*started);
         if elapsed > SLICE_AT_MOST {
             self.state = State::Idle;
             return;
         }
         if elapsed < SLICE {
-            self.state = State::Trying {
-                slice,
-                started,
-                appends,
-                rates,
-            };
             return;
         }
-        rates[slice] = appends as f64 / elapsed.as_secs_f64();
-        if slice + 1 < SLICES {
-            self.state = State::Trying {
-                slice: slice + 1,
-                started: now,
-                appends: 0,
-                rates,
-            };
+        rates[*slice] = *appends as f64 / elapsed.as_secs_f64();
+        if *slice + 1 < SLICES {
+            *slice += 1;
+            *started = now;
+            *appends = 0;
             return;
         }
-        let gain = median_gain(&rates);
+        let gain = median_gain(rates);
         let linger = gain >= LINGER_WINS_BY;
         tracing::debug!(gain, linger, ?rates, "event log writer: lingering trial");
         self.state = State::Keeping {
