@@ -218,9 +218,17 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     init_tracing(config.log_format);
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // On shards (`http.shards`) requests are served on threads of their own, and this runtime
+    // only starts and stops the server, accepts connections and runs the periodic background
+    // tasks, which one thread keeps up with.
+    let threads = if config.http.shards {
+        1
+    } else {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        config.http.runtime_threads_for(cpus)
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.http.runtime_threads_for(cpus))
+        .worker_threads(threads)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -897,3 +897,75 @@ fn parse_cpu_list(list: &str) -> Vec<usize> {
         })
         .collect()
 }
+
+/// `http.shards`: connections are dealt to serving threads that each keep theirs. Every
+/// connection is served (each client below has its own), the peer address still reaches
+/// `${keen.ip}`, queries are served from a shard too, and shutdown waits for the shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_on_shards_every_connection_is_served_and_shutdown_is_graceful() {
+    let server = TestServer::start_with(|c| {
+        c.http.shards = true;
+        c.http.runtime_threads = 3;
+    })
+    .await;
+    const CLIENTS: usize = 7;
+    const EVENTS_EACH: usize = 15;
+    let mut sends = Vec::new();
+    for client in 0..CLIENTS {
+        // A client of its own: its own connection, so the connections land on every shard.
+        let http = reqwest::Client::new();
+        let url = server.project_url("/events/shards");
+        let key = server.project.write_key.clone();
+        sends.push(tokio::spawn(async move {
+            for n in 0..EVENTS_EACH {
+                let response = http
+                    .post(&url)
+                    .header("Authorization", &key)
+                    .json(&json!({"client": client, "n": n, "ip": "${keen.ip}"}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 201);
+            }
+        }));
+    }
+    for send in sends {
+        send.await.unwrap();
+    }
+    let logged = server.logged();
+    assert_eq!(logged.len(), CLIENTS * EVENTS_EACH);
+    let mut seen: Vec<(u64, u64)> = logged
+        .iter()
+        .map(|(_, e)| (e["client"].as_u64().unwrap(), e["n"].as_u64().unwrap()))
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), CLIENTS * EVENTS_EACH, "every event once");
+    assert!(logged.iter().all(|(_, e)| e["ip"] == "127.0.0.1"));
+
+    server.wait_enriched(CLIENTS * EVENTS_EACH).await;
+    let count = server
+        .http
+        .get(server.project_url("/queries/count"))
+        .query(&[
+            ("api_key", server.project.read_key.as_str()),
+            ("event_collection", "shards"),
+            ("timeframe", "this_1_days"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(count.status(), 200);
+    assert_eq!(
+        count.json::<Value>().await.unwrap()["result"],
+        json!(CLIENTS * EVENTS_EACH)
+    );
+
+    // A restart shuts the shards down gracefully and serves again on the same data.
+    let server = server.restart().await;
+    assert_eq!(server.logged().len(), CLIENTS * EVENTS_EACH);
+    let response = server
+        .post("/events/shards", &json!({"client": CLIENTS, "n": 0}))
+        .await;
+    assert_eq!(response.status(), 201);
+}

@@ -89,12 +89,20 @@ pub struct HttpConfig {
     pub trusted_proxy_hops: usize,
     /// Seconds to wait for in-flight requests on shutdown before closing them.
     pub shutdown_grace_secs: u64,
-    /// Threads of the async runtime that serves requests; 0 (the default): one more than the
-    /// CPUs the server may use. The spare is meant for the moments the kernel keeps a runtime
-    /// thread waiting behind a background thread (the process stage shares the CPUs, at a
-    /// lower priority): another thread can then take the tasks queued on the waiting one.
-    /// See [`HttpConfig::runtime_threads_for`].
+    /// Threads that serve requests; 0 (the default): one more than the CPUs the server may
+    /// use. The spare is meant for the moments the kernel keeps a serving thread waiting behind
+    /// a background thread (the process stage shares the CPUs, at a lower priority): another
+    /// runtime thread can then take the tasks queued on the waiting one or, with
+    /// [`HttpConfig::shards`], the other shards' connections go on. See
+    /// [`HttpConfig::runtime_threads_for`].
     pub runtime_threads: usize,
+    /// Serve on shards: each serving thread runs a single-threaded runtime of its own and keeps
+    /// the connections dealt to it for their life, instead of all of them sharing one
+    /// work-stealing runtime (`tally_server`'s `shards` module). Off by default. Measured on
+    /// the 2-core development machine: single events cost ~5 µs less of the server's CPU and
+    /// their rate against `/ping` rose by ~5 points, but half-rate batch phases' p99 rose from
+    /// ~10.5 to ~15 ms, as a shard the kernel keeps waiting holds all of its connections.
+    pub shards: bool,
 }
 
 impl Default for HttpConfig {
@@ -103,6 +111,7 @@ impl Default for HttpConfig {
             trusted_proxy_hops: 0,
             shutdown_grace_secs: 30,
             runtime_threads: 0,
+            shards: false,
         }
     }
 }
@@ -110,7 +119,8 @@ impl Default for HttpConfig {
 impl HttpConfig {
     /// The runtime threads to start on a server that may use `cpus` CPUs.
     ///
-    /// Measured on the 2-core development VM (half-rate batch phases of `tally bench ingest`, five
+    /// Measured on the 2-core development VM, when requests were served by one work-stealing
+    /// runtime of that many threads (half-rate batch phases of `tally bench ingest`, five
     /// alternating runs of three phases each): p99 ≤ 10 ms in 14 of 15 phases with three
     /// threads (the worst 10.2 ms) against 11 of 15 with two (the worst 26.7 ms); the
     /// single-event rate and its ratio to `/ping` did not change. Four threads: 4 of 6 (the worst

@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod request;
 pub mod routes;
 pub mod server;
+mod shards;
 
 pub use server::{DataDir, StartError, Tally};

@@ -49,6 +49,7 @@ use crate::app::{AppInner, AppState, router};
 use crate::limits::{FairnessMetrics, QueryGate, RateLimiter};
 use crate::live::{LiveSink, LiveTail};
 use crate::metrics::ServerMetrics;
+use crate::shards::serve_sharded;
 
 /// Why Tally could not start.
 #[derive(Debug, thiserror::Error)]
@@ -430,14 +431,23 @@ impl Tally {
         })?;
         let (stop, stopped) = watch::channel(false);
         let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let mut serve_stopped = stopped.clone();
-        let serve = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = serve_stopped.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
+        let serve = if config.http.shards {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads = config.http.runtime_threads_for(cpus);
+            serve_sharded(listener, app, threads, stopped.clone()).map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?
+        } else {
+            let mut serve_stopped = stopped.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = serve_stopped.wait_for(|stop| *stop).await;
+                    })
+                    .await
+            })
+        };
 
         let snapshots = {
             let (log, ingestor, clock, path) = (

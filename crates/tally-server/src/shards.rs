@@ -1,0 +1,163 @@
+//! Serving HTTP on shards: threads that each run a single-threaded runtime and keep every
+//! connection they are given for the connection's life.
+//!
+//! One task accepts connections on the listener ([`serve_sharded`]) and deals them out in
+//! turn to the shards; each shard runs `axum::serve` over the connections dealt to it
+//! ([`ShardListener`]), with the same router and the same graceful shutdown as a single
+//! server. Everything else (the background tasks, start and shutdown) stays on the runtime
+//! that called [`serve_sharded`].
+//!
+//! **Why shards, not one work-stealing runtime.** A single-event request waits for the log's
+//! group commit and is woken by the log's writer thread. A multi-threaded runtime resumes it on
+//! whichever worker takes it from the shared queue, so the connection's buffers, and everything
+//! the request allocated before waiting, are touched and freed on another core; and with more
+//! workers than there is work for, idle workers park and are unparked around every commit. On
+//! the 2-core development machine that was about a fifth of a single event's CPU: 29–31 µs per
+//! request on the runtime's threads with three workers against 24–25 µs on three shards
+//! (ARCHITECTURE.md, "Measured", 2026-12-06). A shard resumes a request where it started.
+//!
+//! **Why not by default** (`http.shards` is off). A shard the kernel keeps waiting (behind the
+//! stage, the blocking pool's validators or the writer, on an oversubscribed machine) holds
+//! every connection dealt to it, where a work-stealing runtime lets another worker take their
+//! tasks: on the same machine, half-rate batch phases' p99 went from ~10.5 to 12–20 ms. A
+//! server whose clients mostly send single events gains; one taking big batches loses tail.
+//!
+//! **Dealing, not racing.** Shards accepting from the shared socket themselves split the
+//! connections unevenly (a burst of connections went mostly to whichever shard woke first: one
+//! shard did 60% of the work while the others idled). Dealing in turn gives each shard as many
+//! connections; a connection cannot move afterwards, which is the point.
+
+use std::future::IntoFuture;
+use std::io;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::connect_info::IntoMakeServiceWithConnectInfo;
+use axum::serve::{Listener, ListenerExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// Connections dealt to a shard but not yet taken by it. A shard takes each as soon as its
+/// runtime gets to it, so this only smooths a burst of new connections.
+const DEALT_AHEAD: usize = 64;
+
+/// The connections dealt to one shard, as `axum::serve` takes them.
+struct ShardListener {
+    dealt: mpsc::Receiver<(std::net::TcpStream, SocketAddr)>,
+    local_addr: SocketAddr,
+}
+
+impl Listener for ShardListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            match self.dealt.recv().await {
+                // Registered with this shard's runtime, where the connection then lives.
+                Some((stream, peer)) => match TcpStream::from_std(stream) {
+                    Ok(stream) => return (stream, peer),
+                    Err(e) => tracing::warn!(error = %e, %peer, "could not take a connection"),
+                },
+                // The dealer stopped (shutdown): no more connections; the graceful shutdown
+                // that stopped it ends this shard's server.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local_addr)
+    }
+}
+
+/// Serves `app` on `shards` threads (at least one), dealing the connections accepted on
+/// `listener` to them in turn, until `stopped` turns true. The returned task ends once every
+/// shard has finished its in-flight requests and stopped, with the first error any met.
+pub fn serve_sharded(
+    listener: TcpListener,
+    app: IntoMakeServiceWithConnectInfo<Router, SocketAddr>,
+    shards: usize,
+    stopped: watch::Receiver<bool>,
+) -> io::Result<JoinHandle<io::Result<()>>> {
+    let local_addr = listener.local_addr()?;
+    let mut dealt_to = Vec::new();
+    let mut threads = Vec::new();
+    for i in 0..shards.max(1) {
+        let (deal, dealt) = mpsc::channel(DEALT_AHEAD);
+        let listener = ShardListener { dealt, local_addr };
+        let (app, mut stopped) = (app.clone(), stopped.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("tally-http-{i}"))
+            .spawn(move || -> io::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                // `tap_io` only makes the peer address the connection info handlers see.
+                runtime.block_on(
+                    axum::serve(listener.tap_io(|_| {}), app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stopped.wait_for(|stop| *stop).await;
+                        })
+                        .into_future(),
+                )
+            })?;
+        dealt_to.push(deal);
+        threads.push(thread);
+    }
+    let dealer = tokio::spawn(deal_connections(listener, dealt_to, stopped));
+    Ok(tokio::spawn(async move {
+        let _ = dealer.await;
+        tokio::task::spawn_blocking(move || {
+            let mut outcome = Ok(());
+            for thread in threads {
+                let result = thread
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("an HTTP serving thread panicked")));
+                if outcome.is_ok() {
+                    outcome = result;
+                }
+            }
+            outcome
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
+    }))
+}
+
+/// Accepts connections and deals them to the shards in turn until `stopped` turns true.
+async fn deal_connections(
+    listener: TcpListener,
+    shards: Vec<mpsc::Sender<(std::net::TcpStream, SocketAddr)>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut next = 0;
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped.wait_for(|stop| *stop) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: the error would repeat at once.
+                tracing::error!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Deregistered from this runtime; the shard registers it with its own.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, %peer, "could not hand over a connection");
+                continue;
+            }
+        };
+        let shard = &shards[next % shards.len()];
+        next += 1;
+        // A shard that has stopped drops the connection, which closes it.
+        let _ = shard.send((stream, peer)).await;
+    }
+}
