@@ -218,17 +218,11 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     init_tracing(config.log_format);
-    // On shards (`http.shards`) requests are served on threads of their own, and this runtime
-    // only starts and stops the server, accepts connections and runs the periodic background
-    // tasks, which one thread keeps up with.
-    let threads = if config.http.shards {
-        1
-    } else {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        config.http.runtime_threads_for(cpus)
-    };
+    // On shards (`http.shards`) requests are served on threads of their own; this runtime then
+    // accepts connections, ingests batches and runs the background tasks.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(config.http.runtime_threads_for(cpus))
         .enable_all()
         .build()
         .context("starting the async runtime")?;

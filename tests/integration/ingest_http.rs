@@ -898,13 +898,20 @@ fn parse_cpu_list(list: &str) -> Vec<usize> {
         .collect()
 }
 
-/// `http.shards`: connections are dealt to serving threads that each keep theirs. Every
-/// connection is served (each client below has its own), the peer address still reaches
-/// `${keen.ip}`, queries are served from a shard too, and shutdown waits for the shards.
+/// `http.shards` (the default) and one work-stealing runtime: every connection is served (each
+/// client below has its own, so they land on every shard), the peer address still reaches
+/// `${keen.ip}`, a batch (ingested off the shard) and a query are answered, and a restart shuts
+/// the serving threads down gracefully.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn served_on_shards_every_connection_is_served_and_shutdown_is_graceful() {
+async fn on_shards_or_one_runtime_every_connection_is_served_and_shutdown_is_graceful() {
+    for shards in [true, false] {
+        served_by_every_connection(shards).await;
+    }
+}
+
+async fn served_by_every_connection(shards: bool) {
     let server = TestServer::start_with(|c| {
-        c.http.shards = true;
+        c.http.shards = shards;
         c.http.runtime_threads = 3;
     })
     .await;
@@ -912,7 +919,7 @@ async fn served_on_shards_every_connection_is_served_and_shutdown_is_graceful() 
     const EVENTS_EACH: usize = 15;
     let mut sends = Vec::new();
     for client in 0..CLIENTS {
-        // A client of its own: its own connection, so the connections land on every shard.
+        // A client of its own: its own connection.
         let http = reqwest::Client::new();
         let url = server.project_url("/events/shards");
         let key = server.project.write_key.clone();
@@ -925,25 +932,38 @@ async fn served_on_shards_every_connection_is_served_and_shutdown_is_graceful() 
                     .send()
                     .await
                     .unwrap();
-                assert_eq!(response.status(), 201);
+                assert_eq!(response.status(), 201, "shards: {shards}");
             }
         }));
     }
     for send in sends {
         send.await.unwrap();
     }
+    let batch =
+        json!({"shards": [{"client": CLIENTS, "n": 0}, {"client": CLIENTS, "n": 1}, "not an object"]});
+    let (status, answer) = status_json(server.post("/events", &batch).await).await;
+    assert_eq!(status, 200, "shards: {shards}: {answer}");
+    assert_eq!(answer["shards"][0]["success"], true);
+    assert_eq!(answer["shards"][2]["success"], false);
+    let total = CLIENTS * EVENTS_EACH + 2;
+
     let logged = server.logged();
-    assert_eq!(logged.len(), CLIENTS * EVENTS_EACH);
+    assert_eq!(logged.len(), total, "shards: {shards}");
     let mut seen: Vec<(u64, u64)> = logged
         .iter()
         .map(|(_, e)| (e["client"].as_u64().unwrap(), e["n"].as_u64().unwrap()))
         .collect();
     seen.sort_unstable();
     seen.dedup();
-    assert_eq!(seen.len(), CLIENTS * EVENTS_EACH, "every event once");
-    assert!(logged.iter().all(|(_, e)| e["ip"] == "127.0.0.1"));
+    assert_eq!(seen.len(), total, "every event once");
+    assert!(
+        logged
+            .iter()
+            .filter(|(_, e)| e["client"].as_u64() != Some(CLIENTS as u64))
+            .all(|(_, e)| e["ip"] == "127.0.0.1")
+    );
 
-    server.wait_enriched(CLIENTS * EVENTS_EACH).await;
+    server.wait_enriched(total).await;
     let count = server
         .http
         .get(server.project_url("/queries/count"))
@@ -956,16 +976,12 @@ async fn served_on_shards_every_connection_is_served_and_shutdown_is_graceful() 
         .await
         .unwrap();
     assert_eq!(count.status(), 200);
-    assert_eq!(
-        count.json::<Value>().await.unwrap()["result"],
-        json!(CLIENTS * EVENTS_EACH)
-    );
+    assert_eq!(count.json::<Value>().await.unwrap()["result"], json!(total));
 
-    // A restart shuts the shards down gracefully and serves again on the same data.
     let server = server.restart().await;
-    assert_eq!(server.logged().len(), CLIENTS * EVENTS_EACH);
+    assert_eq!(server.logged().len(), total);
     let response = server
-        .post("/events/shards", &json!({"client": CLIENTS, "n": 0}))
+        .post("/events/shards", &json!({"client": CLIENTS, "n": 2}))
         .await;
     assert_eq!(response.status(), 201);
 }

@@ -96,12 +96,10 @@ pub struct HttpConfig {
     /// [`HttpConfig::shards`], the other shards' connections go on. See
     /// [`HttpConfig::runtime_threads_for`].
     pub runtime_threads: usize,
-    /// Serve on shards: each serving thread runs a single-threaded runtime of its own and keeps
-    /// the connections dealt to it for their life, instead of all of them sharing one
-    /// work-stealing runtime (`tally_server`'s `shards` module). Off by default. Measured on
-    /// the 2-core development machine: single events cost ~5 µs less of the server's CPU and
-    /// their rate against `/ping` rose by ~5 points, but half-rate batch phases' p99 rose from
-    /// ~10.5 to ~15 ms, as a shard the kernel keeps waiting holds all of its connections.
+    /// Serve on shards (the default): each serving thread runs a single-threaded runtime of its
+    /// own and keeps the connections dealt to it for their life; batches are still ingested on
+    /// the work-stealing runtime the server started on. `false`: every request on that one
+    /// work-stealing runtime. `tally_server`'s `shards` module says why and what was measured.
     pub shards: bool,
 }
 
@@ -111,7 +109,7 @@ impl Default for HttpConfig {
             trusted_proxy_hops: 0,
             shutdown_grace_secs: 30,
             runtime_threads: 0,
-            shards: false,
+            shards: true,
         }
     }
 }

@@ -417,6 +417,7 @@ impl Tally {
             answers: answers.clone(),
             live: live.clone(),
             roles: config.roles.clone(),
+            work: tokio::runtime::Handle::current(),
         });
 
         let listener = TcpListener::bind(config.listen)

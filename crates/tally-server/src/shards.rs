@@ -12,19 +12,21 @@
 //! whichever worker takes it from the shared queue, so the connection's buffers, and everything
 //! the request allocated before waiting, are touched and freed on another core; and with more
 //! workers than there is work for, idle workers park and are unparked around every commit. On
-//! the 2-core development machine that was about a fifth of a single event's CPU: 29–31 µs per
-//! request on the runtime's threads with three workers against 24–25 µs on three shards
-//! (ARCHITECTURE.md, "Measured", 2026-12-06). A shard resumes a request where it started.
+//! the 2-core development machine the runtime's threads spent 24–31 µs per single event with
+//! three workers against 17–24 µs with one, and 24–25 µs on three shards; the single-event
+//! rate against `/ping` rose by ~5 points on shards (ARCHITECTURE.md, "Measured", 2026-12-06).
 //!
-//! **Why not by default** (`http.shards` is off). A shard the kernel keeps waiting (behind the
-//! stage, the blocking pool's validators or the writer, on an oversubscribed machine) holds
-//! every connection dealt to it, where a work-stealing runtime lets another worker take their
-//! tasks: on the same machine, half-rate batch phases' p99 went from ~10.5 to 12–20 ms. A
-//! server whose clients mostly send single events gains; one taking big batches loses tail.
+//! **Batches are not ingested on the shard** (`AppInner::work`). A shard the kernel keeps
+//! waiting (behind the stage, the blocking pool's validators or the writer, on an
+//! oversubscribed machine) holds every connection dealt to it, where a work-stealing runtime
+//! lets another worker take their tasks. With whole batches on the shards, half-rate batch
+//! phases' p99 went from ~10.5 to 12–20 ms; with a batch's validation and append on the
+//! work-stealing runtime, and only its body and answer on the shard, it came back to the
+//! default's. A single event's work is small and waits on the log, so it stays.
 //!
 //! **Dealing, not racing.** Shards accepting from the shared socket themselves split the
 //! connections unevenly (a burst of connections went mostly to whichever shard woke first: one
-//! shard did 60% of the work while the others idled). Dealing in turn gives each shard as many
+//! shard did 59% of the work while the others idled). Dealing in turn gives each shard as many
 //! connections; a connection cannot move afterwards, which is the point.
 
 use std::future::IntoFuture;
@@ -155,9 +157,24 @@ async fn deal_connections(
                 continue;
             }
         };
-        let shard = &shards[next % shards.len()];
-        next += 1;
-        // A shard that has stopped drops the connection, which closes it.
-        let _ = shard.send((stream, peer)).await;
+        // In turn, passing over a shard that has stopped (its thread failed): its channel is
+        // closed and hands the connection back.
+        let mut connection = (stream, peer);
+        let mut tried = 0;
+        loop {
+            let shard = &shards[next % shards.len()];
+            next += 1;
+            match shard.send(connection).await {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) if tried + 1 < shards.len() => {
+                    connection = back;
+                    tried += 1;
+                }
+                Err(_) => {
+                    tracing::error!("every HTTP serving thread has stopped; not accepting");
+                    return;
+                }
+            }
+        }
     }
 }
