@@ -8,8 +8,8 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
-use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use tally_core::error::ErrorCode;
 
 use crate::app::AppState;
@@ -93,8 +93,17 @@ fn forwarded_ip(headers: &HeaderMap, hops: usize) -> Option<IpAddr> {
     chain[index].parse().ok()
 }
 
+/// How much of a body over the limit is read and thrown away before the 413 is answered.
+///
+/// A client still sending when the server answers early and closes the connection often never
+/// sees the answer: closing a socket with unread data resets it, and the reset can reach the
+/// client before it reads the 413 (seen once requests were served on threads of their own,
+/// truly beside the client). Reading what was sent lets the 413 arrive and the connection be
+/// kept; past this much, the connection is closed without waiting for the rest.
+const DRAIN_AT_MOST: u64 = 64 << 20;
+
 /// Reads a whole body, refusing (413) one over `limit` bytes.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             ErrorCode::RequestTooLarge,
@@ -106,15 +115,53 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
+        drain(&mut body).await;
         return Err(too_large());
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::new(
-            ErrorCode::InvalidEvent,
-            format!("Could not read the request body: {e}."),
-        )),
+    // Most bodies arrive as one chunk, which is returned as it is.
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<Bytes> = Vec::new();
+    let mut total = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidEvent,
+                format!("Could not read the request body: {e}."),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        total += data.len();
+        if total > limit {
+            drain(&mut body).await;
+            return Err(too_large());
+        }
+        match first {
+            None => first = Some(data),
+            Some(_) => rest.push(data),
+        }
+    }
+    let Some(first) = first else {
+        return Ok(Bytes::new());
+    };
+    if rest.is_empty() {
+        return Ok(first);
+    }
+    let mut whole = BytesMut::with_capacity(total);
+    whole.extend_from_slice(&first);
+    rest.iter().for_each(|chunk| whole.extend_from_slice(chunk));
+    Ok(whole.freeze())
+}
+
+/// Reads and discards the rest of `body`, up to [`DRAIN_AT_MOST`] bytes.
+async fn drain(body: &mut Body) {
+    let mut read = 0;
+    while read < DRAIN_AT_MOST {
+        match body.frame().await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => return,
+        }
     }
 }
 
