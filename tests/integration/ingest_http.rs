@@ -985,3 +985,36 @@ async fn served_by_every_connection(shards: bool) {
         .await;
     assert_eq!(response.status(), 201);
 }
+
+/// A request still in flight when the grace period ends does not hold up shutdown, on shards
+/// or on one runtime: here a body that never arrives in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_a_request_that_outlasts_the_grace_period() {
+    use tokio::io::AsyncWriteExt;
+    for shards in [true, false] {
+        let server = TestServer::start_with(|c| {
+            c.http.shards = shards;
+            c.http.shutdown_grace_secs = 1;
+        })
+        .await;
+        let mut stream = tokio::net::TcpStream::connect(server.tally.local_addr())
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /3.0/projects/{}/events/c HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"a\":",
+            server.project.id, server.project.write_key
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // Another connection is served meanwhile.
+        let health = reqwest::get(format!("{}/healthz", server.base)).await.unwrap();
+        assert_eq!(health.status(), 200);
+        // A hang guard, not a timing assertion.
+        let stopped =
+            tokio::time::timeout(std::time::Duration::from_secs(120), server.tally.shutdown()).await;
+        stopped
+            .expect("shutdown finished after the grace period")
+            .unwrap();
+        drop(stream);
+    }
+}

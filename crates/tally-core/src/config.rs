@@ -90,7 +90,8 @@ pub struct HttpConfig {
     /// Seconds to wait for in-flight requests on shutdown before closing them.
     pub shutdown_grace_secs: u64,
     /// Threads that serve requests; 0 (the default): one more than the CPUs the server may
-    /// use. The spare is meant for the moments the kernel keeps a serving thread waiting behind
+    /// use. With [`HttpConfig::shards`] that many shards, and the main runtime (accepting,
+    /// ingesting batches, background tasks) that many threads too. The spare is meant for the moments the kernel keeps a serving thread waiting behind
     /// a background thread (the process stage shares the CPUs, at a lower priority): another
     /// runtime thread can then take the tasks queued on the waiting one or, with
     /// [`HttpConfig::shards`], the other shards' connections go on. See

@@ -99,8 +99,13 @@ fn forwarded_ip(headers: &HeaderMap, hops: usize) -> Option<IpAddr> {
 /// sees the answer: closing a socket with unread data resets it, and the reset can reach the
 /// client before it reads the 413 (seen once requests were served on threads of their own,
 /// truly beside the client). Reading what was sent lets the 413 arrive and the connection be
-/// kept; past this much, the connection is closed without waiting for the rest.
+/// kept; past this much, or [`DRAIN_FOR`], the connection is closed without waiting for the
+/// rest. A client that asked to be told before sending (`Expect: 100-continue`) is answered
+/// at once, and sends nothing.
 const DRAIN_AT_MOST: u64 = 64 << 20;
+
+/// The longest a refused body is read for.
+const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Reads a whole body, refusing (413) one over `limit` bytes.
 pub async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -114,8 +119,13 @@ pub async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Res
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        drain(&mut body).await;
+    if let Some(declared) = declared.filter(|&n| n > limit as u64) {
+        let waits_for_continue = headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !waits_for_continue && declared <= DRAIN_AT_MOST {
+            drain(&mut body).await;
+        }
         return Err(too_large());
     }
     // Most bodies arrive as one chunk, which is returned as it is.
@@ -154,15 +164,18 @@ pub async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Res
     Ok(whole.freeze())
 }
 
-/// Reads and discards the rest of `body`, up to [`DRAIN_AT_MOST`] bytes.
+/// Reads and discards the rest of `body`, up to [`DRAIN_AT_MOST`] bytes and [`DRAIN_FOR`].
 async fn drain(body: &mut Body) {
-    let mut read = 0;
-    while read < DRAIN_AT_MOST {
-        match body.frame().await {
-            Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
-            _ => return,
+    let read_all = async {
+        let mut read = 0;
+        while read < DRAIN_AT_MOST {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
+                _ => return,
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(DRAIN_FOR, read_all).await;
 }
 
 #[cfg(test)]

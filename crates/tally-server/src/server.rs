@@ -190,6 +190,9 @@ pub struct Tally {
     clock: Arc<dyn Clock>,
     shutdown_grace: Duration,
     stop: watch::Sender<bool>,
+    /// Told once the grace period is over: shards then stop at once (the single runtime's
+    /// serving task is cancelled when the runtime is dropped).
+    force_stop: watch::Sender<bool>,
     serve: JoinHandle<io::Result<()>>,
     background: Vec<JoinHandle<()>>,
     process: Option<ProcessStage>,
@@ -431,14 +434,17 @@ impl Tally {
             source,
         })?;
         let (stop, stopped) = watch::channel(false);
+        let (force_stop, _) = watch::channel(false);
         let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
         let serve = if config.http.shards {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
             let threads = config.http.runtime_threads_for(cpus);
-            serve_sharded(listener, app, threads, stopped.clone()).map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?
+            serve_sharded(listener, app, threads, stopped.clone(), force_stop.subscribe()).map_err(
+                |source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                },
+            )?
         } else {
             let mut serve_stopped = stopped.clone();
             tokio::spawn(async move {
@@ -498,6 +504,7 @@ impl Tally {
             clock,
             shutdown_grace: Duration::from_secs(config.http.shutdown_grace_secs),
             stop,
+            force_stop,
             serve,
             background,
             process,
@@ -558,10 +565,15 @@ impl Tally {
         let _ = self.stop.send(true);
         // Live streams never end by themselves: end them so in-flight requests can finish.
         self.live.close();
-        match tokio::time::timeout(self.shutdown_grace, self.serve).await {
+        let mut serve = self.serve;
+        match tokio::time::timeout(self.shutdown_grace, &mut serve).await {
             Ok(Ok(result)) => result?,
             Ok(Err(join)) => tracing::error!(error = %join, "server task failed"),
-            Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish within the grace period");
+                let _ = self.force_stop.send(true);
+                let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
+            }
         }
         for task in self.background {
             let _ = task.await;

@@ -32,12 +32,13 @@
 use std::future::IntoFuture;
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::connect_info::IntoMakeServiceWithConnectInfo;
 use axum::serve::{Listener, ListenerExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// Connections dealt to a shard but not yet taken by it. A shard takes each as soon as its
@@ -74,57 +75,68 @@ impl Listener for ShardListener {
     }
 }
 
+/// How long a shard that was told to stop at once waits for its remaining tasks.
+const FORCED_STOP_WAIT: Duration = Duration::from_millis(100);
+
 /// Serves `app` on `shards` threads (at least one), dealing the connections accepted on
 /// `listener` to them in turn, until `stopped` turns true. The returned task ends once every
-/// shard has finished its in-flight requests and stopped, with the first error any met.
+/// shard has finished its in-flight requests and stopped, with the first error any met; when
+/// `forced` turns true (the grace period is over), the shards stop at once, cutting what is
+/// still in flight.
 pub fn serve_sharded(
     listener: TcpListener,
     app: IntoMakeServiceWithConnectInfo<Router, SocketAddr>,
     shards: usize,
     stopped: watch::Receiver<bool>,
+    forced: watch::Receiver<bool>,
 ) -> io::Result<JoinHandle<io::Result<()>>> {
     let local_addr = listener.local_addr()?;
     let mut dealt_to = Vec::new();
-    let mut threads = Vec::new();
+    let mut finished = Vec::new();
     for i in 0..shards.max(1) {
+        // Built here, so that a shard that cannot start fails the server's start.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let (deal, dealt) = mpsc::channel(DEALT_AHEAD);
         let listener = ShardListener { dealt, local_addr };
-        let (app, mut stopped) = (app.clone(), stopped.clone());
-        let thread = std::thread::Builder::new()
+        let (app, mut stopped, mut forced) = (app.clone(), stopped.clone(), forced.clone());
+        let (done, finish) = oneshot::channel();
+        std::thread::Builder::new()
             .name(format!("tally-http-{i}"))
-            .spawn(move || -> io::Result<()> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                // `tap_io` only makes the peer address the connection info handlers see.
-                runtime.block_on(
-                    axum::serve(listener.tap_io(|_| {}), app)
+            .spawn(move || {
+                let outcome = runtime.block_on(async move {
+                    // `tap_io` only makes the peer address the connection info handlers see.
+                    let serve = axum::serve(listener.tap_io(|_| {}), app)
                         .with_graceful_shutdown(async move {
                             let _ = stopped.wait_for(|stop| *stop).await;
                         })
-                        .into_future(),
-                )
+                        .into_future();
+                    tokio::select! {
+                        served = serve => served,
+                        _ = forced.wait_for(|force| *force) => Ok(()),
+                    }
+                });
+                // Connections cut by a forced stop, and blocking work, are not waited for.
+                runtime.shutdown_timeout(FORCED_STOP_WAIT);
+                let _ = done.send(outcome);
             })?;
         dealt_to.push(deal);
-        threads.push(thread);
+        finished.push(finish);
     }
     let dealer = tokio::spawn(deal_connections(listener, dealt_to, stopped));
     Ok(tokio::spawn(async move {
         let _ = dealer.await;
-        tokio::task::spawn_blocking(move || {
-            let mut outcome = Ok(());
-            for thread in threads {
-                let result = thread
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("an HTTP serving thread panicked")));
-                if outcome.is_ok() {
-                    outcome = result;
-                }
+        let mut outcome = Ok(());
+        for finish in finished {
+            let result = finish
+                .await
+                .unwrap_or_else(|_| Err(io::Error::other("an HTTP serving thread panicked")));
+            if outcome.is_ok() {
+                outcome = result;
             }
-            outcome
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)))
+        }
+        outcome
     }))
 }
 
@@ -142,10 +154,12 @@ async fn deal_connections(
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
+            // A client that gave up while waiting in the backlog.
+            Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
                 // Out of file descriptors and the like: the error would repeat at once.
                 tracing::error!(error = %e, "accepting a connection failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
@@ -177,4 +191,15 @@ async fn deal_connections(
             }
         }
     }
+}
+
+/// Errors of one connection, after which the listener is fine.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
 }
