@@ -91,11 +91,11 @@ pub struct HttpConfig {
     pub shutdown_grace_secs: u64,
     /// Threads that serve requests; 0 (the default): one more than the CPUs the server may
     /// use. With [`HttpConfig::shards`] that many shards, and the main runtime (accepting,
-    /// ingesting batches, background tasks) that many threads too. The spare is meant for the moments the kernel keeps a serving thread waiting behind
-    /// a background thread (the process stage shares the CPUs, at a lower priority): another
-    /// runtime thread can then take the tasks queued on the waiting one or, with
-    /// [`HttpConfig::shards`], the other shards' connections go on. See
-    /// [`HttpConfig::runtime_threads_for`].
+    /// ingesting batches, background tasks) that many threads too. The spare is meant for the
+    /// moments the kernel keeps a serving thread waiting behind a background thread (the
+    /// process stage shares the CPUs, at a lower priority): another runtime thread can then
+    /// take the tasks queued on the waiting one or, with [`HttpConfig::shards`], the other
+    /// shards' connections go on. See [`HttpConfig::runtime_threads_for`].
     pub runtime_threads: usize,
     /// Serve on shards (the default): each serving thread runs a single-threaded runtime of its
     /// own and keeps the connections dealt to it for their life; batches are still ingested on

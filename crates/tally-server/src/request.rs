@@ -8,8 +8,8 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
-use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt;
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tally_core::error::ErrorCode;
 
 use crate::app::AppState;
@@ -128,40 +128,17 @@ pub async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Res
         }
         return Err(too_large());
     }
-    // Most bodies arrive as one chunk, which is returned as it is.
-    let mut first: Option<Bytes> = None;
-    let mut rest: Vec<Bytes> = Vec::new();
-    let mut total = 0;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::new(
-                ErrorCode::InvalidEvent,
-                format!("Could not read the request body: {e}."),
-            )
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
-        };
-        total += data.len();
-        if total > limit {
+    match Limited::new(&mut body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
             drain(&mut body).await;
-            return Err(too_large());
+            Err(too_large())
         }
-        match first {
-            None => first = Some(data),
-            Some(_) => rest.push(data),
-        }
+        Err(e) => Err(ApiError::new(
+            ErrorCode::InvalidEvent,
+            format!("Could not read the request body: {e}."),
+        )),
     }
-    let Some(first) = first else {
-        return Ok(Bytes::new());
-    };
-    if rest.is_empty() {
-        return Ok(first);
-    }
-    let mut whole = BytesMut::with_capacity(total);
-    whole.extend_from_slice(&first);
-    rest.iter().for_each(|chunk| whole.extend_from_slice(chunk));
-    Ok(whole.freeze())
 }
 
 /// Reads and discards the rest of `body`, up to [`DRAIN_AT_MOST`] bytes and [`DRAIN_FOR`].

@@ -22,7 +22,7 @@
 //! lets another worker take their tasks. With whole batches on the shards, half-rate batch
 //! phases' p99 went from ~10.5 to 12–20 ms; with a batch's validation and append on the
 //! work-stealing runtime, and only its body and answer on the shard, it came back to the
-//! default's. A single event's work is small and waits on the log, so it stays.
+//! work-stealing runtime's. A single event's work is small and waits on the log, so it stays.
 //!
 //! **Dealing, not racing.** Shards accepting from the shared socket themselves split the
 //! connections unevenly (a burst of connections went mostly to whichever shard woke first: one
@@ -44,6 +44,9 @@ use tokio::task::JoinHandle;
 /// Connections dealt to a shard but not yet taken by it. A shard takes each as soon as its
 /// runtime gets to it, so this only smooths a burst of new connections.
 const DEALT_AHEAD: usize = 64;
+
+/// How long a shard that was told to stop at once waits for its remaining tasks.
+const FORCED_STOP_WAIT: Duration = Duration::from_millis(100);
 
 /// The connections dealt to one shard, as `axum::serve` takes them.
 struct ShardListener {
@@ -74,9 +77,6 @@ impl Listener for ShardListener {
         Ok(self.local_addr)
     }
 }
-
-/// How long a shard that was told to stop at once waits for its remaining tasks.
-const FORCED_STOP_WAIT: Duration = Duration::from_millis(100);
 
 /// Serves `app` on `shards` threads (at least one), dealing the connections accepted on
 /// `listener` to them in turn, until `stopped` turns true. The returned task ends once every
@@ -173,22 +173,18 @@ async fn deal_connections(
         };
         // In turn, passing over a shard that has stopped (its thread failed): its channel is
         // closed and hands the connection back.
-        let mut connection = (stream, peer);
-        let mut tried = 0;
-        loop {
+        let mut connection = Some((stream, peer));
+        for _ in 0..shards.len() {
+            let Some(dealt) = connection.take() else { break };
             let shard = &shards[next % shards.len()];
             next += 1;
-            match shard.send(connection).await {
-                Ok(()) => break,
-                Err(mpsc::error::SendError(back)) if tried + 1 < shards.len() => {
-                    connection = back;
-                    tried += 1;
-                }
-                Err(_) => {
-                    tracing::error!("every HTTP serving thread has stopped; not accepting");
-                    return;
-                }
+            if let Err(mpsc::error::SendError(back)) = shard.send(dealt).await {
+                connection = Some(back);
             }
+        }
+        if connection.is_some() {
+            tracing::error!("every HTTP serving thread has stopped; not accepting");
+            return;
         }
     }
 }
