@@ -1021,12 +1021,10 @@ async fn shutdown_cuts_a_request_that_outlasts_the_grace_period() {
             // on as the runtime's tasks, which in a server end with the process.)
             use tokio::io::AsyncReadExt;
             let mut rest = Vec::new();
-            let read = tokio::time::timeout(
-                std::time::Duration::from_secs(120),
-                stream.read_to_end(&mut rest),
-            )
-            .await
-            .expect("the server closed the connection it could not finish");
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(120), stream.read_to_end(&mut rest))
+                    .await
+                    .expect("the server closed the connection it could not finish");
             if let Ok(n) = read {
                 let answer = String::from_utf8_lossy(&rest[..n]);
                 assert!(
