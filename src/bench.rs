@@ -86,8 +86,9 @@ pub struct IngestArgs {
     /// The phases to run, in order, comma-separated: ping, single, single-half, batch,
     /// batch-half, ping-half. A half-rate phase paces itself at half the rate of the last
     /// closed-loop phase of its kind; `ping-half` paces pings at `single-half`'s rate (half the
-    /// last single phase), the latency of HTTP alone at that rate. Repeating ping and single (`ping,single,ping,single`) evens out a machine
-    /// whose speed drifts; the single/ping ratio is taken over all of them.
+    /// last single phase), the latency of HTTP alone at that rate. Repeating ping and single
+    /// (`ping,single,ping,single`) evens out a machine whose speed drifts; the single/ping ratio
+    /// is taken over all of them.
     #[arg(long, default_value = "ping,single,single-half,batch,batch-half")]
     phases: String,
 }
