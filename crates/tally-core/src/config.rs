@@ -275,7 +275,8 @@ pub struct StoreConfig {
     pub flush_interval_ms: u64,
     /// Small segments are merged up to about this many events.
     pub merge_target_rows: usize,
-    /// A collection's small segments are merged once there are this many.
+    /// A collection's small segments of about one size (within this factor) are merged once
+    /// there are this many.
     pub merge_min_segments: usize,
 }
 

@@ -183,6 +183,11 @@ impl BackgroundCpus {
         self.idle.store(!busy, Ordering::Relaxed);
     }
 
+    /// Whether ingest was busy when the process stage last said.
+    pub fn is_ingest_busy(&self) -> bool {
+        !self.idle.load(Ordering::Relaxed)
+    }
+
     /// The CPUs background threads should be on now.
     pub fn current(&self) -> &[usize] {
         if self.idle.load(Ordering::Relaxed) {

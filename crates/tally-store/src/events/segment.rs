@@ -19,6 +19,10 @@ use tally_core::time::format_timestamp_ms;
 
 use super::build::SegmentBuilder;
 use super::column::{Cell, Column, Dict, DictInterner, Tag};
+use super::pace::Pacer;
+
+/// How many rows (or dictionary entries) a merge copies between calls to its pacer.
+const PACE_ROWS: usize = 1 << 14;
 
 /// An immutable block of events of one collection, sorted by `keen.timestamp`.
 #[derive(Debug, Clone, Default)]
@@ -81,6 +85,12 @@ impl Segment {
 
     /// Concatenates segments into one, sorted by time.
     pub fn merge(parts: &[&Segment]) -> Segment {
+        Self::merge_paced(parts, &mut Pacer::unpaced())
+    }
+
+    /// [`Segment::merge`], calling `pacer` at points where the work may rest (between columns
+    /// and every [`PACE_ROWS`] rows).
+    pub fn merge_paced(parts: &[&Segment], pacer: &mut Pacer<'_>) -> Segment {
         let mut order: Vec<(i64, u32, u32)> = Vec::with_capacity(parts.iter().map(|s| s.rows()).sum());
         for (p, seg) in parts.iter().enumerate() {
             order.extend(
@@ -110,7 +120,14 @@ impl Segment {
                 .iter()
                 .map(|c| {
                     c.map_or_else(Vec::new, |c| {
-                        c.dict.iter().map(|text| dict.intern(text)).collect()
+                        let mut remap = Vec::with_capacity(c.dict.len());
+                        for (i, text) in c.dict.iter().enumerate() {
+                            remap.push(dict.intern(text));
+                            if i % PACE_ROWS == PACE_ROWS - 1 {
+                                pacer.pace();
+                            }
+                        }
+                        remap
                     })
                 })
                 .collect();
@@ -119,7 +136,10 @@ impl Segment {
             let mut tags = Vec::with_capacity(n);
             let mut nums = Vec::with_capacity(if has_nums { n } else { 0 });
             let mut codes = Vec::with_capacity(if has_codes { n } else { 0 });
-            for &(_, p, r) in &order {
+            for (i, &(_, p, r)) in order.iter().enumerate() {
+                if i % PACE_ROWS == PACE_ROWS - 1 {
+                    pacer.pace();
+                }
                 let (p, r) = (p as usize, r as usize);
                 match sources[p] {
                     None => {
@@ -148,6 +168,7 @@ impl Segment {
             let mut dict = dict.finish();
             dict.release_slack();
             columns.insert(path.clone(), Column::new(tags, nums, codes, dict));
+            pacer.pace();
         }
         Segment {
             timestamps: order.iter().map(|&(t, _, _)| t).collect(),
@@ -462,6 +483,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+    use std::time::Duration;
 
     use super::*;
 
@@ -571,6 +593,38 @@ mod tests {
                 whole.column(path).unwrap().tag_counts(),
                 "{path}"
             );
+        }
+    }
+
+    #[test]
+    fn a_paced_merge_rests_and_gives_the_same_segment() {
+        let part = |offset: usize| {
+            let events: Vec<String> = (0..40_000)
+                .map(|i| {
+                    let day = 1 + (i * 7 + offset) % 28;
+                    json!({
+                        "keen": {"timestamp": format!("2026-02-{day:02}T00:00:00.000Z")},
+                        "id": format!("u{}", i + offset),
+                        "n": i,
+                    })
+                    .to_string()
+                })
+                .collect();
+            Segment::from_events(events.iter().map(String::as_str)).0
+        };
+        let (a, b) = (part(0), part(40_000));
+        let busy = || true;
+        let mut pacer = Pacer::new(&busy, Duration::from_secs(5));
+        let paced = Segment::merge_paced(&[&a, &b], &mut pacer);
+        assert!(
+            pacer.rested() > Duration::ZERO,
+            "80,000 rows take more than one slice"
+        );
+        let unpaced = Segment::merge(&[&a, &b]);
+        assert_eq!(paced.rows(), 80_000);
+        assert_eq!(paced.timestamps(), unpaced.timestamps());
+        for row in (0..80_000).step_by(997) {
+            assert_eq!(paced.event_json(row), unpaced.event_json(row));
         }
     }
 
