@@ -26,7 +26,7 @@
 
 mod build;
 pub mod column;
-pub mod pace;
+mod pace;
 pub mod segment;
 
 use std::collections::{BTreeMap, HashMap};
@@ -415,7 +415,7 @@ impl EventStore {
     }
 
     /// [`EventStore::flush`], resting where `pacer` says.
-    pub fn flush_paced(&self, pacer: &mut Pacer<'_>) -> Result<usize, StoreError> {
+    fn flush_paced(&self, pacer: &mut Pacer<'_>) -> Result<usize, StoreError> {
         let mut manifest = self.maintenance.lock().expect("maintenance lock");
         self.flush_locked(&mut manifest, pacer)
     }
@@ -497,7 +497,7 @@ impl EventStore {
     }
 
     /// [`EventStore::merge_small`], resting where `pacer` says.
-    pub fn merge_small_paced(&self, pacer: &mut Pacer<'_>) -> Result<usize, StoreError> {
+    fn merge_small_paced(&self, pacer: &mut Pacer<'_>) -> Result<usize, StoreError> {
         let mut replaced = Vec::new();
         let merged = {
             let mut manifest = self.maintenance.lock().expect("maintenance lock");
@@ -520,8 +520,8 @@ impl EventStore {
             tables.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
         let mut written = 0;
+        let fan_in = self.config.merge_min_segments.max(2);
         for (key, snapshot) in tables {
-            let fan_in = self.config.merge_min_segments.max(2);
             let small = snapshot
                 .iter()
                 .filter(|s| s.durable && s.segment.rows() < self.config.merge_target_rows / 2);
@@ -662,12 +662,7 @@ impl EventStore {
         let mut buf = self.write_buf.lock().expect("write buffer lock");
         ChunkedFile::create(&path, &mut buf, self.config.direct_io)
             .and_then(|mut file| {
-                segment.encode_to(&mut PacedWrite {
-                    inner: &mut file,
-                    pacer,
-                    every: WRITE_CHUNK_BYTES,
-                    since_pace: 0,
-                })?;
+                segment.encode_to(&mut PacedWrite::new(&mut file, pacer, WRITE_CHUNK_BYTES))?;
                 file.finish()
             })
             .map_err(|source| StoreError::Io {

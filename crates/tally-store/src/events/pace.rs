@@ -25,7 +25,7 @@ const SLICE: Duration = Duration::from_millis(2);
 const LONGEST_REST: Duration = Duration::from_millis(50);
 
 /// Spreads one maintenance round's work over time while ingest is busy.
-pub struct Pacer<'a> {
+pub(crate) struct Pacer<'a> {
     /// Whether ingest is busy now (rest only then: an idle server should catch up at full speed).
     /// `None` never rests (direct calls: tests, deletes, shutdown).
     ingest_busy: Option<&'a dyn Fn() -> bool>,
@@ -39,7 +39,7 @@ pub struct Pacer<'a> {
 
 impl<'a> Pacer<'a> {
     /// A pacer that rests while `ingest_busy()` says so, at most `budget` in all.
-    pub fn new(ingest_busy: &'a dyn Fn() -> bool, budget: Duration) -> Self {
+    pub(crate) fn new(ingest_busy: &'a dyn Fn() -> bool, budget: Duration) -> Self {
         Self {
             ingest_busy: Some(ingest_busy),
             budget,
@@ -49,7 +49,7 @@ impl<'a> Pacer<'a> {
     }
 
     /// A pacer that never rests.
-    pub fn unpaced() -> Self {
+    pub(crate) fn unpaced() -> Self {
         Self {
             ingest_busy: None,
             budget: Duration::ZERO,
@@ -60,7 +60,7 @@ impl<'a> Pacer<'a> {
 
     /// A point where the work may stop: rests if enough work was done since the last rest,
     /// ingest is busy and the budget allows.
-    pub fn pace(&mut self) {
+    pub(crate) fn pace(&mut self) {
         let worked = self.since.elapsed();
         if worked < SLICE {
             return;
@@ -78,17 +78,28 @@ impl<'a> Pacer<'a> {
     }
 
     /// How long this round rested.
-    pub fn rested(&self) -> Duration {
+    pub(crate) fn rested(&self) -> Duration {
         self.rested
     }
 }
 
 /// A writer that paces every `every` bytes written through it.
 pub(crate) struct PacedWrite<'p, 'a, W> {
-    pub(crate) inner: W,
-    pub(crate) pacer: &'p mut Pacer<'a>,
-    pub(crate) every: usize,
-    pub(crate) since_pace: usize,
+    inner: W,
+    pacer: &'p mut Pacer<'a>,
+    every: usize,
+    since_pace: usize,
+}
+
+impl<'p, 'a, W> PacedWrite<'p, 'a, W> {
+    pub(crate) fn new(inner: W, pacer: &'p mut Pacer<'a>, every: usize) -> Self {
+        Self {
+            inner,
+            pacer,
+            every,
+            since_pace: 0,
+        }
+    }
 }
 
 impl<W: std::io::Write> std::io::Write for PacedWrite<'_, '_, W> {

@@ -90,7 +90,7 @@ impl Segment {
 
     /// [`Segment::merge`], calling `pacer` at points where the work may rest (between columns
     /// and every [`PACE_ROWS`] rows).
-    pub fn merge_paced(parts: &[&Segment], pacer: &mut Pacer<'_>) -> Segment {
+    pub(crate) fn merge_paced(parts: &[&Segment], pacer: &mut Pacer<'_>) -> Segment {
         let mut order: Vec<(i64, u32, u32)> = Vec::with_capacity(parts.iter().map(|s| s.rows()).sum());
         for (p, seg) in parts.iter().enumerate() {
             order.extend(
