@@ -1036,3 +1036,82 @@ async fn shutdown_cuts_a_request_that_outlasts_the_grace_period() {
         drop(stream);
     }
 }
+
+/// The connections and requests in flight that the log's writer reads (`tally_core::senders`)
+/// are counted on both ways of serving, and uncounted when the connections close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_and_requests_in_flight_are_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn gauge(metrics: &str, name: &str) -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    }
+    for shards in [true, false] {
+        let server = TestServer::start_with(|c| c.http.shards = shards).await;
+        // The test client's own connections.
+        let before = gauge(&server.metrics().await, "tally_http_connections_open");
+        let mut idle = Vec::new();
+        for _ in 0..20 {
+            let mut stream = tokio::net::TcpStream::connect(server.tally.local_addr())
+                .await
+                .unwrap();
+            stream
+                .write_all(b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = [0u8; 12];
+            stream.read_exact(&mut answer).await.unwrap();
+            assert_eq!(&answer, b"HTTP/1.1 204", "served before it is counted idle");
+            idle.push(stream);
+        }
+        // One request waits for a body that has not arrived: it is in flight.
+        let mut waiting = tokio::net::TcpStream::connect(server.tally.local_addr())
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /3.0/projects/{}/events/c HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 10\r\n\r\n{{",
+            server.project.id, server.project.write_key
+        );
+        waiting.write_all(head.as_bytes()).await.unwrap();
+        // A hang guard, not a timing assertion: the waiting request reaches the handler.
+        let mut metrics = server.metrics().await;
+        for _ in 0..500 {
+            if gauge(&metrics, "tally_http_requests_in_flight") >= 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            metrics = server.metrics().await;
+        }
+        assert!(
+            gauge(&metrics, "tally_http_connections_open") >= before + 21,
+            "20 idle and one waiting (shards {shards}):\n{metrics}"
+        );
+        assert_eq!(
+            gauge(&metrics, "tally_http_requests_in_flight"),
+            2,
+            "the waiting request and this scrape (shards {shards})"
+        );
+        drop(idle);
+        waiting.write_all(b"\"a\": 1}  ").await.unwrap();
+        let mut answer = [0u8; 12];
+        waiting.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 201");
+        drop(waiting);
+        // Closed connections are uncounted once the server sees them close (a hang guard).
+        for _ in 0..500 {
+            metrics = server.metrics().await;
+            if gauge(&metrics, "tally_http_connections_open") <= before + 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            gauge(&metrics, "tally_http_connections_open") <= before + 1,
+            "shards {shards}:\n{metrics}"
+        );
+        assert_eq!(gauge(&metrics, "tally_http_requests_in_flight"), 1, "this scrape");
+    }
+}

@@ -24,6 +24,7 @@ pub mod fsutil;
 pub mod ids;
 pub mod log;
 pub mod names;
+pub mod senders;
 pub mod time;
 pub mod worker;
 

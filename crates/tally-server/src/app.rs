@@ -61,6 +61,9 @@ pub struct AppInner {
     pub live: Arc<LiveTail>,
     /// What this node does; requests for the rest are answered with a 404 naming the roles.
     pub roles: Vec<Role>,
+    /// Open connections and requests in flight, which the event log's writer reads to decide
+    /// whether to let appends gather (`tally_core::senders`).
+    pub senders: Arc<tally_core::senders::Senders>,
     /// The work-stealing runtime the server was started on. Batches are ingested there: on
     /// shards (`http.shards`) a batch's work would otherwise hold every other connection of its
     /// shard whenever the kernel keeps that one thread waiting.

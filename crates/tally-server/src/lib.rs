@@ -13,6 +13,7 @@
 pub mod answers;
 pub mod app;
 pub mod auth;
+mod connections;
 pub mod error;
 pub mod limits;
 pub mod live;

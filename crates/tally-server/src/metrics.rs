@@ -14,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tally_core::log::LogStatus;
+use tally_core::senders::Senders;
 
 use crate::app::AppState;
 
@@ -63,6 +64,8 @@ pub struct ServerMetrics {
     log_retained_bytes: Gauge,
     log_pending_bytes: Gauge,
     log_lag_bytes: Gauge,
+    connections_open: Gauge,
+    requests_in_flight: Gauge,
     /// `process_cpu_seconds_total`, Prometheus' standard name, read when scraped.
     cpu_seconds: Counter<f64, AtomicU64>,
     /// Held while the counter is brought up to date, so that concurrent scrapes do not both add
@@ -106,6 +109,16 @@ impl ServerMetrics {
                 "tally_log_consumer_lag_bytes",
                 "How far the process stage is behind the durable end of the event log",
             ),
+            connections_open: gauge(
+                &mut registry,
+                "tally_http_connections_open",
+                "Open HTTP connections",
+            ),
+            requests_in_flight: gauge(
+                &mut registry,
+                "tally_http_requests_in_flight",
+                "HTTP requests received and not yet answered",
+            ),
             cpu_seconds: {
                 let counter = Counter::<f64, AtomicU64>::default();
                 registry.register(
@@ -121,13 +134,16 @@ impl ServerMetrics {
         }
     }
 
-    /// The text exposition, with the log gauges refreshed from `log`.
-    pub fn encode(&self, log: LogStatus) -> String {
+    /// The text exposition, with the log gauges refreshed from `log` and the connection gauges
+    /// from `senders`.
+    pub fn encode(&self, log: LogStatus, senders: &Senders) -> String {
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.log_durable_end.set(as_i64(log.durable_end));
         self.log_retained_bytes.set(as_i64(log.retained_bytes));
         self.log_pending_bytes.set(as_i64(log.pending_bytes));
         self.log_lag_bytes.set(as_i64(log.lag_bytes()));
+        self.connections_open.set(as_i64(senders.open() as u64));
+        self.requests_in_flight.set(as_i64(senders.in_flight() as u64));
         // A counter only goes up: add what was used since the last scrape.
         {
             let _updating = self.cpu_update.lock().unwrap_or_else(|p| p.into_inner());
@@ -148,7 +164,9 @@ impl ServerMetrics {
 pub async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = route_label(request.extensions().get::<MatchedPath>());
     let method = method_label(request.method());
+    let in_flight = state.senders.request_started();
     let response = next.run(request).await;
+    drop(in_flight);
     state
         .metrics
         .http_requests

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use prometheus_client::registry::Registry;
 use tally_core::clock::Clock;
 use tally_core::config::{Config, Role};
@@ -30,6 +31,7 @@ use tally_core::event::EventSink;
 use tally_core::ids::KeyHash;
 use tally_core::ids::ProjectId;
 use tally_core::log::EventLog;
+use tally_core::senders::Senders;
 use tally_core::time::format_timestamp_ms;
 use tally_core::worker::BackgroundCpus;
 use tally_ingest::dedupe::{self, Dedupe};
@@ -46,6 +48,7 @@ use tokio::task::JoinHandle;
 
 use crate::answers::CachedAnswers;
 use crate::app::{AppInner, AppState, router};
+use crate::connections::CountedListener;
 use crate::limits::{FairnessMetrics, QueryGate, RateLimiter};
 use crate::live::{LiveSink, LiveTail};
 use crate::metrics::ServerMetrics;
@@ -227,10 +230,12 @@ impl Tally {
         };
 
         let mut registry = Registry::default();
+        let senders = Arc::new(Senders::default());
         let log_dir = data_dir.log_dir();
         let log_config = config.log.clone();
+        let log_senders = senders.clone();
         let (log, registry) = tokio::task::spawn_blocking(move || {
-            let log = EmbeddedEventLog::open(&log_dir, log_config, &mut registry);
+            let log = EmbeddedEventLog::open_for(&log_dir, log_config, &mut registry, Some(log_senders));
             (log, registry)
         })
         .await
@@ -420,6 +425,7 @@ impl Tally {
             answers: answers.clone(),
             live: live.clone(),
             roles: config.roles.clone(),
+            senders: senders.clone(),
             work: tokio::runtime::Handle::current(),
         });
 
@@ -439,16 +445,23 @@ impl Tally {
         let serve = if config.http.shards {
             let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
             let threads = config.http.runtime_threads_for(cpus);
-            serve_sharded(listener, app, threads, stopped.clone(), force_stop.subscribe()).map_err(
-                |source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                },
-            )?
+            serve_sharded(
+                listener,
+                app,
+                threads,
+                senders,
+                stopped.clone(),
+                force_stop.subscribe(),
+            )
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?
         } else {
             let mut serve_stopped = stopped.clone();
             tokio::spawn(async move {
-                axum::serve(listener, app)
+                // `tap_io` only makes the peer address the connection info handlers see.
+                axum::serve(CountedListener::new(listener, senders).tap_io(|_| {}), app)
                     .with_graceful_shutdown(async move {
                         let _ = serve_stopped.wait_for(|stop| *stop).await;
                     })

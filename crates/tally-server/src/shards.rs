@@ -32,14 +32,18 @@
 use std::future::IntoFuture;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::connect_info::IntoMakeServiceWithConnectInfo;
 use axum::serve::{Listener, ListenerExt};
+use tally_core::senders::Senders;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+
+use crate::connections::CountedListener;
 
 /// Connections dealt to a shard but not yet taken by it. A shard takes each as soon as its
 /// runtime gets to it, so this only smooths a burst of new connections.
@@ -87,6 +91,7 @@ pub fn serve_sharded(
     listener: TcpListener,
     app: IntoMakeServiceWithConnectInfo<Router, SocketAddr>,
     shards: usize,
+    senders: Arc<Senders>,
     stopped: watch::Receiver<bool>,
     forced: watch::Receiver<bool>,
 ) -> io::Result<JoinHandle<io::Result<()>>> {
@@ -99,7 +104,7 @@ pub fn serve_sharded(
             .enable_all()
             .build()?;
         let (deal, dealt) = mpsc::channel(DEALT_AHEAD);
-        let listener = ShardListener { dealt, local_addr };
+        let listener = CountedListener::new(ShardListener { dealt, local_addr }, senders.clone());
         let (app, mut stopped, mut forced) = (app.clone(), stopped.clone(), forced.clone());
         let (done, finish) = oneshot::channel();
         std::thread::Builder::new()

@@ -30,6 +30,11 @@
 //! group starts a new one. The writer never lingers after a group of fewer than
 //! [`LINGER_AFTER_GROUP_OF`] requests, so a lone client does not wait (but for its first request
 //! after a busy spell, which follows a busy group).
+//!
+//! Senders held to a fixed rate gain nothing a trial can see, yet lingering is free for them:
+//! their next request comes when it comes. So when the HTTP layer says most open connections
+//! have no request in flight ([`tally_core::senders::Senders`]), the writer lingers after any
+//! group of [`LINGER_FOR_OWN_CLOCKS_AFTER_GROUP_OF`] or more, without a trial.
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +43,12 @@ use std::time::{Duration, Instant};
 /// events over 128 connections on 2 cores made groups of 11 to 12 requests on average at their
 /// maximum rate and 6 to 7 at half of it; a lone client makes groups of one.
 pub(super) const LINGER_AFTER_GROUP_OF: usize = 6;
+
+/// While most clients send on their own clock, a group of at least this many requests is
+/// enough to linger, without a trial: their requests keep coming while the writer waits, and
+/// none of them is held back by it. Single events paced at half the maximum rate over 128
+/// connections made groups of about five.
+pub(super) const LINGER_FOR_OWN_CLOCKS_AFTER_GROUP_OF: usize = 3;
 
 /// How long each slice of a trial lasts (it ends with the first commit after that).
 const SLICE: Duration = Duration::from_millis(25);
@@ -102,9 +113,23 @@ impl LingerTrial {
         }
     }
 
-    /// How long to wait before taking the next group, at `now`, given the size of the last one.
-    pub(super) fn before_group(&mut self, last_group_requests: usize, now: Instant) -> Option<Duration> {
-        if self.linger.is_zero() || last_group_requests < LINGER_AFTER_GROUP_OF {
+    /// How long to wait before taking the next group, at `now`, given the size of the last one
+    /// and whether most clients send on their own clock (`own_clocks`: see [`Senders`]).
+    ///
+    /// [`Senders`]: tally_core::senders::Senders
+    pub(super) fn before_group(
+        &mut self,
+        last_group_requests: usize,
+        own_clocks: bool,
+        now: Instant,
+    ) -> Option<Duration> {
+        if self.linger.is_zero() {
+            return None;
+        }
+        if own_clocks && last_group_requests >= LINGER_FOR_OWN_CLOCKS_AFTER_GROUP_OF {
+            return Some(self.linger);
+        }
+        if last_group_requests < LINGER_AFTER_GROUP_OF {
             return None;
         }
         match self.state {
@@ -191,7 +216,7 @@ mod tests {
         let mut now = start;
         let mut last = LINGER_AFTER_GROUP_OF;
         loop {
-            let waited = trial.before_group(last, now);
+            let waited = trial.before_group(last, false, now);
             let State::Trying { slice, .. } = trial.state else {
                 panic!("no trial at {now:?}: {:?}", trial.state);
             };
@@ -210,15 +235,15 @@ mod tests {
         let mut trial = LingerTrial::new(LINGER);
         let now = Instant::now();
         assert_eq!(
-            trial.before_group(0, now),
+            trial.before_group(0, false, now),
             None,
             "the first group is taken at once"
         );
-        assert_eq!(trial.before_group(1, now), None);
-        assert_eq!(trial.before_group(LINGER_AFTER_GROUP_OF - 1, now), None);
+        assert_eq!(trial.before_group(1, false, now), None);
+        assert_eq!(trial.before_group(LINGER_AFTER_GROUP_OF - 1, false, now), None);
         assert_eq!(trial.state, State::Idle, "small groups start no trial");
         let mut off = LingerTrial::new(Duration::ZERO);
-        assert_eq!(off.before_group(500, now), None);
+        assert_eq!(off.before_group(500, true, now), None);
         assert_eq!(off.state, State::Idle);
     }
 
@@ -236,14 +261,18 @@ mod tests {
                 until: kept_until
             }
         );
-        assert_eq!(trial.before_group(20, ended), Some(LINGER));
-        assert_eq!(trial.before_group(3, ended), None, "not after a small group");
+        assert_eq!(trial.before_group(20, false, ended), Some(LINGER));
         assert_eq!(
-            trial.before_group(20, kept_until - Duration::from_millis(1)),
+            trial.before_group(3, false, ended),
+            None,
+            "not after a small group"
+        );
+        assert_eq!(
+            trial.before_group(20, false, kept_until - Duration::from_millis(1)),
             Some(LINGER)
         );
         // Then a new trial, which starts lingering.
-        assert_eq!(trial.before_group(20, kept_until), Some(LINGER));
+        assert_eq!(trial.before_group(20, false, kept_until), Some(LINGER));
         assert!(matches!(trial.state, State::Trying { slice: 0, .. }));
     }
 
@@ -257,7 +286,7 @@ mod tests {
                 "{without} against {with}: {:?}",
                 trial.state
             );
-            assert_eq!(trial.before_group(20, ended), None);
+            assert_eq!(trial.before_group(20, false, ended), None);
         }
     }
 
@@ -265,7 +294,7 @@ mod tests {
     fn a_trial_rates_each_slice_by_every_group_committed_in_it() {
         let mut trial = LingerTrial::new(LINGER);
         let start = Instant::now();
-        trial.before_group(LINGER_AFTER_GROUP_OF, start);
+        trial.before_group(LINGER_AFTER_GROUP_OF, false, start);
         // Three groups inside the first slice, the last one ending it.
         trial.committed(7, start + Duration::from_millis(10));
         trial.committed(8, start + Duration::from_millis(20));
@@ -306,19 +335,45 @@ mod tests {
     fn a_trial_the_log_going_quiet_interrupts_is_dropped() {
         let mut trial = LingerTrial::new(LINGER);
         let start = Instant::now();
-        assert_eq!(trial.before_group(20, start), Some(LINGER));
+        assert_eq!(trial.before_group(20, false, start), Some(LINGER));
         trial.committed(20, start + Duration::from_millis(1));
         // The log is quiet for a second; the slice would have measured the pause.
         trial.committed(1, start + Duration::from_secs(1));
         assert_eq!(trial.state, State::Idle);
         // A busy group starts a new trial; one that never saw a commit is restarted the same way.
         let later = start + Duration::from_secs(2);
-        assert_eq!(trial.before_group(20, later), Some(LINGER));
+        assert_eq!(trial.before_group(20, false, later), Some(LINGER));
         let much_later = later + Duration::from_secs(1);
-        assert_eq!(trial.before_group(20, much_later), Some(LINGER));
+        assert_eq!(trial.before_group(20, false, much_later), Some(LINGER));
         assert!(matches!(
             trial.state,
             State::Trying { slice: 0, started, appends: 0, .. } if started == much_later
         ));
+    }
+
+    #[test]
+    fn clients_on_their_own_clock_get_lingering_without_a_trial() {
+        let now = Instant::now();
+        let mut trial = LingerTrial::new(LINGER);
+        assert_eq!(
+            trial.before_group(LINGER_FOR_OWN_CLOCKS_AFTER_GROUP_OF, true, now),
+            Some(LINGER)
+        );
+        assert_eq!(trial.state, State::Idle, "no trial started");
+        assert_eq!(
+            trial.before_group(LINGER_FOR_OWN_CLOCKS_AFTER_GROUP_OF - 1, true, now),
+            None,
+            "not after a small group"
+        );
+        // Closed-loop senders: the trial decides as before (its first slice lingers).
+        assert_eq!(
+            trial.before_group(LINGER_FOR_OWN_CLOCKS_AFTER_GROUP_OF, false, now),
+            None
+        );
+        assert_eq!(
+            trial.before_group(LINGER_AFTER_GROUP_OF, false, now),
+            Some(LINGER)
+        );
+        assert!(matches!(trial.state, State::Trying { .. }));
     }
 }

@@ -58,6 +58,7 @@ use tally_core::config::LogConfig;
 use tally_core::event::AcceptedEvent;
 use tally_core::fsutil::{REMOVAL_STEP, open_maybe_direct, remove_file_gradually};
 use tally_core::log::{BoxFuture, EventLog, LogError, LogStatus};
+use tally_core::senders::Senders;
 use tokio::sync::oneshot;
 
 use self::linger::LingerTrial;
@@ -305,6 +306,18 @@ fn zero_after(file: &File, from: u64) -> io::Result<u64> {
 impl EmbeddedEventLog {
     /// Opens (creating if needed) the log in `dir`, recovers it, and starts the writer thread.
     pub fn open(dir: &Path, config: LogConfig, registry: &mut Registry) -> io::Result<Self> {
+        Self::open_for(dir, config, registry, None)
+    }
+
+    /// [`EmbeddedEventLog::open`], for a server whose HTTP layer counts its `senders`: while most
+    /// of them send on their own clock, the writer lets appends gather after a busy group (see
+    /// [`linger`]).
+    pub fn open_for(
+        dir: &Path,
+        config: LogConfig,
+        registry: &mut Registry,
+        senders: Option<Arc<Senders>>,
+    ) -> io::Result<Self> {
         fs::create_dir_all(segments_dir(dir))?;
         let _ = fs::remove_file(prepared_path(dir));
         remove_retired_segments(dir)?;
@@ -368,6 +381,7 @@ impl EmbeddedEventLog {
             segment_bytes: config.segment_bytes,
             direct_io: config.direct_io,
             linger: LingerTrial::new(Duration::from_micros(config.group_commit_linger_us)),
+            senders,
             active,
             pages,
             active_base: last_base,
@@ -578,6 +592,9 @@ struct Writer {
     direct_io: bool,
     /// Whether to let appends gather before the next group (`log.group_commit_linger_us`).
     linger: LingerTrial,
+    /// The HTTP layer's counts of its clients, when it keeps them: lingering is free for
+    /// clients that send on their own clock.
+    senders: Option<Arc<Senders>>,
     active: File,
     /// How groups are written when `active` was opened with `O_DIRECT`; `None`: through the
     /// page cache.
@@ -596,7 +613,14 @@ impl Writer {
         let mut last_group_requests = 0;
         // recv() fails once every sender is gone and the queue is drained: a clean shutdown.
         while let Ok(first) = receiver.recv() {
-            if let Some(linger) = self.linger.before_group(last_group_requests, Instant::now()) {
+            let own_clocks = self
+                .senders
+                .as_ref()
+                .is_some_and(|s| s.mostly_waiting_on_their_own_clock());
+            if let Some(linger) = self
+                .linger
+                .before_group(last_group_requests, own_clocks, Instant::now())
+            {
                 self.metrics.lingers.inc();
                 std::thread::sleep(linger);
             }

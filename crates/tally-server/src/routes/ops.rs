@@ -25,7 +25,9 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics.encode(state.ingestor.log().status());
+    let text = state
+        .metrics
+        .encode(state.ingestor.log().status(), &state.senders);
     (
         [(
             header::CONTENT_TYPE,
