@@ -127,6 +127,11 @@ impl LingerTrial {
             return None;
         }
         if own_clocks && last_group_requests >= LINGER_FOR_OWN_CLOCKS_AFTER_GROUP_OF {
+            // A trial under way would compare lingering with lingering: it starts afresh with
+            // the next busy group that the trial decides for.
+            if matches!(self.state, State::Trying { .. }) {
+                self.state = State::Idle;
+            }
             return Some(self.linger);
         }
         if last_group_requests < LINGER_AFTER_GROUP_OF {
@@ -375,5 +380,8 @@ mod tests {
             Some(LINGER)
         );
         assert!(matches!(trial.state, State::Trying { .. }));
+        // Clients on their own clock again: the trial under way is dropped.
+        assert_eq!(trial.before_group(LINGER_AFTER_GROUP_OF, true, now), Some(LINGER));
+        assert_eq!(trial.state, State::Idle);
     }
 }
