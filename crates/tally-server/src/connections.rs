@@ -21,6 +21,7 @@ pub struct CountedListener<L> {
 }
 
 impl<L> CountedListener<L> {
+    /// Counts the connections `inner` accepts in `senders`.
     pub fn new(inner: L, senders: Arc<Senders>) -> Self {
         Self { inner, senders }
     }

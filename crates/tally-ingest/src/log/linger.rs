@@ -47,7 +47,7 @@ pub(super) const LINGER_AFTER_GROUP_OF: usize = 6;
 /// While most clients send on their own clock, a group of at least this many requests is
 /// enough to linger, without a trial: their requests keep coming while the writer waits, and
 /// none of them is held back by it. Single events paced at half the maximum rate over 128
-/// connections made groups of about five.
+/// connections made groups of about five (150,921 requests in 32,219 syncs in one 8 s phase).
 pub(super) const LINGER_FOR_OWN_CLOCKS_AFTER_GROUP_OF: usize = 3;
 
 /// How long each slice of a trial lasts (it ends with the first commit after that).

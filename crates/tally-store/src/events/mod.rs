@@ -757,8 +757,8 @@ impl EventStore {
 ///
 /// Merging every small segment together instead rewrote the biggest of them at each merge
 /// until it passed half the target. In 24 s of single events at 19,000–40,000 a second, merges
-/// took 0.6–1.4 s of one core per run that way, up to 0.56 s at once, against 0.2–0.5 s in
-/// tiers ("Measured" in ARCHITECTURE.md, 2026-12-06, later).
+/// took 0.6–1.4 s per run on the store's thread that way, up to 0.56 s at once, against
+/// 0.2–0.5 s in tiers ("Measured" in ARCHITECTURE.md, 2026-12-06, later).
 fn size_tier(rows: usize, fan_in: usize) -> u32 {
     let (mut tier, mut left) = (0, rows);
     while left >= fan_in {

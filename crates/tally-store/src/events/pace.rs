@@ -2,7 +2,7 @@
 //!
 //! Flushes and merges run on one background thread ([`super::EventStore::start_maintenance`]).
 //! Unpaced, each is a burst: at about 19,000 events/s, a merge of eight flushed segments took
-//! 100–205 ms of one core, and a flush 20–120 ms, once a second. On a 2-core machine a burst
+//! 100–205 ms on that thread, and a flush 20–120 ms, once a second. On a 2-core machine a burst
 //! like that delays the acknowledgements ingest is sending while it runs, however low the
 //! thread's priority (a half-second busy loop at nice 10 raised the half-rate p99 to 27 ms; the
 //! same work done 2 ms on, 6 ms off to 12.7 ms: "Measured" in ARCHITECTURE.md, 2026-12-06).
@@ -61,18 +61,19 @@ impl<'a> Pacer<'a> {
     /// A point where the work may stop: rests if enough work was done since the last rest,
     /// ingest is busy and the budget allows.
     pub(crate) fn pace(&mut self) {
+        let Some(busy) = self.ingest_busy else {
+            return;
+        };
         let worked = self.since.elapsed();
         if worked < SLICE {
             return;
         }
-        if let Some(busy) = self.ingest_busy {
-            let rest = (worked * REST_PER_WORK)
-                .min(LONGEST_REST)
-                .min(self.budget.saturating_sub(self.rested));
-            if !rest.is_zero() && busy() {
-                std::thread::sleep(rest);
-                self.rested += rest;
-            }
+        let rest = (worked * REST_PER_WORK)
+            .min(LONGEST_REST)
+            .min(self.budget.saturating_sub(self.rested));
+        if !rest.is_zero() && busy() {
+            std::thread::sleep(rest);
+            self.rested += rest;
         }
         self.since = Instant::now();
     }
