@@ -19,6 +19,11 @@ if [ -n "${GROUP_COMMIT_LINGER_US:-}" ]; then
 fi
 
 cargo build --release --bin tally
+# The build has just written hundreds of MB (the binary alone is ~700 MB with its debug info),
+# which the kernel writes back ~30 s later, in the middle of the run: on the development
+# machine's disk that writeback held the log's syncs for up to a second ("Measured" in
+# docs/ARCHITECTURE.md, 2026-12-06 evening). Write it back before anything is timed.
+sync
 tally=${CARGO_TARGET_DIR:-$root/target}/release/tally
 work=$(mktemp -d)
 trap 'kill -TERM "${server_pid:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
