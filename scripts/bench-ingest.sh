@@ -22,7 +22,8 @@ cargo build --release --bin tally
 # The build has just written hundreds of MB (the binary alone is ~700 MB with its debug info),
 # which the kernel writes back ~30 s later, in the middle of the run: on the development
 # machine's disk that writeback held the log's syncs for up to a second ("Measured" in
-# docs/ARCHITECTURE.md, 2026-12-06 evening). Write it back before anything is timed.
+# docs/ARCHITECTURE.md, 2026-12-06, 10:00–11:20 UTC). Write it back before anything is
+# timed.
 sync
 tally=${CARGO_TARGET_DIR:-$root/target}/release/tally
 work=$(mktemp -d)

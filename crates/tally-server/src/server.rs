@@ -460,7 +460,8 @@ impl Tally {
         } else {
             let mut serve_stopped = stopped.clone();
             tokio::spawn(async move {
-                // `tap_io` only makes the peer address the connection info handlers see.
+                // axum hands a custom listener's peer address to handlers (`ConnectInfo`) only
+                // through `TapIo`; this tap does nothing else.
                 axum::serve(CountedListener::new(listener, senders).tap_io(|_| {}), app)
                     .with_graceful_shutdown(async move {
                         let _ = serve_stopped.wait_for(|stop| *stop).await;

@@ -111,7 +111,8 @@ pub fn serve_sharded(
             .name(format!("tally-http-{i}"))
             .spawn(move || {
                 let outcome = runtime.block_on(async move {
-                    // `tap_io` only makes the peer address the connection info handlers see.
+                    // axum hands a custom listener's peer address to handlers (`ConnectInfo`) only
+                    // through `TapIo`; this tap does nothing else.
                     let serve = axum::serve(listener.tap_io(|_| {}), app)
                         .with_graceful_shutdown(async move {
                             let _ = stopped.wait_for(|stop| *stop).await;
