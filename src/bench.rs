@@ -35,11 +35,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+use crate::bench_client::{Connection, encode_post};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
@@ -162,8 +160,8 @@ impl PhaseKind {
 /// One request to send: path and body; `events` is how many events it carries.
 #[derive(Clone)]
 struct Job {
-    path: String,
-    body: Bytes,
+    /// The whole request, head and body, as it goes on the wire.
+    request: Bytes,
     events: u64,
 }
 
@@ -255,15 +253,14 @@ fn load_jobs(args: &IngestArgs) -> anyhow::Result<(Vec<Job>, Vec<Job>, Vec<Job>)
         let collection = record["collection"]
             .as_str()
             .context("a line without collection")?;
-        let body = Bytes::from(serde_json::to_vec(&record["event"])?);
+        let body = serde_json::to_vec(&record["event"])?;
+        let path = format!("/3.0/projects/{}/events/{collection}", args.project);
         singles.push(Job {
-            path: format!("/3.0/projects/{}/events/{collection}", args.project),
-            body: body.clone(),
+            request: encode_post(&args.addr, &path, &args.write_key, &body),
             events: 1,
         });
         pings.push(Job {
-            path: "/ping".into(),
-            body,
+            request: encode_post(&args.addr, "/ping", &args.write_key, &body),
             events: 1,
         });
     }
@@ -279,9 +276,9 @@ fn load_jobs(args: &IngestArgs) -> anyhow::Result<(Vec<Job>, Vec<Job>, Vec<Job>)
             .filter_map(|v| v.as_array())
             .map(|a| a.len() as u64)
             .sum();
+        let path = format!("/3.0/projects/{}/events", args.project);
         batches.push(Job {
-            path: format!("/3.0/projects/{}/events", args.project),
-            body: Bytes::from(line.to_string()),
+            request: encode_post(&args.addr, &path, &args.write_key, line.as_bytes()),
             events,
         });
     }
@@ -578,12 +575,12 @@ async fn phase(
     });
     let mut tasks = Vec::new();
     for c in 0..connections {
-        let (jobs, addr, key) = (jobs.clone(), args.addr.clone(), args.write_key.clone());
+        let (jobs, addr) = (jobs.clone(), args.addr.clone());
         let pace = pacing
             .as_ref()
             .map(|(interval, pacer)| (*interval, pacer.wakers[c].clone()));
         tasks.push(tokio::spawn(async move {
-            connection_loop(c, connections, &addr, &key, &jobs, started, deadline, pace).await
+            connection_loop(c, connections, &addr, &jobs, started, deadline, pace).await
         }));
     }
     let mut result = PhaseResult::new(name);
@@ -702,19 +699,13 @@ async fn connection_loop(
     index: usize,
     connections: usize,
     addr: &str,
-    key: &str,
     jobs: &[Job],
     started: Instant,
     deadline: Instant,
     pace: Option<(Duration, Arc<Notify>)>,
 ) -> anyhow::Result<PhaseResult> {
     let interval = pace.as_ref().map(|(interval, _)| *interval);
-    let stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_nodelay(true)?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
+    let mut connection = Connection::open(addr).await?;
     let mut part = PhaseResult::new("");
     // The connections' sends are spread evenly over each interval; the k-th request due in the
     // phase is connection k % connections's (computed as the pacer does, to the nanosecond).
@@ -738,17 +729,9 @@ async fn connection_loop(
         }
         let job = &jobs[n % jobs.len()];
         n += 1;
-        let request = Request::post(job.path.as_str())
-            .header("host", addr)
-            .header("authorization", key)
-            .header("content-type", "application/json")
-            .body(Full::new(job.body.clone()))?;
-        sender.ready().await?;
         part.sent_late_us
             .push(due.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-        let response = sender.send_request(request).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
+        let answer = connection.exchange(&job.request).await?;
         let latency_us = due.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
         part.latencies_us.push(latency_us);
         if latency_us >= STALL_MS * 1000 {
@@ -759,12 +742,16 @@ async fn connection_loop(
             part.slow.push((due_us, latency_us));
         }
         part.requests += 1;
-        if status.is_success() {
+        if (200..300).contains(&answer.status) {
             part.events += job.events;
         } else {
             part.errors += 1;
             if part.first_error.is_none() {
-                part.first_error = Some(format!("{status}: {}", String::from_utf8_lossy(&body)));
+                part.first_error = Some(format!(
+                    "{}: {}",
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body)
+                ));
             }
         }
         if let Some(interval) = interval {

@@ -9,6 +9,7 @@
 //! then flags) into a [`Config`] that is passed down.
 
 mod bench;
+mod bench_client;
 mod bench_kafka;
 mod bench_process;
 mod bench_store;

@@ -172,3 +172,64 @@ fn output_or_kill(command: &mut Command) -> std::process::Output {
     guard.join().unwrap();
     output
 }
+
+/// `tally bench ingest` against a server: every phase sends, none gets an error, and the
+/// events reach the log. Tiny phases: this checks the load generator, not the server's speed.
+#[tokio::test]
+async fn the_ingest_bench_drives_every_phase_without_errors() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let batches = dir.path().join("batches.jsonl");
+    let lines: Vec<String> = (0..3)
+        .map(|i| serde_json::json!({"collection": "views", "event": {"n": i}}).to_string())
+        .collect();
+    std::fs::write(&events, lines.join("\n")).unwrap();
+    let batch = |k: usize| serde_json::json!({"orders": (0..5).map(|i| serde_json::json!({"k": k, "i": i})).collect::<Vec<_>>()});
+    std::fs::write(&batches, format!("{}\n{}\n", batch(0), batch(1))).unwrap();
+
+    let mut command = Command::new(tally_bin());
+    command
+        .args(["bench", "ingest", "--addr"])
+        .arg(server.base.trim_start_matches("http://"))
+        .args(["--project", &server.project.id.to_string()])
+        .args(["--write-key", &server.project.write_key])
+        .arg("--events")
+        .arg(&events)
+        .arg("--batches")
+        .arg(&batches)
+        .args(["--connections", "4", "--seconds", "0.3"]);
+    let output = tokio::task::spawn_blocking(move || output_or_kill(&mut command))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!stdout.contains("first error"), "{stdout}");
+    for phase in [
+        "ping (204",
+        "single event POST",
+        "single @ half",
+        "batch POST",
+        "batch @ half",
+    ] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(phase))
+            .unwrap_or_else(|| panic!("no {phase} row: {stdout}"));
+        let columns: Vec<&str> = row[26..].split_whitespace().collect();
+        let (rate, errors): (f64, u64) = (columns[0].parse().unwrap(), columns[4].parse().unwrap());
+        assert!(rate > 0.0 && errors == 0, "{row}");
+    }
+    let metrics = server.metrics().await;
+    let accepted: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tally_events_accepted_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(accepted >= 10.0, "{metrics}");
+}
