@@ -84,9 +84,19 @@ async fn connect(addr: &str) -> anyhow::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Takes one complete answer off the front of `buf`, with whether it asked to close the
-/// connection; `None` while it is incomplete.
+/// Takes one complete final answer off the front of `buf` (skipping interim `1xx` ones), with
+/// whether it asked to close the connection; `None` while it is incomplete.
 fn parse_answer(buf: &mut BytesMut) -> anyhow::Result<Option<(Answer, bool)>> {
+    loop {
+        match parse_one(buf)? {
+            Some((answer, _)) if (100..200).contains(&answer.status) => continue,
+            parsed => return Ok(parsed),
+        }
+    }
+}
+
+/// Takes one complete answer, interim or final, off the front of `buf`.
+fn parse_one(buf: &mut BytesMut) -> anyhow::Result<Option<(Answer, bool)>> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
     let head_len = match response.parse(buf)? {
@@ -142,11 +152,12 @@ fn dechunk(buf: &[u8]) -> anyhow::Result<Option<(Bytes, usize)>> {
             // No trailers from this server: the last chunk ends with an empty line.
             return Ok((buf.len() >= data_at + 2).then(|| (Bytes::from(body), data_at + 2)));
         }
-        if buf.len() < data_at + size + 2 {
+        let end = data_at.saturating_add(size).saturating_add(2);
+        if buf.len() < end {
             return Ok(None);
         }
-        body.extend_from_slice(&buf[data_at..data_at + size]);
-        at = data_at + size + 2;
+        body.extend_from_slice(&buf[data_at..end - 2]);
+        at = end;
     }
 }
 
@@ -210,6 +221,19 @@ mod tests {
         assert_eq!((answer.status, close), (413, true));
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\n\r\nbody"[..]);
         assert!(parse_answer(&mut buf).is_err());
+    }
+
+    #[test]
+    fn an_interim_answer_is_skipped() {
+        let answers =
+            parse_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}");
+        assert_eq!(
+            answers,
+            vec![Answer {
+                status: 201,
+                body: Bytes::from_static(b"{}")
+            }]
+        );
     }
 
     #[test]
