@@ -37,7 +37,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::bench_client::{Connection, encode_post};
+use crate::bench_client::{Connection, encode_path_segment, encode_post};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
@@ -157,7 +157,7 @@ impl PhaseKind {
     }
 }
 
-/// One request to send: path and body; `events` is how many events it carries.
+/// One request to send, made before the run; `events` is how many events it carries.
 #[derive(Clone)]
 struct Job {
     /// The whole request, head and body, as it goes on the wire.
@@ -254,13 +254,17 @@ fn load_jobs(args: &IngestArgs) -> anyhow::Result<(Vec<Job>, Vec<Job>, Vec<Job>)
             .as_str()
             .context("a line without collection")?;
         let body = serde_json::to_vec(&record["event"])?;
-        let path = format!("/3.0/projects/{}/events/{collection}", args.project);
+        let path = format!(
+            "/3.0/projects/{}/events/{}",
+            args.project,
+            encode_path_segment(collection)
+        );
         singles.push(Job {
-            request: encode_post(&args.addr, &path, &args.write_key, &body),
+            request: encode_post(&args.addr, &path, &args.write_key, &body)?,
             events: 1,
         });
         pings.push(Job {
-            request: encode_post(&args.addr, "/ping", &args.write_key, &body),
+            request: encode_post(&args.addr, "/ping", &args.write_key, &body)?,
             events: 1,
         });
     }
@@ -278,7 +282,7 @@ fn load_jobs(args: &IngestArgs) -> anyhow::Result<(Vec<Job>, Vec<Job>, Vec<Job>)
             .sum();
         let path = format!("/3.0/projects/{}/events", args.project);
         batches.push(Job {
-            request: encode_post(&args.addr, &path, &args.write_key, line.as_bytes()),
+            request: encode_post(&args.addr, &path, &args.write_key, line.as_bytes())?,
             events,
         });
     }
@@ -298,7 +302,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         PhaseKind::parse_list(&args.phases)?
     };
     println!(
-        "tally bench ingest: {} connections, {:.0} s per phase, {} load-generator thread(s), {} single events, {} batches",
+        "tally bench ingest: {} connections, {} s per phase, {} load-generator thread(s), {} single events, {} batches",
         args.connections,
         args.seconds,
         args.threads,
@@ -335,6 +339,12 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         (seconds > 0.0).then(|| requests as f64 / seconds)
     };
     let single_vs_ping = rate_of(PhaseKind::Single).zip(rate_of(PhaseKind::Ping));
+    // What the server should count as accepted (`tally_events_accepted_total`), pings aside.
+    let acknowledged: u64 = results
+        .iter()
+        .filter(|(k, _)| !matches!(k, PhaseKind::Ping | PhaseKind::PingHalf))
+        .map(|(_, r)| r.events)
+        .sum();
     let results: Vec<PhaseResult> = results.into_iter().map(|(_, r)| r).collect();
 
     println!(
@@ -363,6 +373,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             single / ping * 100.0
         );
     }
+    println!("\nevents acknowledged (2xx) in all phases but the pings: {acknowledged}");
     println!(
         "\nserver during each phase: CPU per request (server and this load generator), the stage's \
          backlog (events accepted, not yet processed), the log's syncs, lingers and rolls:"
