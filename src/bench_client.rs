@@ -381,4 +381,80 @@ mod tests {
         drop(connection);
         assert_eq!(server.await.unwrap(), 2);
     }
+
+    /// One answer on the wire: its framing chosen by the test, its chunks cut where asked.
+    fn wire_answer(status: u16, body: &[u8], chunk_cuts: &[usize], upper: bool) -> Vec<u8> {
+        let name = |n: &str| {
+            if upper {
+                n.to_ascii_uppercase()
+            } else {
+                n.to_string()
+            }
+        };
+        let mut out = format!("HTTP/1.1 {status} X\r\n").into_bytes();
+        if chunk_cuts.is_empty() {
+            out.extend(format!("{}: {}\r\n\r\n", name("content-length"), body.len()).bytes());
+            out.extend_from_slice(body);
+        } else {
+            out.extend(format!("{}: chunked\r\n\r\n", name("transfer-encoding")).bytes());
+            let mut at = 0;
+            for &cut in chunk_cuts.iter().chain([&body.len()]) {
+                let end = cut.clamp(at, body.len());
+                if end > at {
+                    out.extend(format!("{:x}\r\n", end - at).bytes());
+                    out.extend_from_slice(&body[at..end]);
+                    out.extend_from_slice(b"\r\n");
+                }
+                at = end;
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// Any run of answers, framed either way and read in pieces cut anywhere, parses into
+        /// the same answers, each only once it is whole.
+        #[test]
+        fn answers_read_in_any_pieces_parse_the_same(
+            answers in proptest::collection::vec(
+                (200u16..600, proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+                 proptest::collection::vec(0usize..300, 0..4), proptest::bool::ANY),
+                1..5),
+            cuts in proptest::collection::vec(0usize..4000, 0..8),
+        ) {
+            let answers: Vec<_> = answers
+                .into_iter()
+                .map(|(status, body, chunks, upper)| {
+                    // 204 and 304 carry no body.
+                    let body = if matches!(status, 204 | 304) { Vec::new() } else { body };
+                    let chunks = if matches!(status, 204 | 304) { Vec::new() } else { chunks };
+                    (status, body, chunks, upper)
+                })
+                .collect();
+            let wire: Vec<u8> = answers
+                .iter()
+                .flat_map(|(status, body, chunks, upper)| wire_answer(*status, body, chunks, *upper))
+                .collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(wire.len())).collect();
+            cuts.push(wire.len());
+            cuts.sort_unstable();
+            let mut buf = BytesMut::new();
+            let mut parsed = Vec::new();
+            let mut fed = 0;
+            for cut in cuts {
+                buf.extend_from_slice(&wire[fed..cut]);
+                fed = cut;
+                while let Some((answer, _)) = parse_answer(&mut buf).unwrap() {
+                    parsed.push(answer);
+                }
+            }
+            proptest::prop_assert!(buf.is_empty());
+            let expected: Vec<Answer> = answers
+                .iter()
+                .map(|(status, body, _, _)| Answer { status: *status, body: Bytes::from(body.clone()) })
+                .collect();
+            proptest::prop_assert_eq!(parsed, expected);
+        }
+    }
 }
