@@ -8,12 +8,12 @@
 //! request and sends each answer back through a oneshot. Here the task that waits for its turn
 //! writes the request and reads the answer itself, as `wrk` does, and reads only what the
 //! benchmark needs: the status, and a body framed by `Content-Length` or chunked. In seven
-//! alternated pairs of runs the generator's CPU per single event went from 15–23 µs to 9–13 µs in the
-//! closed loop and from 24–33 µs to 17–22 µs at half rate (docs/ARCHITECTURE.md, Measured,
-//! "the load generator's own client").
+//! alternated pairs of runs the generator's CPU per single event went from 15–23 µs to 9–13 µs
+//! in the closed loop and from 24–33 µs to 17–22 µs at half rate (docs/ARCHITECTURE.md,
+//! Measured, "the load generator's own client").
 
 use anyhow::Context;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -22,8 +22,8 @@ use tokio::net::TcpStream;
 const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// The whole of one request as it goes on the wire. The path's collection segment must already
-/// be percent-encoded ([`encode_path_segment`]); a key that could break the request's framing is
-/// refused.
+/// be percent-encoded ([`encode_path_segment`]); a path, key or address that could break the
+/// request's framing is refused.
 pub fn encode_post(addr: &str, path: &str, authorization: &str, body: &[u8]) -> anyhow::Result<Bytes> {
     let unsafe_byte = |s: &str| s.bytes().any(|b| b <= b' ' || b == 0x7f);
     anyhow::ensure!(
@@ -47,12 +47,13 @@ pub fn encode_post(addr: &str, path: &str, authorization: &str, body: &[u8]) -> 
 /// `segment` percent-encoded for a URL path: every byte but the unreserved ones (RFC 3986) as
 /// `%XX`, so a collection name with spaces or slashes reaches the server as one segment.
 pub fn encode_path_segment(segment: &str) -> String {
+    use std::fmt::Write;
     let mut out = String::with_capacity(segment.len());
     for b in segment.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            let _ = write!(out, "%{b:02X}");
         }
     }
     out
@@ -169,11 +170,12 @@ fn parse_one(buf: &mut BytesMut) -> anyhow::Result<Option<(Answer, bool)>> {
             close = has_token("close") || (close && !has_token("keep-alive"));
         }
     }
-    let (body, used) = if matches!(status, 100..=199 | 204 | 304) {
-        (Bytes::new(), head_len)
+    // How many bytes the answer takes, and its body when it is not those bytes as sent.
+    let (used, dechunked) = if is_interim(status) || matches!(status, 204 | 304) {
+        (head_len, None)
     } else if chunked {
         match dechunk(&buf[head_len..])? {
-            Some((body, used)) => (body, head_len + used),
+            Some((body, used)) => (head_len + used, Some(body)),
             None => return Ok(None),
         }
     } else if let Some(length) = content_length {
@@ -181,20 +183,13 @@ fn parse_one(buf: &mut BytesMut) -> anyhow::Result<Option<(Answer, bool)>> {
         if buf.len() - head_len < length {
             return Ok(None);
         }
-        // The answer's own bytes, split off without copying.
-        let mut frame = buf.split_to(head_len + length);
-        frame.advance(head_len);
-        return Ok(Some((
-            Answer {
-                status,
-                body: frame.freeze(),
-            },
-            close,
-        )));
+        (head_len + length, None)
     } else {
         anyhow::bail!("an answer ({status}) without Content-Length or chunked framing")
     };
-    buf.advance(used);
+    // The answer's bytes split off without copying; a plain body is their tail.
+    let frame = buf.split_to(used).freeze();
+    let body = dechunked.unwrap_or_else(|| frame.slice(head_len..));
     Ok(Some((Answer { status, body }, close)))
 }
 
@@ -427,9 +422,11 @@ mod tests {
                 .into_iter()
                 .map(|(status, body, chunks, upper)| {
                     // 204 and 304 carry no body.
-                    let body = if matches!(status, 204 | 304) { Vec::new() } else { body };
-                    let chunks = if matches!(status, 204 | 304) { Vec::new() } else { chunks };
-                    (status, body, chunks, upper)
+                    if matches!(status, 204 | 304) {
+                        (status, Vec::new(), Vec::new(), upper)
+                    } else {
+                        (status, body, chunks, upper)
+                    }
                 })
                 .collect();
             let wire: Vec<u8> = answers
