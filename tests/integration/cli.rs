@@ -188,7 +188,10 @@ async fn the_ingest_bench_drives_every_phase_without_errors() {
         .map(|i| serde_json::json!({"collection": "page views", "event": {"n": i}}).to_string())
         .collect();
     std::fs::write(&events, lines.join("\n")).unwrap();
-    let batch = |k: usize| serde_json::json!({"orders": (0..5).map(|i| serde_json::json!({"k": k, "i": i})).collect::<Vec<_>>()});
+    let batch = |k: usize| {
+        let orders: Vec<_> = (0..5).map(|i| serde_json::json!({"k": k, "i": i})).collect();
+        serde_json::json!({ "orders": orders })
+    };
     std::fs::write(&batches, format!("{}\n{}\n", batch(0), batch(1))).unwrap();
 
     let mut command = Command::new(tally_bin());
@@ -223,6 +226,7 @@ async fn the_ingest_bench_drives_every_phase_without_errors() {
             .lines()
             .find(|l| l.starts_with(phase))
             .unwrap_or_else(|| panic!("no {phase} row: {stdout}"));
+        // The phase's name fills the first 26 columns (and may hold spaces); figures follow.
         let columns: Vec<&str> = row[26..].split_whitespace().collect();
         let (rate, errors): (f64, u64) = (columns[0].parse().unwrap(), columns[4].parse().unwrap());
         assert!(rate > 0.0 && errors == 0, "{row}");

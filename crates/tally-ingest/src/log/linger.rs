@@ -3,9 +3,10 @@
 //! Each group commit costs the writer a write and an `fdatasync` (a flush, and on the development
 //! machine's journal-less ext4 often a write of the file's inode block too): two or three disk
 //! commands that put its thread to sleep two or three times; on a small machine every wake-up
-//! takes a CPU from the HTTP handlers. Waiting a little after a busy group lets more appends share one commit, which
-//! saves that CPU, but every append in the group waits that much longer for its answer. Which
-//! one wins depends on the senders, and nothing the server can see cheaply tells them apart:
+//! takes a CPU from the HTTP handlers. Waiting a little after a busy group lets more appends
+//! share one commit, which saves that CPU, but every append in the group waits that much longer
+//! for its answer. Which one wins depends on the senders, and nothing the server can see cheaply
+//! tells them apart:
 //!
 //! * many concurrent senders on few cores: requests queue for a CPU, and what a commit saves
 //!   serves them sooner (single events over 128 connections on 2 cores: 33k to 37k req/s at
